@@ -1,0 +1,42 @@
+# One-command set-up and jobs. `make demo` runs the main job, `make test` the test suite;
+# both create .venv and install the project (CPU torch via constraints-cpu.txt) on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: setup demo test test-slow test-gpu lint format bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import erc_gym, torch; print('erc_gym', erc_gym.__version__, 'torch', torch.__version__)"
+	touch $@
+
+demo: setup
+	$(PY) -m erc_gym demo
+
+test: setup
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) experiments/bench_entropy.py
+	$(PY) experiments/bench_loss.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -1,0 +1,291 @@
+"""Log-probabilities and entropies from logits: the one place in erc_gym that computes them.
+
+ERC compares ``H_new / H_old`` against a band as narrow as +-5%, and acts mostly on low-entropy
+(near-deterministic) states, so the entropy has to be accurate *in relative terms* even when it
+is tiny. The textbook form ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two large, nearly
+equal numbers and loses most of its digits there (ERC_SPEC 5.4). This module uses the
+cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` and
+``e = exp(-d)``::
+
+    s' = sum_{v != argmax} e_v            (the max element contributes exactly 1)
+    H  = log1p(s') + sum_v e_v d_v / (1 + s')     (both terms >= 0)
+    log p(y) = -d_y - log1p(s')
+
+Every quantity is accumulated in fp32 whatever the input dtype, and the logits are processed in
+chunks of rows (tokens) -- and optionally of vocabulary columns, merged with running
+``(m, s', u)`` accumulators -- so the full ``(N, V)`` fp32 tensor is never materialised. The
+backward pass recomputes the softmax chunk by chunk instead of saving it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "entropy_from_logits",
+    "logprob_and_entropy",
+]
+
+#: Elements (rows x vocabulary) processed per chunk when ``chunk_size`` is None. Each chunk
+#: allocates about three fp32 temporaries of this size (12 MiB in all), independent of N.
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+
+def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return max(1, min(n_rows, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(1, min(n_rows, chunk_size))
+
+
+def _partial_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Statistics of one block of logits ``z`` (rows x columns, any float dtype).
+
+    Returns ``(m, s_excl, u, d, argmax)``: the raw row max, the sum of ``exp(-d)`` over all
+    columns but one argmax, ``sum(exp(-d) * d)``, the fp32 scaled gaps ``d = (m - z) / T`` and
+    the argmax column. ``d`` is returned so that callers can gather label log-probs from it.
+    """
+    zf = z.float()
+    m, idx = zf.max(dim=-1, keepdim=True)
+    # Scale the gap, not the logits: (m - z) is exact or nearly so, whereas z / T would round a
+    # large common offset before the subtraction.
+    d = m - zf
+    if temperature != 1.0:
+        d.div_(temperature)
+    e = torch.neg(d).exp_()
+    e.scatter_(-1, idx, 0.0)
+    s_excl = e.sum(dim=-1)
+    u = torch.linalg.vecdot(e, d)
+    return m.squeeze(-1), s_excl, u, d, idx.squeeze(-1)
+
+
+def _merge(
+    a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor], temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge two partial ``(m, s', u)`` states over disjoint column sets (online softmax)."""
+    m_a, s_a, u_a = a
+    m_b, s_b, u_b = b
+    a_wins = m_a >= m_b
+    m_w = torch.where(a_wins, m_a, m_b)
+    s_w, u_w = torch.where(a_wins, s_a, s_b), torch.where(a_wins, u_a, u_b)
+    s_l, u_l = torch.where(a_wins, s_b, s_a), torch.where(a_wins, u_b, u_a)
+    delta = (m_w - torch.where(a_wins, m_b, m_a)) / temperature
+    scale = torch.exp(-delta)
+    # The losing block's own max element (weight 1 in its frame) now counts in s'.
+    total_l = 1.0 + s_l
+    return m_w, s_w + scale * total_l, u_w + scale * (u_l + delta * total_l)
+
+
+def _row_block_stats(
+    z: Tensor, labels: Tensor | None, temperature: float, vocab_chunk: int | None
+) -> tuple[Tensor | None, Tensor]:
+    """Log-prob of ``labels`` (or None) and entropy for one block of rows, fp32."""
+    vocab = z.shape[-1]
+    if vocab_chunk is None or vocab_chunk >= vocab:
+        _, s, u, d, _ = _partial_stats(z, temperature)
+        log_s = torch.log1p(s)
+        entropy = log_s + u / (1.0 + s)
+        if labels is None:
+            return None, entropy
+        return -d.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_s, entropy
+
+    state: tuple[Tensor, Tensor, Tensor] | None = None
+    z_label = None
+    if labels is not None:
+        z_label = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
+    for start in range(0, vocab, vocab_chunk):
+        m, s, u, _, _ = _partial_stats(z[:, start : start + vocab_chunk], temperature)
+        state = (m, s, u) if state is None else _merge(state, (m, s, u), temperature)
+    assert state is not None
+    m, s, u = state
+    log_s = torch.log1p(s)
+    entropy = log_s + u / (1.0 + s)
+    if z_label is None:
+        return None, entropy
+    return -(m - z_label) / temperature - log_s, entropy
+
+
+def _forward_stats(
+    logits: Tensor,
+    labels: Tensor | None,
+    temperature: float,
+    chunk_rows: int,
+    vocab_chunk: int | None,
+) -> tuple[Tensor | None, Tensor]:
+    n = logits.shape[0]
+    entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
+    log_prob = None
+    if labels is not None:
+        log_prob = torch.empty(n, dtype=torch.float32, device=logits.device)
+    for start in range(0, n, chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        lp, h = _row_block_stats(
+            logits[sl], None if labels is None else labels[sl], temperature, vocab_chunk
+        )
+        entropy[sl] = h
+        if log_prob is not None and lp is not None:
+            log_prob[sl] = lp
+    return log_prob, entropy
+
+
+class _LogProbEntropy(torch.autograd.Function):
+    """Chunked forward; backward recomputes the softmax chunk by chunk.
+
+    Gradients with respect to the logits ``z`` (divided by T at the end):
+    ``dlogp_y/dz = onehot(y) - p`` and ``dH/dz = -p * (log p + H)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: Tensor,
+        labels: Tensor,
+        temperature: float,
+        chunk_rows: int,
+        vocab_chunk: int | None,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor]:
+        log_prob, entropy = _forward_stats(logits, labels, temperature, chunk_rows, vocab_chunk)
+        assert log_prob is not None
+        ctx.save_for_backward(logits, labels, entropy)
+        ctx.temperature = temperature  # type: ignore[attr-defined]
+        ctx.chunk_rows = chunk_rows  # type: ignore[attr-defined]
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return log_prob, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_lp: Tensor | None, grad_h: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        logits, labels, entropy = ctx.saved_tensors  # type: ignore[attr-defined]
+        temperature: float = ctx.temperature  # type: ignore[attr-defined]
+        rows: int = ctx.chunk_rows  # type: ignore[attr-defined]
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], rows):
+            sl = slice(start, start + rows)
+            logp = torch.log_softmax(logits[sl].float() / temperature, dim=-1)
+            p = logp.exp()
+            g = torch.zeros_like(p)
+            if grad_lp is not None:
+                g_lp = grad_lp[sl].float().unsqueeze(-1)
+                g.sub_(p * g_lp)
+                g.scatter_add_(-1, labels[sl].unsqueeze(-1), g_lp)
+            if grad_h is not None:
+                g_h = grad_h[sl].float().unsqueeze(-1)
+                g.sub_(p * (logp + entropy[sl].unsqueeze(-1)) * g_h)
+            if temperature != 1.0:
+                g.div_(temperature)
+            grad[sl] = g.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def _check_inputs(logits: Tensor, temperature: float, chunk_size: int | None) -> None:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a floating-point tensor, got "
+            f"{type(logits).__name__} {getattr(logits, 'dtype', '')}"
+        )
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+
+
+def logprob_and_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Log-probability of ``labels`` and full-distribution entropy, in one streaming pass.
+
+    Both are computed for the distribution ``softmax(logits / temperature)`` with the
+    cancellation-free formula of the module docstring, in fp32, chunk by chunk.
+
+    Args:
+        logits: ``(..., V)`` tensor, fp32, bf16 or fp16 (fp64 is accepted and computed in fp32).
+        labels: ``(...)`` integer tensor of action / token ids in ``[0, V)``.
+        temperature: sampling temperature; the logits are divided by it (must be > 0).
+        chunk_size: tokens (rows) per chunk. ``None`` picks ``DEFAULT_CHUNK_ELEMENTS // V`` rows,
+            which bounds the extra memory independently of the number of tokens.
+        vocab_chunk_size: if set, each row is also streamed over vocabulary slices of this width,
+            merged with running ``(max, sum, weighted-gap)`` accumulators. Only useful when one row
+            chunk of the full vocabulary does not fit the memory you have.
+        entropy_grad: let gradient flow into the entropy (needed only for an entropy bonus).
+
+    Returns:
+        ``(log_prob, entropy)``, both fp32 of shape ``(...)``. ``log_prob`` is differentiable with
+        respect to ``logits``; ``entropy`` is detached unless ``entropy_grad=True``.
+
+    Raises:
+        ValueError: on non-float logits, a label shape that does not match, labels out of range,
+            ``temperature <= 0`` or ``chunk_size < 1``.
+
+    Example:
+        >>> logits = torch.randn(4, 7, 32000)
+        >>> labels = torch.randint(0, 32000, (4, 7))
+        >>> log_prob, entropy = logprob_and_entropy(logits, labels)
+        >>> log_prob.shape, entropy.shape
+        (torch.Size([4, 7]), torch.Size([4, 7]))
+    """
+    _check_inputs(logits, temperature, chunk_size)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    vocab = logits.shape[-1]
+    if labels.numel() and bool(((labels < 0) | (labels >= vocab)).any()):
+        raise ValueError(
+            f"labels must lie in [0, {vocab}), got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1).long()
+    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size)
+    log_prob, entropy = _LogProbEntropy.apply(
+        flat, flat_labels, float(temperature), rows, vocab_chunk_size, entropy_grad
+    )
+    return log_prob.reshape(lead), entropy.reshape(lead)
+
+
+def entropy_from_logits(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last axis, without gradient.
+
+    Same numerics and chunking as :func:`logprob_and_entropy`; use that function when you also
+    need log-probabilities (one pass instead of two) or an entropy gradient.
+
+    Args:
+        logits: ``(..., V)`` floating-point tensor.
+        temperature: sampling temperature (> 0).
+        chunk_size: tokens (rows) per chunk; ``None`` bounds memory as in
+            :func:`logprob_and_entropy`.
+        vocab_chunk_size: optional vocabulary slice width for very large ``V``.
+
+    Returns:
+        fp32 tensor of shape ``logits.shape[:-1]``, in nats.
+    """
+    _check_inputs(logits, temperature, chunk_size)
+    vocab = logits.shape[-1]
+    flat = logits.detach().reshape(-1, vocab)
+    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size)
+    with torch.no_grad():
+        _, entropy = _forward_stats(flat, None, float(temperature), rows, vocab_chunk_size)
+    return entropy.reshape(logits.shape[:-1])

@@ -1,0 +1,478 @@
+"""The one policy-gradient loss of erc_gym: clip variant x ERC mask x aggregation.
+
+Every trainer in the project (the SB3 algorithm, the LLM trainer, the TRL / verl adapters) calls
+:func:`policy_loss`. It sees tensors only and is built from three independent per-axis pieces:
+
+1. :func:`clipped_objective` -- the per-token surrogate for the clip variant:
+
+   * PPO / DAPO clip-higher (Schulman et al. 2017, arXiv 1707.06347; Yu et al. 2025,
+     arXiv 2503.14476)::
+
+         r  = exp(clamp(logp - logp_old, -20, 20))
+         l  = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
+
+   * GPPO (Klear-Reasoner, arXiv 2508.07629): same forward value, but the clip bounds carry
+     gradient, ``l2 = -A clip(r, (1 - eps_low) r / sg(r), (1 + eps_high) r / sg(r))``. The
+     per-token gradient is ``F A grad(logp)`` with ``F = r`` inside the band, ``F = 1 + eps_high``
+     where ``A > 0, r > 1 + eps_high`` and ``F = 1 - eps_low`` where ``A < 0, r < 1 - eps_low``.
+
+   * optional dual-clip (Ye et al. 2020, arXiv 1912.09729): where ``A < 0``,
+     ``l = min(l, -A c)``, which stops the gradient of tokens with ``r > c``.
+
+2. :func:`erc_keep_mask` -- Entropy Ratio Clipping (Su et al. 2025, arXiv 2512.05591)::
+
+       rho  = (H_new + 1e-8) / (H_old + 1e-8)          (no gradient through rho)
+       keep = (low < rho) & (rho < high) & valid
+       l    = where(keep, l, sg(l))
+
+   Out-of-band tokens keep their forward value and stay in the aggregation denominator; only
+   their gradient is stopped (the reference semantics, ERC_SPEC section 2).
+
+3. :func:`aggregate` -- verl's four ``loss_agg_mode`` values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOG_RATIO_CLAMP",
+    "AggregationMode",
+    "ClipVariant",
+    "ERCConfig",
+    "LossConfig",
+    "LossOutput",
+    "aggregate",
+    "clipped_objective",
+    "entropy_ratio",
+    "erc_keep_mask",
+    "policy_loss",
+]
+
+ClipVariant = Literal["ppo", "gppo"]
+AggregationMode = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
+
+#: The log-ratio is clamped to +-20 before exponentiation (as in verl) so one stale token cannot
+#: produce an inf ratio.
+LOG_RATIO_CLAMP = 20.0
+#: Added to both entropies before dividing (the reference code's epsilon).
+ENTROPY_EPS = 1e-8
+
+
+def _check_number(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ERCConfig:
+    """Band of the entropy ratio outside which a token's gradient is stopped.
+
+    Args:
+        low: lower bound of ``rho = H_new / H_old`` (strict: ``rho <= low`` is clipped). The
+            paper's band is (0.95, 1.05); the reference code's config default is (0.8, 1.2).
+        high: upper bound (strict: ``rho >= high`` is clipped). ``math.inf`` disables the upper
+            side.
+
+    Raises:
+        ValueError: unless ``0 <= low < 1 < high``.
+    """
+
+    low: float = 0.95
+    high: float = 1.05
+
+    def __post_init__(self) -> None:
+        _check_number("ERCConfig.low", self.low)
+        _check_number("ERCConfig.high", self.high)
+        if not 0.0 <= self.low < 1.0:
+            raise ValueError(
+                f"ERCConfig.low must satisfy 0 <= low < 1, got low={self.low}; "
+                "the band must contain the on-policy ratio 1 (e.g. low=0.95)"
+            )
+        if not self.high > 1.0:
+            raise ValueError(
+                f"ERCConfig.high must be > 1, got high={self.high}; "
+                "the band must contain the on-policy ratio 1 (e.g. high=1.05)"
+            )
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Static configuration of :func:`policy_loss`.
+
+    Args:
+        clip: ``"ppo"`` (standard clip; DAPO clip-higher when ``eps_high > eps_low``) or
+            ``"gppo"`` (gradient-preserving clip).
+        eps_low: lower clip range, the ratio is bounded below by ``1 - eps_low``.
+        eps_high: upper clip range, the ratio is bounded above by ``1 + eps_high``.
+        dual_clip_c: dual-clip constant ``c > 1`` for negative advantages, or None (off).
+        erc: entropy-ratio band, or None (ERC off).
+        aggregation: how the per-token loss matrix becomes a scalar (see :func:`aggregate`).
+
+    Use the constructors :meth:`ppo`, :meth:`dapo` and :meth:`gppo` for the published recipes.
+    """
+
+    clip: ClipVariant = "ppo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip_c: float | None = None
+    erc: ERCConfig | None = None
+    aggregation: AggregationMode = "token-mean"
+
+    def __post_init__(self) -> None:
+        if self.clip not in get_args(ClipVariant):
+            raise ValueError(
+                f"LossConfig.clip must be one of {get_args(ClipVariant)}, got {self.clip!r}"
+            )
+        if self.aggregation not in get_args(AggregationMode):
+            raise ValueError(
+                f"LossConfig.aggregation must be one of {get_args(AggregationMode)}, "
+                f"got {self.aggregation!r}"
+            )
+        for name in ("eps_low", "eps_high"):
+            value = getattr(self, name)
+            _check_number(f"LossConfig.{name}", value)
+            if value < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {name}={value}")
+        if self.eps_low >= 1:
+            raise ValueError(
+                f"LossConfig.eps_low must be < 1 (the lower bound 1 - eps_low must stay "
+                f"positive), got eps_low={self.eps_low}"
+            )
+        if self.dual_clip_c is not None:
+            _check_number("LossConfig.dual_clip_c", self.dual_clip_c)
+            if self.dual_clip_c <= 1:
+                raise ValueError(
+                    f"LossConfig.dual_clip_c must be > 1 (or None to disable dual-clip), "
+                    f"got dual_clip_c={self.dual_clip_c}"
+                )
+        if self.erc is not None and not isinstance(self.erc, ERCConfig):
+            raise ValueError(f"LossConfig.erc must be an ERCConfig or None, got {self.erc!r}")
+
+    @classmethod
+    def ppo(cls, erc: ERCConfig | None = None) -> LossConfig:
+        """PPO-clip, eps 0.2/0.2, no dual-clip, token-mean."""
+        return cls(clip="ppo", eps_low=0.2, eps_high=0.2, erc=erc)
+
+    @classmethod
+    def dapo(cls, erc: ERCConfig | None = None) -> LossConfig:
+        """DAPO clip-higher: eps 0.2/0.28, dual-clip c = 10, token-mean (the ERC paper's base)."""
+        return cls(clip="ppo", eps_low=0.2, eps_high=0.28, dual_clip_c=10.0, erc=erc)
+
+    @classmethod
+    def gppo(cls, erc: ERCConfig | None = None) -> LossConfig:
+        """GPPO gradient-preserving clip: eps 0.2/0.2, dual-clip c = 10, token-mean."""
+        return cls(clip="gppo", eps_low=0.2, eps_high=0.2, dual_clip_c=10.0, erc=erc)
+
+
+@dataclass
+class LossOutput:
+    """What :func:`policy_loss` returns.
+
+    Attributes:
+        loss: scalar loss to minimise (differentiable).
+        metrics: plain floats, keys documented in ``docs/metrics.md``.
+        token_loss: per-token loss matrix before aggregation, same shape as the (2-D) input,
+            after clipping and the ERC stop-gradient.
+        erc_keep: boolean mask of the tokens whose gradient ERC kept (None when ERC is off).
+    """
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    token_loss: Tensor | None = None
+    erc_keep: Tensor | None = None
+
+
+def clipped_objective(
+    ratio: Tensor,
+    advantages: Tensor,
+    *,
+    clip: ClipVariant,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token clipped surrogate loss (to minimise) and the masks of clipping that took effect.
+
+    Args:
+        ratio: importance ratio ``r`` (differentiable).
+        advantages: advantages broadcastable to ``ratio``.
+        clip: ``"ppo"`` or ``"gppo"``.
+        eps_low: lower clip range.
+        eps_high: upper clip range.
+        dual_clip_c: dual-clip constant or None.
+
+    Returns:
+        ``(loss, flags)``: the loss, same shape as ``ratio``, and boolean masks ``clip_low``
+        (``A < 0, r < 1 - eps_low``), ``clip_high`` (``A > 0, r > 1 + eps_high``) and ``dual_clip``
+        (``A < 0, r > c``) marking where each bound is the active one.
+    """
+    lower, upper = 1.0 - eps_low, 1.0 + eps_high
+    unclipped = -advantages * ratio
+    if clip == "ppo":
+        bounded = ratio.clamp(lower, upper)
+    else:
+        # r / sg(r) == 1 in value but carries d r, so the bound passes gradient scaled by it.
+        unit = ratio / ratio.detach()
+        bounded = torch.where(
+            ratio < lower, lower * unit, torch.where(ratio > upper, upper * unit, ratio)
+        )
+    loss = torch.maximum(unclipped, -advantages * bounded)
+    with torch.no_grad():
+        flags = {
+            "clip_low": (advantages < 0) & (ratio < lower),
+            "clip_high": (advantages > 0) & (ratio > upper),
+        }
+    if dual_clip_c is not None:
+        negative = advantages < 0
+        loss = torch.where(negative, torch.minimum(loss, -advantages * dual_clip_c), loss)
+        with torch.no_grad():
+            flags["dual_clip"] = negative & (ratio > dual_clip_c)
+    return loss, flags
+
+
+def entropy_ratio(entropy: Tensor, old_entropy: Tensor) -> Tensor:
+    """``(H_new + 1e-8) / (H_old + 1e-8)`` in fp32 at least, without gradient."""
+    dtype = torch.promote_types(entropy.dtype, torch.float32)
+    new = entropy.detach().to(dtype)
+    old = old_entropy.detach().to(dtype)
+    return (new + ENTROPY_EPS) / (old + ENTROPY_EPS)
+
+
+def erc_keep_mask(rho: Tensor, valid: Tensor, erc: ERCConfig) -> Tensor:
+    """Tokens whose gradient ERC keeps: ``(low < rho) & (rho < high) & valid`` (strict)."""
+    return (rho > erc.low) & (rho < erc.high) & valid
+
+
+def aggregate(token_loss: Tensor, mask: Tensor, mode: AggregationMode) -> Tensor:
+    """Reduce a ``(B, T)`` per-token loss to a scalar, counting only ``mask`` tokens.
+
+    The mode decides how much each token weighs, and so how long and short responses share the
+    gradient:
+
+    * ``token-mean``: ``sum(m l) / sum(m)`` -- every valid token weighs the same (DAPO, ERC).
+    * ``seq-mean-token-mean``: mean over sequences of each sequence's token mean (GRPO): tokens
+      of short responses weigh more.
+    * ``seq-mean-token-sum``: mean over sequences of each sequence's token sum.
+    * ``seq-mean-token-sum-norm``: ``sum(m l) / T`` with ``T = token_loss.shape[-1]`` (Dr. GRPO),
+      a constant normaliser, so the weight of a token does not depend on the batch's contents.
+
+    Sequence means run over sequences with at least one valid token. Empty denominators are
+    clamped to 1 so an all-masked batch gives a loss of 0 and zero gradients, never NaN. Because
+    the normalisers depend on the whole batch, compute the loss over the same tokens you would
+    average over; verl documents the same point for data-parallel sharding.
+
+    Args:
+        token_loss: ``(B, T)`` per-token loss.
+        mask: ``(B, T)`` boolean or 0/1 mask of valid tokens.
+        mode: one of the four names above.
+
+    Returns:
+        Scalar tensor.
+    """
+    m = mask.to(token_loss.dtype)
+    masked = token_loss * m
+    if mode == "token-mean":
+        return masked.sum() / m.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum() / token_loss.shape[-1]
+    tokens_per_seq = m.sum(-1)
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(-1) / tokens_per_seq.clamp(min=1.0)
+    elif mode == "seq-mean-token-sum":
+        per_seq = masked.sum(-1)
+    else:
+        raise ValueError(
+            f"aggregation must be one of {get_args(AggregationMode)}, got loss_agg_mode={mode!r}"
+        )
+    has_tokens = (tokens_per_seq > 0).to(token_loss.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+
+def _as_2d(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1) if x.ndim == 1 else x
+
+
+def _validate(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    entropy: Tensor | None,
+    old_entropy: Tensor | None,
+    mask: Tensor | None,
+    config: LossConfig,
+) -> None:
+    if not isinstance(config, LossConfig):
+        raise ValueError(f"config must be a LossConfig, got {type(config).__name__}")
+    shape = tuple(log_prob.shape)
+    if log_prob.ndim not in (1, 2):
+        raise ValueError(f"log_prob must have shape (B,) or (B, T), got {shape}")
+    if tuple(old_log_prob.shape) != shape:
+        raise ValueError(
+            f"old_log_prob must have the shape of log_prob {shape}, got {tuple(old_log_prob.shape)}"
+        )
+    adv_ok = tuple(advantages.shape) in {shape, shape[:1], (shape[0], 1)}
+    if not adv_ok:
+        raise ValueError(
+            f"advantages must have shape {shape}, ({shape[0]},) or ({shape[0]}, 1) for "
+            f"log_prob of shape {shape}, got {tuple(advantages.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != shape:
+        raise ValueError(f"mask must have the shape of log_prob {shape}, got {tuple(mask.shape)}")
+    for name, value in (("entropy", entropy), ("old_entropy", old_entropy)):
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(
+                f"{name} must have the shape of log_prob {shape}, got {tuple(value.shape)}"
+            )
+    if config.erc is not None and (entropy is None or old_entropy is None):
+        missing = [n for n, v in (("entropy", entropy), ("old_entropy", old_entropy)) if v is None]
+        raise ValueError(
+            f"ERC is on (config.erc={config.erc}) but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} None: pass the current and old per-token "
+            "entropies, or set erc=None"
+        )
+    if (entropy is None) != (old_entropy is None):
+        raise ValueError("entropy and old_entropy must be given together (or both None)")
+
+
+def policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    *,
+    entropy: Tensor | None = None,
+    old_entropy: Tensor | None = None,
+    mask: Tensor | None = None,
+    config: LossConfig,
+) -> LossOutput:
+    """Clipped policy-gradient loss with optional Entropy Ratio Clipping.
+
+    The math is in the module docstring; ``config`` chooses the clip variant, dual-clip, the ERC
+    band and the aggregation. Half-precision inputs are computed in fp32 (gradients flow back in
+    the input dtype).
+
+    Args:
+        log_prob: ``(B,)`` (one state per sample, as in SB3) or ``(B, T)`` (tokens) log-probs of
+            the taken actions under the current policy (differentiable).
+        old_log_prob: same shape, under the policy that collected the batch.
+        advantages: ``(B, T)``, ``(B,)`` or ``(B, 1)``; the last two are broadcast over tokens.
+        entropy: current full-distribution entropy per state, same shape as ``log_prob``. Needed
+            for ERC; also gives the entropy metrics when ERC is off.
+        old_entropy: the same under the old policy.
+        mask: valid tokens (bool or 0/1), same shape as ``log_prob``; None means all valid.
+        config: the :class:`LossConfig`.
+
+    Returns:
+        :class:`LossOutput` with the scalar ``loss`` and ``metrics`` (one host sync for all).
+
+    Raises:
+        ValueError: on mismatched shapes, or ERC on without both entropies.
+
+    Example:
+        >>> cfg = LossConfig.dapo(erc=ERCConfig(0.95, 1.05))
+        >>> lp = torch.randn(4, 16, requires_grad=True)
+        >>> h = torch.rand(4, 16)
+        >>> out = policy_loss(lp, lp.detach(), torch.randn(4), entropy=h, old_entropy=h,
+        ...                   config=cfg)
+        >>> out.loss.backward()
+    """
+    _validate(log_prob, old_log_prob, advantages, entropy, old_entropy, mask, config)
+    compute = torch.promote_types(log_prob.dtype, torch.float32)
+    lp = _as_2d(log_prob).to(compute)
+    old_lp = _as_2d(old_log_prob).detach().to(compute)
+    adv = _as_2d(advantages.detach().to(compute)).expand_as(lp)
+    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else _as_2d(mask).bool()
+
+    log_ratio = (lp - old_lp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    token_loss, flags = clipped_objective(
+        ratio,
+        adv,
+        clip=config.clip,
+        eps_low=config.eps_low,
+        eps_high=config.eps_high,
+        dual_clip_c=config.dual_clip_c,
+    )
+
+    rho = keep = None
+    if entropy is not None and old_entropy is not None:
+        rho = entropy_ratio(_as_2d(entropy), _as_2d(old_entropy))
+    if config.erc is not None and rho is not None:
+        keep = erc_keep_mask(rho, valid, config.erc)
+        token_loss = torch.where(keep, token_loss, token_loss.detach())
+
+    loss = aggregate(token_loss, valid, config.aggregation)
+    metrics = _metrics(
+        log_ratio, ratio, flags, valid, rho, keep, config, entropy=entropy, old_entropy=old_entropy
+    )
+    return LossOutput(loss=loss, metrics=metrics, token_loss=token_loss, erc_keep=keep)
+
+
+def _metrics(
+    log_ratio: Tensor,
+    ratio: Tensor,
+    flags: dict[str, Tensor],
+    valid: Tensor,
+    rho: Tensor | None,
+    keep: Tensor | None,
+    config: LossConfig,
+    *,
+    entropy: Tensor | None,
+    old_entropy: Tensor | None,
+) -> dict[str, float]:
+    """All metrics as one stacked tensor, so the host syncs once."""
+    with torch.no_grad():
+        v = valid.to(ratio.dtype)
+        n = v.sum()
+        n1 = n.clamp(min=1.0)
+        nan = torch.full_like(n, float("nan"))
+
+        def frac(m: Tensor) -> Tensor:
+            return (m.to(v.dtype) * v).sum() / n1
+
+        def cond_mean(x: Tensor, m: Tensor) -> Tensor:
+            w = m.to(v.dtype) * v
+            c = w.sum()
+            return torch.where(c > 0, (x * w).sum() / c.clamp(min=1.0), nan)
+
+        lr = log_ratio.detach()
+        r = ratio.detach()
+        values: dict[str, Tensor] = {
+            "clip_fraction": frac(flags["clip_low"] | flags["clip_high"]),
+            "clip_fraction_low": frac(flags["clip_low"]),
+            "clip_fraction_high": frac(flags["clip_high"]),
+            "dual_clip_fraction": frac(flags["dual_clip"]) if "dual_clip" in flags else n * 0,
+            "approx_kl": ((r - 1.0 - lr) * v).sum() / n1,
+            "ppo_kl": (-lr * v).sum() / n1,
+            "ratio_mean": (r * v).sum() / n1,
+        }
+        if rho is not None and entropy is not None and old_entropy is not None:
+            h = _as_2d(entropy).detach().to(v.dtype)
+            h_old = _as_2d(old_entropy).detach().to(v.dtype)
+            low = config.erc.low if config.erc is not None else None
+            high = config.erc.high if config.erc is not None else None
+            below = (rho <= low) & valid if low is not None else torch.zeros_like(valid)
+            above = (rho >= high) & valid if high is not None else torch.zeros_like(valid)
+            clipped = below | above
+            big = torch.finfo(rho.dtype).max
+            values |= {
+                "erc_clip_fraction": frac(clipped),
+                "erc_clip_fraction_low": frac(below),
+                "erc_clip_fraction_high": frac(above),
+                "entropy_ratio_mean": cond_mean(rho, valid),
+                "entropy_ratio_min": torch.where(n > 0, torch.where(valid, rho, big).min(), nan),
+                "entropy_ratio_max": torch.where(n > 0, torch.where(valid, rho, -big).max(), nan),
+                "entropy_mean": cond_mean(h, valid),
+                "entropy_old_mean": cond_mean(h_old, valid),
+                "erc_clipped_entropy_old_mean": cond_mean(h_old, clipped),
+                "erc_kept_entropy_old_mean": cond_mean(h_old, keep if keep is not None else valid),
+            }
+        stacked = torch.stack([t.to(torch.float64).reshape(()) for t in values.values()])
+        return dict(zip(values.keys(), stacked.cpu().tolist(), strict=True))

@@ -1,0 +1,205 @@
+"""erc_gym.entropy against float64 log_softmax references, on adversarial logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
+
+
+def reference(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
+    z = logits.double() / temperature
+    lp = torch.log_softmax(z, dim=-1)
+    return lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(lp.exp() * lp).sum(-1)
+
+
+def adversarial(v: int, offset: float, dominance: float, rows: int = 24, seed: int = 0):
+    """Random logits plus a common offset and one dominant logit of varying strength.
+
+    ``dominance`` near 0 gives high entropy; 10-25 gives H between ~1e-1 and ~1e-8.
+    """
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, v, generator=g) + offset
+    boost = torch.linspace(0.0, dominance, rows)
+    z[:, 7 % v] += boost
+    labels = torch.randint(0, v, (rows,), generator=g)
+    labels[::3] = 7 % v
+    return z, labels
+
+
+CASES = [
+    (v, off, dom)
+    for v in (2, 1000, 32768, 151936)
+    for off in (0.0, 100.0, -100.0)
+    for dom in (0.0, 15.0, 30.0)
+]
+
+
+@pytest.mark.parametrize(("v", "offset", "dominance"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_relative_error(v, offset, dominance, dtype):
+    z, labels = adversarial(v, offset, dominance)
+    z = z.to(dtype)
+    lp, h = logprob_and_entropy(z, labels)
+    lp_ref, h_ref = reference(z, labels)
+    assert h.dtype == torch.float32 and lp.dtype == torch.float32
+    assessed = h_ref >= 1e-6
+    assert assessed.any()
+    rel = (h.double() - h_ref).abs() / h_ref
+    assert rel[assessed].max().item() <= 1e-5, rel[assessed].max().item()
+    # below 1e-6 nats the answer must still be tiny and non-negative, never NaN
+    assert torch.all(h >= 0) and torch.isfinite(h).all()
+    if dtype == torch.float32:
+        # fp32 outputs resolve 1e-5 only below |log p| = 128 (the spacing there is 7.6e-6)
+        small = lp_ref.abs() < 128
+        assert (lp.double() - lp_ref).abs()[small].max().item() <= 1e-5
+
+
+def test_low_entropy_beats_naive_formula():
+    """The case the spec warns about: the naive form loses accuracy, ours does not."""
+    z = torch.randn(64, 32768) + 100.0
+    z[:, 0] += torch.linspace(8.0, 22.0, 64)
+    labels = torch.zeros(64, dtype=torch.long)
+    _, h = logprob_and_entropy(z, labels)
+    _, h_ref = reference(z, labels)
+    p = torch.softmax(z, -1)
+    naive = torch.logsumexp(z, -1) - (p * z).sum(-1)
+    ok = h_ref >= 1e-6
+    naive_rel = ((naive.double() - h_ref).abs() / h_ref)[ok].max().item()
+    ours_rel = ((h.double() - h_ref).abs() / h_ref)[ok].max().item()
+    assert ours_rel <= 1e-5 < naive_rel
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_temperature(temperature):
+    z, labels = adversarial(5000, 50.0, 12.0)
+    lp, h = logprob_and_entropy(z, labels, temperature=temperature)
+    lp_ref, h_ref = reference(z, labels, temperature)
+    ok = h_ref >= 1e-6
+    assert ((h.double() - h_ref).abs() / h_ref)[ok].max().item() <= 1e-5
+    assert (lp.double() - lp_ref).abs().max().item() <= 1e-5
+
+
+def test_chunking_does_not_change_results():
+    z, labels = adversarial(3001, 10.0, 20.0, rows=37)
+    base_lp, base_h = logprob_and_entropy(z, labels)
+    for chunk in (1, 5, 37, 1000):
+        for vchunk in (None, 7, 512, 3000, 5000):
+            lp, h = logprob_and_entropy(z, labels, chunk_size=chunk, vocab_chunk_size=vchunk)
+            torch.testing.assert_close(h, base_h, rtol=2e-6, atol=1e-12)
+            torch.testing.assert_close(lp, base_lp, rtol=1e-6, atol=2e-6)
+
+
+def test_vocab_streaming_with_ties_across_chunks():
+    # the maximum appears once in each vocabulary chunk: every tie must count
+    z = torch.full((2, 8), -50.0)
+    z[:, 1] = 3.0
+    z[:, 5] = 3.0
+    labels = torch.tensor([1, 0])
+    lp, h = logprob_and_entropy(z, labels, vocab_chunk_size=4)
+    lp_ref, h_ref = reference(z, labels)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-6, atol=1e-6)
+    assert h[0].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_autograd(temperature, dtype):
+    z, labels = adversarial(300, 3.0, 6.0, rows=10)
+    z = z.to(dtype)
+    w_lp, w_h = torch.randn(10), torch.randn(10)
+    x = z.clone().requires_grad_(True)
+    lp, h = logprob_and_entropy(x, labels, temperature=temperature, chunk_size=3, entropy_grad=True)
+    ((lp * w_lp).sum() + (h * w_h).sum()).backward()
+    y = z.double().requires_grad_(True)
+    lp_r, h_r = reference(y, labels, temperature)
+    ((lp_r * w_lp.double()).sum() + (h_r * w_h.double()).sum()).backward()
+    assert x.grad is not None and x.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(x.grad.double(), y.grad, atol=tol, rtol=tol)
+
+
+def test_entropy_is_detached_by_default():
+    z = torch.randn(4, 50, requires_grad=True)
+    lp, h = logprob_and_entropy(z, torch.zeros(4, dtype=torch.long))
+    assert lp.requires_grad and not h.requires_grad
+    lp.sum().backward()
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad.sum(-1), torch.zeros(4), atol=1e-6, rtol=0)
+
+
+def test_entropy_from_logits_matches_and_has_no_grad():
+    z, labels = adversarial(777, -30.0, 18.0, rows=9)
+    z = z.requires_grad_(True)
+    h = entropy_from_logits(z, chunk_size=2)
+    _, h2 = logprob_and_entropy(z, labels)
+    assert not h.requires_grad
+    torch.testing.assert_close(h, h2, rtol=1e-6, atol=0)
+
+
+def test_leading_shape_is_kept():
+    z = torch.randn(2, 3, 5, 11)
+    labels = torch.randint(0, 11, (2, 3, 5))
+    lp, h = logprob_and_entropy(z, labels)
+    assert lp.shape == h.shape == (2, 3, 5)
+    assert entropy_from_logits(z).shape == (2, 3, 5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    v=st.integers(1, 400),
+    rows=st.integers(1, 6),
+    scale=st.floats(0.0, 40.0),
+    offset=st.floats(-200.0, 200.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_entropy_bounds_and_normalisation(v, rows, scale, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, v, generator=g) * scale + offset
+    labels = torch.randint(0, v, (rows,), generator=g)
+    lp, h = logprob_and_entropy(z, labels)
+    assert torch.all(h >= 0)
+    assert torch.all(h <= math.log(v) * (1 + 1e-6) + 1e-7)
+    assert torch.all(lp <= 1e-6)
+    # probabilities of all labels sum to one
+    all_lp = (
+        torch.stack(
+            [logprob_and_entropy(z, torch.full((rows,), k, dtype=torch.long))[0] for k in range(v)]
+        )
+        if v <= 50
+        else None
+    )
+    if all_lp is not None:
+        torch.testing.assert_close(
+            all_lp.double().exp().sum(0), torch.ones(rows, dtype=torch.float64), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (
+            lambda: logprob_and_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)),
+            "labels must have shape",
+        ),
+        (lambda: logprob_and_entropy(torch.zeros(2, 3), torch.tensor([0, 3])), r"\[0, 3\)"),
+        (lambda: logprob_and_entropy(torch.zeros(2, 3), torch.zeros(2)), "integer"),
+        (
+            lambda: logprob_and_entropy(
+                torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+            ),
+            "floating-point",
+        ),
+        (lambda: entropy_from_logits(torch.zeros(2, 3), temperature=0.0), "temperature"),
+        (lambda: entropy_from_logits(torch.zeros(2, 3), chunk_size=0), "chunk_size"),
+    ],
+)
+def test_bad_input(call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call()
