@@ -114,6 +114,8 @@ def _forward_stats(
     vocab_chunk: int | None,
 ) -> tuple[Tensor | None, Tensor]:
     n = logits.shape[0]
+    if n <= chunk_rows:  # one chunk: no output buffers to fill
+        return _row_block_stats(logits, labels, temperature, vocab_chunk)
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
     log_prob = None
     if labels is not None:

@@ -34,7 +34,8 @@ Every trainer in the project (the SB3 algorithm, the LLM trainer, the TRL / verl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -47,10 +48,13 @@ __all__ = [
     "ERCConfig",
     "LossConfig",
     "LossOutput",
+    "LossStats",
     "aggregate",
+    "clip_flags",
     "clipped_objective",
     "entropy_ratio",
     "erc_keep_mask",
+    "loss_metrics",
     "policy_loss",
 ]
 
@@ -58,6 +62,8 @@ ClipVariant = Literal["ppo", "gppo"]
 AggregationMode = Literal[
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
 ]
+
+_AGGREGATIONS = get_args(AggregationMode)
 
 #: The log-ratio is clamped to +-20 before exponentiation (as in verl) so one stale token cannot
 #: produce an inf ratio.
@@ -173,20 +179,49 @@ class LossConfig:
 
 
 @dataclass
+class LossStats:
+    """Detached tensors of one :func:`policy_loss` call, from which metrics are computed.
+
+    Kept so that a trainer taking many mini-batch steps can reduce the metrics of the whole update
+    with one call of :func:`loss_metrics` (one host sync per update, no per-step metric work).
+
+    Attributes:
+        loss: the aggregated loss, detached, shape ``()``.
+        log_ratio: clamped ``logp - logp_old``, ``(B, T)``.
+        advantages: advantages broadcast to ``(B, T)``.
+        valid: boolean mask ``(B, T)``, or None (all valid).
+        entropy: current entropy ``(B, T)`` or None.
+        old_entropy: old entropy ``(B, T)`` or None.
+        config: the :class:`LossConfig` used.
+    """
+
+    loss: Tensor
+    log_ratio: Tensor
+    advantages: Tensor
+    valid: Tensor | None
+    entropy: Tensor | None
+    old_entropy: Tensor | None
+    config: LossConfig
+
+
+@dataclass
 class LossOutput:
     """What :func:`policy_loss` returns.
 
     Attributes:
         loss: scalar loss to minimise (differentiable).
-        metrics: plain floats, keys documented in ``docs/metrics.md``.
-        token_loss: per-token loss matrix before aggregation, same shape as the (2-D) input,
-            after clipping and the ERC stop-gradient.
+        metrics: plain floats, keys documented in ``docs/metrics.md`` (empty when
+            ``policy_loss(..., metrics=False)``; reduce ``stats`` later with :func:`loss_metrics`).
+        stats: the detached tensors the metrics are computed from.
+        token_loss: per-token loss matrix ``(B, T)`` before aggregation, after clipping and the
+            ERC stop-gradient.
         erc_keep: boolean mask of the tokens whose gradient ERC kept (None when ERC is off).
     """
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-    token_loss: Tensor | None = None
+    metrics: dict[str, float]
+    stats: LossStats
+    token_loss: Tensor
     erc_keep: Tensor | None = None
 
 
@@ -198,8 +233,8 @@ def clipped_objective(
     eps_low: float,
     eps_high: float,
     dual_clip_c: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token clipped surrogate loss (to minimise) and the masks of clipping that took effect.
+) -> Tensor:
+    """Per-token clipped surrogate loss (to minimise).
 
     Args:
         ratio: importance ratio ``r`` (differentiable).
@@ -210,12 +245,10 @@ def clipped_objective(
         dual_clip_c: dual-clip constant or None.
 
     Returns:
-        ``(loss, flags)``: the loss, same shape as ``ratio``, and boolean masks ``clip_low``
-        (``A < 0, r < 1 - eps_low``), ``clip_high`` (``A > 0, r > 1 + eps_high``) and ``dual_clip``
-        (``A < 0, r > c``) marking where each bound is the active one.
+        The loss, same shape as ``ratio``. :func:`clip_flags` tells where each bound is active.
     """
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
-    unclipped = -advantages * ratio
+    neg_adv = -advantages
     if clip == "ppo":
         bounded = ratio.clamp(lower, upper)
     else:
@@ -224,18 +257,34 @@ def clipped_objective(
         bounded = torch.where(
             ratio < lower, lower * unit, torch.where(ratio > upper, upper * unit, ratio)
         )
-    loss = torch.maximum(unclipped, -advantages * bounded)
-    with torch.no_grad():
-        flags = {
-            "clip_low": (advantages < 0) & (ratio < lower),
-            "clip_high": (advantages > 0) & (ratio > upper),
-        }
+    loss = torch.maximum(neg_adv * ratio, neg_adv * bounded)
     if dual_clip_c is not None:
-        negative = advantages < 0
-        loss = torch.where(negative, torch.minimum(loss, -advantages * dual_clip_c), loss)
-        with torch.no_grad():
-            flags["dual_clip"] = negative & (ratio > dual_clip_c)
-    return loss, flags
+        loss = torch.where(advantages < 0, torch.minimum(loss, neg_adv * dual_clip_c), loss)
+    return loss
+
+
+def clip_flags(
+    ratio: Tensor,
+    advantages: Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None = None,
+) -> dict[str, Tensor]:
+    """Where each clip bound of :func:`clipped_objective` is the active term (took effect).
+
+    Returns boolean masks ``clip_low`` (``A < 0, r < 1 - eps_low``), ``clip_high``
+    (``A > 0, r > 1 + eps_high``) and ``dual_clip`` (``A < 0, r > c``; all False when off).
+    The same for PPO and GPPO: in GPPO the bound is active but still passes gradient.
+    """
+    negative = advantages < 0
+    return {
+        "clip_low": negative & (ratio < 1.0 - eps_low),
+        "clip_high": (advantages > 0) & (ratio > 1.0 + eps_high),
+        "dual_clip": negative & (ratio > dual_clip_c)
+        if dual_clip_c is not None
+        else torch.zeros_like(negative),
+    }
 
 
 def entropy_ratio(entropy: Tensor, old_entropy: Tensor) -> Tensor:
@@ -246,12 +295,13 @@ def entropy_ratio(entropy: Tensor, old_entropy: Tensor) -> Tensor:
     return (new + ENTROPY_EPS) / (old + ENTROPY_EPS)
 
 
-def erc_keep_mask(rho: Tensor, valid: Tensor, erc: ERCConfig) -> Tensor:
+def erc_keep_mask(rho: Tensor, valid: Tensor | None, erc: ERCConfig) -> Tensor:
     """Tokens whose gradient ERC keeps: ``(low < rho) & (rho < high) & valid`` (strict)."""
-    return (rho > erc.low) & (rho < erc.high) & valid
+    keep = (rho > erc.low) & (rho < erc.high)
+    return keep if valid is None else keep & valid
 
 
-def aggregate(token_loss: Tensor, mask: Tensor, mode: AggregationMode) -> Tensor:
+def aggregate(token_loss: Tensor, mask: Tensor | None, mode: AggregationMode) -> Tensor:
     """Reduce a ``(B, T)`` per-token loss to a scalar, counting only ``mask`` tokens.
 
     The mode decides how much each token weighs, and so how long and short responses share the
@@ -271,12 +321,21 @@ def aggregate(token_loss: Tensor, mask: Tensor, mode: AggregationMode) -> Tensor
 
     Args:
         token_loss: ``(B, T)`` per-token loss.
-        mask: ``(B, T)`` boolean or 0/1 mask of valid tokens.
+        mask: ``(B, T)`` boolean or 0/1 mask of valid tokens, or None (all valid).
         mode: one of the four names above.
 
     Returns:
         Scalar tensor.
     """
+    if mode not in _AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {_AGGREGATIONS}, got loss_agg_mode={mode!r}")
+    if mask is None:
+        if mode == "token-mean":
+            return token_loss.mean()
+        if mode == "seq-mean-token-sum-norm":
+            return token_loss.sum() / token_loss.shape[-1]
+        per_seq = token_loss.mean(-1) if mode == "seq-mean-token-mean" else token_loss.sum(-1)
+        return per_seq.mean()
     m = mask.to(token_loss.dtype)
     masked = token_loss * m
     if mode == "token-mean":
@@ -286,12 +345,8 @@ def aggregate(token_loss: Tensor, mask: Tensor, mode: AggregationMode) -> Tensor
     tokens_per_seq = m.sum(-1)
     if mode == "seq-mean-token-mean":
         per_seq = masked.sum(-1) / tokens_per_seq.clamp(min=1.0)
-    elif mode == "seq-mean-token-sum":
-        per_seq = masked.sum(-1)
     else:
-        raise ValueError(
-            f"aggregation must be one of {get_args(AggregationMode)}, got loss_agg_mode={mode!r}"
-        )
+        per_seq = masked.sum(-1)
     has_tokens = (tokens_per_seq > 0).to(token_loss.dtype)
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
 
@@ -351,6 +406,7 @@ def policy_loss(
     old_entropy: Tensor | None = None,
     mask: Tensor | None = None,
     config: LossConfig,
+    metrics: bool = True,
 ) -> LossOutput:
     """Clipped policy-gradient loss with optional Entropy Ratio Clipping.
 
@@ -368,9 +424,12 @@ def policy_loss(
         old_entropy: the same under the old policy.
         mask: valid tokens (bool or 0/1), same shape as ``log_prob``; None means all valid.
         config: the :class:`LossConfig`.
+        metrics: compute ``LossOutput.metrics`` now (one host sync). Pass False inside a loop of
+            mini-batch steps and reduce the collected ``LossOutput.stats`` once with
+            :func:`loss_metrics`.
 
     Returns:
-        :class:`LossOutput` with the scalar ``loss`` and ``metrics`` (one host sync for all).
+        :class:`LossOutput` with the scalar ``loss``, ``metrics``, ``stats`` and ``token_loss``.
 
     Raises:
         ValueError: on mismatched shapes, or ERC on without both entropies.
@@ -388,12 +447,11 @@ def policy_loss(
     lp = _as_2d(log_prob).to(compute)
     old_lp = _as_2d(old_log_prob).detach().to(compute)
     adv = _as_2d(advantages.detach().to(compute)).expand_as(lp)
-    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else _as_2d(mask).bool()
+    valid = None if mask is None else _as_2d(mask).bool()
 
     log_ratio = (lp - old_lp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    token_loss, flags = clipped_objective(
-        ratio,
+    token_loss = clipped_objective(
+        torch.exp(log_ratio),
         adv,
         clip=config.clip,
         eps_low=config.eps_low,
@@ -401,78 +459,137 @@ def policy_loss(
         dual_clip_c=config.dual_clip_c,
     )
 
-    rho = keep = None
-    if entropy is not None and old_entropy is not None:
-        rho = entropy_ratio(_as_2d(entropy), _as_2d(old_entropy))
-    if config.erc is not None and rho is not None:
-        keep = erc_keep_mask(rho, valid, config.erc)
+    h = None if entropy is None else _as_2d(entropy).detach()
+    h_old = None if old_entropy is None else _as_2d(old_entropy).detach()
+    keep = None
+    if config.erc is not None and h is not None and h_old is not None:
+        keep = erc_keep_mask(entropy_ratio(h, h_old), valid, config.erc)
         token_loss = torch.where(keep, token_loss, token_loss.detach())
 
     loss = aggregate(token_loss, valid, config.aggregation)
-    metrics = _metrics(
-        log_ratio, ratio, flags, valid, rho, keep, config, entropy=entropy, old_entropy=old_entropy
+    stats = LossStats(
+        loss=loss.detach(),
+        log_ratio=log_ratio.detach(),
+        advantages=adv,
+        valid=valid,
+        entropy=h,
+        old_entropy=h_old,
+        config=config,
     )
-    return LossOutput(loss=loss, metrics=metrics, token_loss=token_loss, erc_keep=keep)
+    return LossOutput(
+        loss=loss,
+        metrics=loss_metrics([stats]) if metrics else {},
+        stats=stats,
+        token_loss=token_loss,
+        erc_keep=keep,
+    )
 
 
-def _metrics(
-    log_ratio: Tensor,
-    ratio: Tensor,
-    flags: dict[str, Tensor],
-    valid: Tensor,
-    rho: Tensor | None,
-    keep: Tensor | None,
-    config: LossConfig,
-    *,
-    entropy: Tensor | None,
-    old_entropy: Tensor | None,
-) -> dict[str, float]:
-    """All metrics as one stacked tensor, so the host syncs once."""
+def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat([p.reshape(-1).to(dtype) for p in parts])
+
+
+def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
+    """Metrics of one or several :func:`policy_loss` calls, with a single host sync.
+
+    Several calls (the mini-batches of one update) are reduced together: fractions and means are
+    token-weighted over all their valid tokens, min / max run over all of them, and ``pg_loss`` is
+    the mean of the per-call losses. The keys are documented in ``docs/metrics.md``.
+
+    Args:
+        stats: ``LossOutput.stats`` of each call; all must share one :class:`LossConfig` and agree
+            on whether entropies were given.
+
+    Returns:
+        ``dict[str, float]``. Fractions are 0 when no token is valid; conditional means are NaN
+        when their set is empty.
+    """
+    if not stats:
+        raise ValueError("loss_metrics needs at least one LossStats")
+    config = stats[0].config
+    if any(s.config != config for s in stats):
+        raise ValueError("loss_metrics: all LossStats must come from the same LossConfig")
+    with_entropy = stats[0].entropy is not None and stats[0].old_entropy is not None
+    if any((s.entropy is not None and s.old_entropy is not None) != with_entropy for s in stats):
+        raise ValueError("loss_metrics: either every call or none must have entropies")
+    dtype = torch.promote_types(stats[0].log_ratio.dtype, torch.float32)
     with torch.no_grad():
-        v = valid.to(ratio.dtype)
+        log_ratio = _cat([s.log_ratio for s in stats], dtype)
+        adv = _cat([s.advantages for s in stats], dtype)
+        valid = torch.cat(
+            [
+                (
+                    s.valid
+                    if s.valid is not None
+                    else torch.ones_like(s.log_ratio, dtype=torch.bool)
+                ).reshape(-1)
+                for s in stats
+            ]
+        )
+        ratio = torch.exp(log_ratio)
+        v = valid.to(dtype)
         n = v.sum()
         n1 = n.clamp(min=1.0)
         nan = torch.full_like(n, float("nan"))
-
-        def frac(m: Tensor) -> Tensor:
-            return (m.to(v.dtype) * v).sum() / n1
-
-        def cond_mean(x: Tensor, m: Tensor) -> Tensor:
-            w = m.to(v.dtype) * v
-            c = w.sum()
-            return torch.where(c > 0, (x * w).sum() / c.clamp(min=1.0), nan)
-
-        lr = log_ratio.detach()
-        r = ratio.detach()
-        values: dict[str, Tensor] = {
-            "clip_fraction": frac(flags["clip_low"] | flags["clip_high"]),
-            "clip_fraction_low": frac(flags["clip_low"]),
-            "clip_fraction_high": frac(flags["clip_high"]),
-            "dual_clip_fraction": frac(flags["dual_clip"]) if "dual_clip" in flags else n * 0,
-            "approx_kl": ((r - 1.0 - lr) * v).sum() / n1,
-            "ppo_kl": (-lr * v).sum() / n1,
-            "ratio_mean": (r * v).sum() / n1,
+        flags = clip_flags(
+            ratio,
+            adv,
+            eps_low=config.eps_low,
+            eps_high=config.eps_high,
+            dual_clip_c=config.dual_clip_c,
+        )
+        indicators = {
+            "clip_fraction": flags["clip_low"] | flags["clip_high"],
+            "clip_fraction_low": flags["clip_low"],
+            "clip_fraction_high": flags["clip_high"],
+            "dual_clip_fraction": flags["dual_clip"],
         }
-        if rho is not None and entropy is not None and old_entropy is not None:
-            h = _as_2d(entropy).detach().to(v.dtype)
-            h_old = _as_2d(old_entropy).detach().to(v.dtype)
-            low = config.erc.low if config.erc is not None else None
-            high = config.erc.high if config.erc is not None else None
-            below = (rho <= low) & valid if low is not None else torch.zeros_like(valid)
-            above = (rho >= high) & valid if high is not None else torch.zeros_like(valid)
+        sums = {
+            "approx_kl": (ratio - 1.0) - log_ratio,
+            "ppo_kl": -log_ratio,
+            "ratio_mean": ratio,
+        }
+        extra: dict[str, Tensor] = {}
+        if with_entropy:
+            h = _cat([s.entropy for s in stats if s.entropy is not None], dtype)
+            h_old = _cat([s.old_entropy for s in stats if s.old_entropy is not None], dtype)
+            rho = entropy_ratio(h, h_old)
+            if config.erc is not None:
+                below = (rho <= config.erc.low) & valid
+                above = (rho >= config.erc.high) & valid
+            else:
+                below = above = torch.zeros_like(valid)
             clipped = below | above
-            big = torch.finfo(rho.dtype).max
-            values |= {
-                "erc_clip_fraction": frac(clipped),
-                "erc_clip_fraction_low": frac(below),
-                "erc_clip_fraction_high": frac(above),
-                "entropy_ratio_mean": cond_mean(rho, valid),
+            indicators |= {
+                "erc_clip_fraction": clipped,
+                "erc_clip_fraction_low": below,
+                "erc_clip_fraction_high": above,
+            }
+            sums |= {"entropy_ratio_mean": rho, "entropy_mean": h, "entropy_old_mean": h_old}
+            clipped_w = clipped.to(dtype) * v
+            kept_w = v - clipped_w
+            big = torch.finfo(dtype).max
+            c_clip, c_kept = clipped_w.sum(), kept_w.sum()
+            extra = {
                 "entropy_ratio_min": torch.where(n > 0, torch.where(valid, rho, big).min(), nan),
                 "entropy_ratio_max": torch.where(n > 0, torch.where(valid, rho, -big).max(), nan),
-                "entropy_mean": cond_mean(h, valid),
-                "entropy_old_mean": cond_mean(h_old, valid),
-                "erc_clipped_entropy_old_mean": cond_mean(h_old, clipped),
-                "erc_kept_entropy_old_mean": cond_mean(h_old, keep if keep is not None else valid),
+                "erc_clipped_entropy_old_mean": torch.where(
+                    c_clip > 0, (h_old * clipped_w).sum() / c_clip.clamp(min=1.0), nan
+                ),
+                "erc_kept_entropy_old_mean": torch.where(
+                    c_kept > 0, (h_old * kept_w).sum() / c_kept.clamp(min=1.0), nan
+                ),
             }
-        stacked = torch.stack([t.to(torch.float64).reshape(()) for t in values.values()])
-        return dict(zip(values.keys(), stacked.cpu().tolist(), strict=True))
+        fractions = (torch.stack(list(indicators.values())).to(dtype) * v).sum(-1) / n1
+        means = (torch.stack(list(sums.values())) * v).sum(-1) / n1
+        pg_loss = torch.stack([s.loss.reshape(()).to(dtype) for s in stats]).mean()
+        flat = torch.cat(
+            [
+                pg_loss.reshape(1),
+                fractions,
+                means,
+                torch.stack(list(extra.values())) if extra else fractions[:0],
+            ]
+        )
+        names = ["pg_loss", *indicators, *sums, *extra]
+        return dict(zip(names, flat.to(torch.float64).cpu().tolist(), strict=True))

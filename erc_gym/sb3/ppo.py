@@ -1,0 +1,413 @@
+"""ERCPPO: Stable-Baselines3 PPO with Entropy Ratio Clipping, clip-higher, GPPO and dual-clip."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+from torch.nn import functional as F
+
+from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
+from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
+from erc_gym.sb3.distributions import ERC_ACTION_SPACES, check_erc_action_space, state_entropy
+
+__all__ = ["ERCPPO"]
+
+SelfERCPPO = TypeVar("SelfERCPPO", bound="ERCPPO")
+
+#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here).
+_ERC_LOG_KEYS = {
+    "entropy_mean": "entropy",
+    "entropy_old_mean": "entropy_old",
+    "entropy_ratio_mean": "entropy_ratio_mean",
+    "entropy_ratio_min": "entropy_ratio_min",
+    "entropy_ratio_max": "entropy_ratio_max",
+    "erc_clip_fraction": "erc_clip_fraction",
+    "erc_clip_fraction_low": "erc_clip_fraction_low",
+    "erc_clip_fraction_high": "erc_clip_fraction_high",
+    "erc_clipped_entropy_old_mean": "erc_clipped_entropy_old_mean",
+    "clip_fraction_high": "clip_fraction_high",
+    "clip_fraction_low": "clip_fraction_low",
+    "dual_clip_fraction": "dual_clip_fraction",
+}
+
+# Rows per no-grad pass when scoring a rollout's old entropies (bounds memory on big buffers).
+_ENTROPY_PASS_ROWS = 4096
+
+
+class ERCPPO(PPO):
+    """PPO with Entropy Ratio Clipping (Su et al. 2025, arXiv 2512.05591).
+
+    A drop-in replacement for ``stable_baselines3.PPO``: every PPO argument keeps its name,
+    default and meaning. The policy-gradient term is computed by
+    :func:`erc_gym.losses.policy_loss`; the value loss, ``clip_range_vf``, the entropy bonus,
+    ``target_kl`` early stopping and gradient clipping are SB3's.
+
+    ERC stops the policy gradient of every state whose entropy ratio
+    ``H(pi_new(.|s)) / H(pi_old(.|s))`` leaves ``(erc_low, erc_high)``. The old policy's entropy is
+    computed once per rollout, right after collection (no extra pass over the environment), and
+    stored per sample in an :class:`~erc_gym.sb3.buffers.ERCRolloutBuffer`, so it follows the
+    mini-batch permutation.
+
+    :param policy: as in PPO ("MlpPolicy", "CnnPolicy", "MultiInputPolicy" or a class).
+    :param env: as in PPO.
+    :param erc_low: lower bound of the entropy-ratio band (float or schedule of the remaining
+        progress). ``None`` together with ``erc_high=None`` disables ERC.
+    :param erc_high: upper bound of the band. On 2-action tasks a band as narrow as 0.95/1.05
+        masks many samples; see ``docs/sb3_band_study.md`` for measured defaults.
+    :param clip_range_high: upper clip range (DAPO clip-higher), float or schedule; ``None`` uses
+        ``clip_range`` (symmetric PPO clip).
+    :param clip_variant: ``"ppo"`` (clip stops the gradient) or ``"gppo"`` (gradient-preserving
+        clip, arXiv 2508.07629).
+    :param dual_clip: dual-clip constant ``c > 1`` for negative advantages, or ``None``.
+    :param kwargs: every other :class:`stable_baselines3.PPO` argument.
+
+    Logged beside SB3's ``train/*`` keys (means over the update's mini-batches, see
+    ``docs/metrics.md``): ``train/entropy`` (positive), ``train/entropy_old``,
+    ``train/entropy_ratio_{mean,min,max}``, ``train/erc_clip_fraction{,_low,_high}``,
+    ``train/erc_clipped_entropy_old_mean``, ``train/clip_fraction_{low,high}``,
+    ``train/dual_clip_fraction`` and ``train/grad_norm`` (before clipping). ``train/clip_fraction``
+    keeps SB3's two-sided meaning.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = dict(PPO.policy_aliases)
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str | None,
+        *args: Any,
+        erc_low: float | Schedule | None = 0.95,
+        erc_high: float | Schedule | None = 1.05,
+        clip_range_high: float | Schedule | None = None,
+        clip_variant: Literal["ppo", "gppo"] = "ppo",
+        dual_clip: float | None = None,
+        _init_setup_model: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if (erc_low is None) != (erc_high is None):
+            raise ValueError(
+                f"erc_low and erc_high must both be set or both be None (ERC off), got "
+                f"erc_low={erc_low!r}, erc_high={erc_high!r}"
+            )
+        if clip_variant not in ("ppo", "gppo"):
+            raise ValueError(f"clip_variant must be 'ppo' or 'gppo', got {clip_variant!r}")
+        if dual_clip is not None and not dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 or None, got dual_clip={dual_clip}")
+        if isinstance(erc_low, int | float) and isinstance(erc_high, int | float):
+            ERCConfig(low=float(erc_low), high=float(erc_high))  # validates constant bands now
+        self.erc_low = erc_low
+        self.erc_high = erc_high
+        self.clip_range_high = clip_range_high
+        self.clip_variant = clip_variant
+        self.dual_clip = dual_clip
+        super().__init__(policy, env, *args, _init_setup_model=False, **kwargs)  # type: ignore[arg-type,misc]
+        if _init_setup_model:
+            self._setup_model()
+
+    @property
+    def erc_enabled(self) -> bool:
+        """Whether ERC is on (both band bounds set)."""
+        return self.erc_low is not None and self.erc_high is not None
+
+    def _setup_model(self) -> None:
+        if self.erc_enabled:
+            check_erc_action_space(self.action_space)
+        if self.rollout_buffer_class is None and isinstance(self.action_space, ERC_ACTION_SPACES):
+            dict_obs = isinstance(self.observation_space, spaces.Dict)
+            self.rollout_buffer_class = ERCDictRolloutBuffer if dict_obs else ERCRolloutBuffer
+        super()._setup_model()
+        if self.erc_enabled and not isinstance(
+            self.rollout_buffer, ERCRolloutBuffer | ERCDictRolloutBuffer
+        ):
+            raise ValueError(
+                f"ERC needs a rollout buffer with an old_entropy field (ERCRolloutBuffer or "
+                f"ERCDictRolloutBuffer), got rollout_buffer_class={self.rollout_buffer_class}"
+            )
+        if self.erc_enabled:
+            self.erc_low = FloatSchedule(self.erc_low)  # type: ignore[arg-type]
+            self.erc_high = FloatSchedule(self.erc_high)  # type: ignore[arg-type]
+        if self.clip_range_high is not None:
+            self.clip_range_high = FloatSchedule(self.clip_range_high)
+
+    @property
+    def _tracks_entropy(self) -> bool:
+        return isinstance(self.rollout_buffer, ERCRolloutBuffer | ERCDictRolloutBuffer)
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """SB3's collection, then one no-grad pass that stores the old per-state entropies.
+
+        The parameters do not change between collection and :meth:`train`, so this pass gives
+        exactly the collecting policy's entropies without touching the environment.
+        """
+        complete = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        if complete and isinstance(rollout_buffer, ERCRolloutBuffer | ERCDictRolloutBuffer):
+            rollout_buffer.set_old_entropy(self._buffer_entropy(rollout_buffer))
+        return complete
+
+    def _buffer_entropy(self, buffer: ERCRolloutBuffer | ERCDictRolloutBuffer) -> np.ndarray:
+        n = buffer.buffer_size * buffer.n_envs
+        obs: Any = buffer.observations
+        if isinstance(obs, dict):
+            flat: Any = {k: v.reshape(n, *v.shape[2:]) for k, v in obs.items()}
+        else:
+            flat = obs.reshape(n, *obs.shape[2:])
+        out = np.empty(n, dtype=np.float32)
+        with th.no_grad():
+            for start in range(0, n, _ENTROPY_PASS_ROWS):
+                sl = slice(start, start + _ENTROPY_PASS_ROWS)
+                part = {k: v[sl] for k, v in flat.items()} if isinstance(flat, dict) else flat[sl]
+                dist = self.policy.get_distribution(obs_as_tensor(part, self.device))
+                out[sl] = state_entropy(dist).cpu().numpy()
+        return out.reshape(buffer.buffer_size, buffer.n_envs)
+
+    def _evaluate(
+        self, observations: Any, actions: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, Distribution]:
+        """``policy.evaluate_actions`` plus the distribution it built, without a second forward.
+
+        SB3 policies build the distribution in place on ``policy.action_dist``; policies that
+        build it elsewhere can expose ``evaluate_actions_with_distribution``.
+        """
+        custom = getattr(self.policy, "evaluate_actions_with_distribution", None)
+        if custom is not None:
+            return custom(observations, actions)
+        values, log_prob, entropy = self.policy.evaluate_actions(observations, actions)
+        return values, log_prob, entropy, self.policy.action_dist
+
+    def _loss_config(self) -> LossConfig:
+        progress = self._current_progress_remaining
+        # SB3's progress goes slightly below 0 in the last rollout, so a linear schedule can give
+        # a tiny negative clip range there; the loss requires eps >= 0.
+        eps_low = max(0.0, float(self.clip_range(progress)))  # type: ignore[operator]
+        eps_high = (
+            max(0.0, float(self.clip_range_high(progress)))  # type: ignore[operator]
+            if self.clip_range_high is not None
+            else eps_low
+        )
+        erc = None
+        if self.erc_enabled:
+            erc = ERCConfig(
+                low=float(self.erc_low(progress)),  # type: ignore[operator,misc]
+                high=float(self.erc_high(progress)),  # type: ignore[operator,misc]
+            )
+        return LossConfig(
+            clip=self.clip_variant,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip_c=self.dual_clip,
+            erc=erc,
+            aggregation="token-mean",
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # train() mirrors stable_baselines3 2.9.2 PPO.train (stable_baselines3/ppo/ppo.py). SB3 has no
+    # hook for the surrogate, so the method is copied once; differences are marked "ERC:". Keep it
+    # in step with PPO.train when upgrading SB3 -- tests/sb3/test_ppo.py checks that ERCPPO with
+    # ERC off holds exactly SB3 PPO's parameters after training.
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Update policy using the currently gathered rollout buffer."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        if self.clip_range_vf is not None:
+            clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
+        # ERC: one loss configuration per update (schedules are evaluated once, as SB3 does).
+        loss_config = self._loss_config()
+        track_entropy = self._tracks_entropy
+
+        # ERC: logged values stay tensors until the end of the update, where they are reduced
+        # with one host sync (SB3 calls .item() several times per mini-batch).
+        log = _UpdateLog()
+
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            log.start_epoch()
+            for rollout_data in self.rollout_buffer.get(self.batch_size):
+                actions = rollout_data.actions
+                if isinstance(self.action_space, spaces.Discrete):
+                    actions = rollout_data.actions.long().flatten()
+
+                values, log_prob, entropy, dist = self._evaluate(rollout_data.observations, actions)
+                values = values.flatten()
+                advantages = rollout_data.advantages
+                if self.normalize_advantage and len(advantages) > 1:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+                # ERC: the clipped surrogate (PPO / clip-higher / GPPO, dual-clip, ERC mask) is
+                # erc_gym's single policy loss; the ERC entropies come from erc_gym.entropy.
+                new_entropy = old_entropy = None
+                if track_entropy:
+                    new_entropy = state_entropy(dist)
+                    old_entropy = rollout_data.old_entropy  # type: ignore[attr-defined]
+                pg = policy_loss(
+                    log_prob,
+                    rollout_data.old_log_prob,
+                    advantages,
+                    entropy=new_entropy,
+                    old_entropy=old_entropy,
+                    config=loss_config,
+                    metrics=False,
+                )
+
+                if self.clip_range_vf is None:
+                    values_pred = values
+                else:
+                    values_pred = rollout_data.old_values + th.clamp(
+                        values - rollout_data.old_values, -clip_range_vf, clip_range_vf
+                    )
+                value_loss = F.mse_loss(rollout_data.returns, values_pred)
+
+                # Approximate the entropy by -log_prob when there is no analytical form (as SB3).
+                entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
+
+                loss = pg.loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                log.add_step(pg.stats, value_loss, entropy_loss)
+
+                if self.target_kl is not None:
+                    with th.no_grad():
+                        log_ratio = log_prob - rollout_data.old_log_prob
+                        approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio).cpu().numpy()
+                    if approx_kl_div > 1.5 * self.target_kl:
+                        continue_training = False
+                        if self.verbose >= 1:
+                            print(
+                                f"Early stopping at step {epoch} due to reaching max kl: "
+                                f"{approx_kl_div:.2f}"
+                            )
+                        break
+
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                # ERC: keep the pre-clipping norm for train/grad_norm.
+                log.grad_norms.append(
+                    th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                )
+                self.policy.optimizer.step()
+
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        explained_var = explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        )
+        sb3_keys, erc_keys = log.reduce(float(clip_range), loss)
+
+        for key, value in sb3_keys.items():
+            self.logger.record(f"train/{key}", value)
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if self.clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+        # ERC: the extra keys.
+        for src, dst in _ERC_LOG_KEYS.items():
+            if src in erc_keys:
+                self.logger.record(f"train/{dst}", erc_keys[src])
+        if "grad_norm" in erc_keys:
+            self.logger.record("train/grad_norm", erc_keys["grad_norm"])
+        if self.clip_range_high is not None:
+            self.logger.record("train/clip_range_high", loss_config.eps_high)
+        if loss_config.erc is not None:
+            self.logger.record("train/erc_low", loss_config.erc.low)
+            self.logger.record("train/erc_high", loss_config.erc.high)
+
+    def learn(
+        self: SelfERCPPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "ERCPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfERCPPO:
+        """As :meth:`stable_baselines3.PPO.learn` (TensorBoard runs are named ``ERCPPO_N``)."""
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+
+class _UpdateLog:
+    """Per-mini-batch tensors of one ``train()`` call, reduced at the end with one host sync.
+
+    Reproduces SB3's logged values: ``policy_gradient_loss``, ``value_loss`` and
+    ``entropy_loss`` are means over all mini-batches; ``clip_fraction`` (two-sided,
+    ``|r - 1| > clip_range``) is the mean of per-mini-batch fractions; ``approx_kl`` (k3) the mean
+    over the last epoch's mini-batches; ``loss`` the last mini-batch's total loss. As in SB3, a
+    mini-batch that triggers the ``target_kl`` stop is logged but not trained on.
+    """
+
+    def __init__(self) -> None:
+        self.stats: list[LossStats] = []
+        self.value_losses: list[th.Tensor] = []
+        self.entropy_losses: list[th.Tensor] = []
+        self.grad_norms: list[th.Tensor] = []
+        self.epoch_start = 0
+
+    def start_epoch(self) -> None:
+        self.epoch_start = len(self.stats)
+
+    def add_step(self, stats: LossStats, value_loss: th.Tensor, entropy_loss: th.Tensor) -> None:
+        self.stats.append(stats)
+        self.value_losses.append(value_loss.detach())
+        self.entropy_losses.append(entropy_loss.detach())
+
+    def reduce(
+        self, clip_range: float, last_loss: th.Tensor
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        if not self.stats:
+            return {}, {}
+        with th.no_grad():
+            sizes = th.tensor([s.log_ratio.numel() for s in self.stats])
+            k = len(self.stats)
+            seg = th.repeat_interleave(th.arange(k), sizes).to(self.stats[0].log_ratio.device)
+            log_ratio = th.cat([s.log_ratio.reshape(-1) for s in self.stats])
+            ratio = th.exp(log_ratio)
+            per_step = th.zeros(2, k, dtype=ratio.dtype, device=ratio.device)
+            per_step[0].index_add_(0, seg, (th.abs(ratio - 1) > clip_range).to(ratio.dtype))
+            per_step[1].index_add_(0, seg, (ratio - 1) - log_ratio)
+            per_step = per_step / sizes.to(per_step)
+            pg_losses = th.stack([s.loss for s in self.stats])
+            parts = {
+                "entropy_loss": th.stack(self.entropy_losses).mean(),
+                "policy_gradient_loss": pg_losses.mean(),
+                "value_loss": th.stack(self.value_losses).mean(),
+                "approx_kl": per_step[1, self.epoch_start :].mean(),
+                "clip_fraction": per_step[0].mean(),
+                "loss": last_loss.detach(),
+            }
+            if self.grad_norms:
+                parts["grad_norm"] = th.stack(self.grad_norms).mean()
+            flat = th.stack([v.reshape(()).to(th.float64) for v in parts.values()]).cpu().tolist()
+        reduced = dict(zip(parts, flat, strict=True))
+        grad_norm = reduced.pop("grad_norm", None)
+        erc = loss_metrics(self.stats)
+        if grad_norm is not None:
+            erc["grad_norm"] = grad_norm
+        return reduced, erc
