@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import erc_gym.envs  # noqa: F401  (registers the erc_gym/* Gymnasium ids)
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
 from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
 from erc_gym.losses import ERCConfig, LossConfig, LossOutput, policy_loss

@@ -7,6 +7,7 @@ from erc_gym.sb3.buffers import (
     ERCRolloutBufferSamples,
 )
 from erc_gym.sb3.distributions import check_erc_action_space, state_entropy
+from erc_gym.sb3.policies import TokenFeaturesExtractor, TokenLMPolicy
 from erc_gym.sb3.ppo import ERCPPO
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "ERCDictRolloutBufferSamples",
     "ERCRolloutBuffer",
     "ERCRolloutBufferSamples",
+    "TokenFeaturesExtractor",
+    "TokenLMPolicy",
     "check_erc_action_space",
     "state_entropy",
 ]

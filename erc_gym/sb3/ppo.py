@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
 from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
 from erc_gym.sb3.distributions import ERC_ACTION_SPACES, check_erc_action_space, state_entropy
+from erc_gym.sb3.policies import TokenLMPolicy
 
 __all__ = ["ERCPPO"]
 
@@ -80,7 +81,10 @@ class ERCPPO(PPO):
     keeps SB3's two-sided meaning.
     """
 
-    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = dict(PPO.policy_aliases)
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        **PPO.policy_aliases,
+        "TokenLMPolicy": TokenLMPolicy,
+    }
 
     def __init__(
         self,
