@@ -24,18 +24,24 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_ELEMENTS_GPU",
     "entropy_from_logits",
     "logprob_and_entropy",
 ]
 
-#: Elements (rows x vocabulary) processed per chunk when ``chunk_size`` is None. Each chunk
-#: allocates about three fp32 temporaries of this size (12 MiB in all), independent of N.
+#: Elements (rows x vocabulary) processed per chunk when ``chunk_size`` is None, on the CPU.
+#: Each chunk allocates about three fp32 temporaries of this size (12 MiB in all), independent
+#: of N, and small enough to stay in cache.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
+#: The same on a GPU, where each chunk costs ~10 kernel launches: 32M elements (about 400 MiB of
+#: fp32 temporaries) keep launches rare while staying far below a large batch's logits.
+DEFAULT_CHUNK_ELEMENTS_GPU = 1 << 25
 
 
-def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is None:
-        return max(1, min(n_rows, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1)))
+        budget = DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS_GPU
+        return max(1, min(n_rows, budget // max(vocab, 1)))
     return max(1, min(n_rows, chunk_size))
 
 
@@ -216,8 +222,9 @@ def logprob_and_entropy(
         logits: ``(..., V)`` tensor, fp32, bf16 or fp16 (fp64 is accepted and computed in fp32).
         labels: ``(...)`` integer tensor of action / token ids in ``[0, V)``.
         temperature: sampling temperature; the logits are divided by it (must be > 0).
-        chunk_size: tokens (rows) per chunk. ``None`` picks ``DEFAULT_CHUNK_ELEMENTS // V`` rows,
-            which bounds the extra memory independently of the number of tokens.
+        chunk_size: tokens (rows) per chunk. ``None`` picks ``DEFAULT_CHUNK_ELEMENTS // V`` rows
+            on the CPU (``DEFAULT_CHUNK_ELEMENTS_GPU // V`` on a GPU), which bounds the extra
+            memory independently of the number of tokens.
         vocab_chunk_size: if set, each row is also streamed over vocabulary slices of this width,
             merged with running ``(max, sum, weighted-gap)`` accumulators. Only useful when one row
             chunk of the full vocabulary does not fit the memory you have.
@@ -255,7 +262,7 @@ def logprob_and_entropy(
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1).long()
-    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size)
+    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size, flat.device)
     log_prob, entropy = _LogProbEntropy.apply(
         flat, flat_labels, float(temperature), rows, vocab_chunk_size, entropy_grad
     )
@@ -287,7 +294,7 @@ def entropy_from_logits(
     _check_inputs(logits, temperature, chunk_size)
     vocab = logits.shape[-1]
     flat = logits.detach().reshape(-1, vocab)
-    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size)
+    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size, flat.device)
     with torch.no_grad():
         _, entropy = _forward_stats(flat, None, float(temperature), rows, vocab_chunk_size)
     return entropy.reshape(logits.shape[:-1])

@@ -1,0 +1,259 @@
+"""GPU check: the entropy kernel and the ERC loss path on a CUDA device, in bf16.
+
+Prints, in order:
+
+1. the device;
+2. entropy-kernel accuracy on adversarial logits (fp32 and bf16, V up to 151,936) against fp64;
+3. entropy-kernel time, effective bandwidth (bytes of logits read / time) against the card's peak,
+   and peak extra memory, against the naive ``log_softmax`` formula;
+4. ERC's overhead inside ``policy_loss`` at (B, T) = (64, 1024);
+5. a ~100M-parameter Llama-style model built from a config (random init, bf16): old-policy pass,
+   then off-policy mini-batch steps through ``logprob_and_entropy`` + ``policy_loss`` + AdamW, with
+   ERC on and off -- time per step, ERC's share, peak memory, and that no fp32 (B, T, V) tensor
+   is needed (peak memory against a naive fp32 path).
+
+This exercises the library's loss path on a real-size model; the GRPO/DAPO trainer of the LLM
+issue is not part of it.
+
+Usage::
+
+    python experiments/gpu_check.py            # about two minutes on an H100
+    python experiments/gpu_check.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from erc_gym.entropy import logprob_and_entropy
+from erc_gym.losses import ERCConfig, LossConfig, policy_loss
+
+PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after two warm-ups (CUDA events)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def peak_extra(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by ``fn`` beyond what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def naive(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lp = torch.log_softmax(z.float(), -1)
+    return lp.gather(-1, y[..., None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
+
+
+def check_accuracy() -> None:
+    print("\n[2] entropy accuracy vs fp64 (max relative error where H >= 1e-6; lp abs error)")
+    for v in (32_000, 151_936):
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(v)
+            z = torch.randn(256, v, generator=g) + 100.0
+            z[:, 0] += torch.linspace(0.0, 30.0, 256)
+            y = torch.randint(0, v, (256,), generator=g)
+            z = z.to(dtype)
+            lp, h = logprob_and_entropy(z.cuda(), y.cuda())
+            ref = torch.log_softmax(z.cuda().double(), -1)
+            h_ref = -(ref.exp() * ref).sum(-1)
+            lp_ref = ref.gather(-1, y.cuda()[:, None]).squeeze(-1)
+            ok = h_ref >= 1e-6
+            rel = ((h.double() - h_ref).abs() / h_ref)[ok].max().item()
+            small = lp_ref.abs() < 128
+            lp_err = (lp.double() - lp_ref).abs()[small].max().item()
+            print(f"  V={v:>6} {dtype!s:<15} H rel err {rel:.2e}   log_prob abs err {lp_err:.2e}")
+
+
+def _kernel_vs_naive(z: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int, int]:
+    with torch.no_grad():
+        return (
+            timed(lambda: logprob_and_entropy(z, y), 5),
+            timed(lambda: naive(z, y), 5),
+            peak_extra(lambda: logprob_and_entropy(z, y)),
+            peak_extra(lambda: naive(z, y)),
+        )
+
+
+def check_bandwidth(quick: bool) -> None:
+    name = torch.cuda.get_device_name()
+    peak = next((tb for key, tb in PEAK_TBPS.items() if key in name), None)
+    print(f"\n[3] entropy kernel speed and memory (peak HBM {peak} TB/s for {name})")
+    print(
+        f"  {'N':>6} {'V':>7} {'dtype':<9} {'ours ms':>8} {'naive ms':>9} {'ours TB/s':>10} "
+        f"{'% peak':>7} {'ours extra MiB':>15} {'naive extra MiB':>16} {'logits MiB':>11}"
+    )
+    for v in (32_000, 151_936):
+        n = 4096 if quick else 8192
+        for dtype in (torch.bfloat16, torch.float32):
+            z = torch.randn(n, v, device="cuda", dtype=dtype)
+            y = torch.randint(0, v, (n,), device="cuda")
+            t_ours, t_naive, m_ours, m_naive = _kernel_vs_naive(z, y)
+            nbytes = z.numel() * z.element_size()
+            tbps = nbytes / t_ours / 1e12
+            pct = f"{100 * tbps / peak:.0f}%" if peak else "n/a"
+            print(
+                f"  {n:>6} {v:>7} {str(dtype)[6:]:<9} {t_ours * 1e3:>8.2f} "
+                f"{t_naive * 1e3:>9.2f} {tbps:>10.2f} {pct:>7} {m_ours / 2**20:>15.0f} "
+                f"{m_naive / 2**20:>16.0f} {nbytes / 2**20:>11.0f}"
+            )
+
+
+def check_loss_overhead() -> None:
+    print("\n[4] policy_loss forward+backward, (B, T) = (64, 1024), ERC off vs on")
+    g = torch.Generator().manual_seed(0)
+    old = (-torch.rand(64, 1024, generator=g) * 3).cuda()
+    base = old + 0.1 * torch.randn(64, 1024, generator=g).cuda()
+    adv = torch.randn(64, generator=g).cuda()
+    h_old = torch.rand(64, 1024, generator=g).cuda()
+    h = h_old * (1 + 0.05 * torch.randn(64, 1024, generator=g).cuda())
+    for name, make in (("dapo", LossConfig.dapo), ("gppo", LossConfig.gppo)):
+        res = {}
+        for key, cfg in (("off", make()), ("on", make(erc=ERCConfig()))):
+
+            def step(cfg: LossConfig = cfg) -> None:
+                lp = base.clone().requires_grad_(True)
+                out = policy_loss(
+                    lp, old, adv, entropy=h, old_entropy=h_old, config=cfg, metrics=False
+                )
+                out.loss.backward()
+
+            res[key] = timed(step, 50)
+        print(
+            f"  {name}: off {res['off'] * 1e3:.3f} ms, on {res['on'] * 1e3:.3f} ms, "
+            f"ratio {res['on'] / res['off']:.3f}x"
+        )
+
+
+def check_model(quick: bool) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab = 32_000
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    b, t_prompt, t_resp = 16, 64, 448
+    minibatches = 4
+    print(
+        f"\n[5] Llama-style model, {n_params / 1e6:.0f}M parameters, bf16, batch {b} x "
+        f"{t_prompt}+{t_resp} tokens, {minibatches} off-policy mini-batch steps per batch"
+    )
+    ids = torch.randint(0, vocab, (b, t_prompt + t_resp), device="cuda")
+    labels = ids[:, t_prompt:]
+    mask = torch.ones(b, t_resp, dtype=torch.bool, device="cuda")
+    mask[:, -50:] = torch.rand(b, 50, device="cuda") > 0.5
+    adv = torch.randn(b, device="cuda")
+
+    def response_logits() -> torch.Tensor:
+        return model(input_ids=ids).logits[:, t_prompt - 1 : -1]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    with torch.no_grad():
+        old_lp, old_h = logprob_and_entropy(response_logits(), labels)
+
+    def train_steps(config: LossConfig) -> dict[str, float]:
+        out = None
+        for i in range(minibatches):
+            sl = slice(i * b // minibatches, (i + 1) * b // minibatches)
+            logits = model(input_ids=ids[sl]).logits[:, t_prompt - 1 : -1]
+            lp, h = logprob_and_entropy(logits, labels[sl])
+            out = policy_loss(
+                lp,
+                old_lp[sl],
+                adv[sl],
+                entropy=h,
+                old_entropy=old_h[sl],
+                mask=mask[sl],
+                config=config,
+            )
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        assert out is not None
+        return out.metrics
+
+    results = {}
+    for key, config in (("DAPO", LossConfig.dapo()), ("DAPO+ERC", LossConfig.dapo(ERCConfig()))):
+        torch.cuda.reset_peak_memory_stats()
+        seconds = timed(lambda config=config: train_steps(config), 2 if quick else 4)
+        results[key] = (seconds / minibatches, torch.cuda.max_memory_allocated())
+    metrics = train_steps(LossConfig.dapo(ERCConfig()))
+    for key, (sec, peak) in results.items():
+        print(
+            f"  {key:<9} {sec * 1e3:8.1f} ms per optimiser step, peak memory {peak / 2**30:.2f} GiB"
+        )
+    print(f"  ERC overhead per step: {results['DAPO+ERC'][0] / results['DAPO'][0] - 1:+.1%}")
+    print(
+        f"  last step: erc_clip_fraction {metrics['erc_clip_fraction']:.3f}, clip_fraction "
+        f"{metrics['clip_fraction']:.4f}, entropy_ratio [{metrics['entropy_ratio_min']:.3f}, "
+        f"{metrics['entropy_ratio_max']:.3f}], H_old clipped/kept "
+        f"{metrics['erc_clipped_entropy_old_mean']:.3f}/{metrics['erc_kept_entropy_old_mean']:.3f}"
+    )
+    logits = response_logits().detach()
+    fp32_btv = logits.numel() * 4
+    with torch.no_grad():
+        m_ours = peak_extra(lambda: logprob_and_entropy(logits, labels))
+        m_naive = peak_extra(lambda: naive(logits, labels))
+    print(
+        f"  scoring one batch's logits ({tuple(logits.shape)}, bf16 "
+        f"{logits.numel() * 2 / 2**20:.0f} MiB): extra memory ours {m_ours / 2**20:.0f} MiB, "
+        "naive fp32 path "
+        f"{m_naive / 2**20:.0f} MiB; one fp32 (B, T, V) tensor is {fp32_btv / 2**20:.0f} MiB"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs a CUDA device")
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"[1] {torch.cuda.get_device_name()}, {props.total_memory / 2**30:.0f} GiB, "
+        f"torch {torch.__version__}"
+    )
+    t0 = time.perf_counter()
+    check_accuracy()
+    check_bandwidth(args.quick)
+    check_loss_overhead()
+    check_model(args.quick)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
