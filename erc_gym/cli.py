@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "demo": ("erc_gym.demo", "PPO vs PPO+ERC on a toy batch: loss, gradients, entropy"),
+        "llm": ("erc_gym.llm.cli", "train a causal LM with GRPO/DAPO/GPPO (+ERC)"),
     }
     parser = argparse.ArgumentParser(
         prog="erc-gym",

@@ -19,6 +19,8 @@ backward pass recomputes the softmax chunk by chunk instead of saving it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -112,6 +114,24 @@ def _row_block_stats(
     return -(m - z_label) / temperature - log_s, entropy
 
 
+def _row_views(x: Tensor) -> list[tuple[int, Tensor]]:
+    """``(flat_row_offset, (rows, V) view)`` pairs covering ``x``'s rows in order, never copying.
+
+    A contiguous tensor is one view; a strided one (e.g. the response slice ``logits[:, p:-1]`` of
+    a model's output) is split along its leading dimensions until each part can be viewed as 2-D.
+    """
+    vocab = x.shape[-1]
+    try:
+        return [(0, x.view(-1, vocab))]
+    except RuntimeError:
+        rows_per_item = math.prod(x.shape[1:-1])
+        return [
+            (i * rows_per_item + offset, view)
+            for i in range(x.shape[0])
+            for offset, view in _row_views(x[i])
+        ]
+
+
 def _forward_stats(
     logits: Tensor,
     labels: Tensor | None,
@@ -119,27 +139,32 @@ def _forward_stats(
     chunk_rows: int,
     vocab_chunk: int | None,
 ) -> tuple[Tensor | None, Tensor]:
-    n = logits.shape[0]
-    if n <= chunk_rows:  # one chunk: no output buffers to fill
-        return _row_block_stats(logits, labels, temperature, vocab_chunk)
+    """Flat ``(N,)`` log-probs (of flat ``labels``) and entropies of ``(..., V)`` logits."""
+    views = _row_views(logits)
+    n = math.prod(logits.shape[:-1])
+    if len(views) == 1 and n <= chunk_rows:  # one chunk: no output buffers to fill
+        return _row_block_stats(views[0][1], labels, temperature, vocab_chunk)
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
     log_prob = None
     if labels is not None:
         log_prob = torch.empty(n, dtype=torch.float32, device=logits.device)
-    for start in range(0, n, chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        lp, h = _row_block_stats(
-            logits[sl], None if labels is None else labels[sl], temperature, vocab_chunk
-        )
-        entropy[sl] = h
-        if log_prob is not None and lp is not None:
-            log_prob[sl] = lp
+    for offset, view in views:
+        for start in range(0, view.shape[0], chunk_rows):
+            stop = min(start + chunk_rows, view.shape[0])
+            out = slice(offset + start, offset + stop)
+            lp, h = _row_block_stats(
+                view[start:stop], None if labels is None else labels[out], temperature, vocab_chunk
+            )
+            entropy[out] = h
+            if log_prob is not None and lp is not None:
+                log_prob[out] = lp
     return log_prob, entropy
 
 
 class _LogProbEntropy(torch.autograd.Function):
     """Chunked forward; backward recomputes the softmax chunk by chunk.
 
+    Takes ``(..., V)`` logits (any strides) and flat ``(N,)`` labels; returns flat outputs.
     Gradients with respect to the logits ``z`` (divided by T at the end):
     ``dlogp_y/dz = onehot(y) - p`` and ``dH/dz = -p * (log p + H)``.
     """
@@ -171,22 +196,25 @@ class _LogProbEntropy(torch.autograd.Function):
         logits, labels, entropy = ctx.saved_tensors  # type: ignore[attr-defined]
         temperature: float = ctx.temperature  # type: ignore[attr-defined]
         rows: int = ctx.chunk_rows  # type: ignore[attr-defined]
-        grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], rows):
-            sl = slice(start, start + rows)
-            logp = torch.log_softmax(logits[sl].float() / temperature, dim=-1)
-            p = logp.exp()
-            g = torch.zeros_like(p)
-            if grad_lp is not None:
-                g_lp = grad_lp[sl].float().unsqueeze(-1)
-                g.sub_(p * g_lp)
-                g.scatter_add_(-1, labels[sl].unsqueeze(-1), g_lp)
-            if grad_h is not None:
-                g_h = grad_h[sl].float().unsqueeze(-1)
-                g.sub_(p * (logp + entropy[sl].unsqueeze(-1)) * g_h)
-            if temperature != 1.0:
-                g.div_(temperature)
-            grad[sl] = g.to(grad.dtype)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad.view(-1, logits.shape[-1])
+        for offset, view in _row_views(logits):
+            for start in range(0, view.shape[0], rows):
+                stop = min(start + rows, view.shape[0])
+                sl = slice(offset + start, offset + stop)
+                logp = torch.log_softmax(view[start:stop].float() / temperature, dim=-1)
+                p = logp.exp()
+                g = torch.zeros_like(p)
+                if grad_lp is not None:
+                    g_lp = grad_lp[sl].float().unsqueeze(-1)
+                    g.sub_(p * g_lp)
+                    g.scatter_add_(-1, labels[sl].unsqueeze(-1), g_lp)
+                if grad_h is not None:
+                    g_h = grad_h[sl].float().unsqueeze(-1)
+                    g.sub_(p * (logp + entropy[sl].unsqueeze(-1)) * g_h)
+                if temperature != 1.0:
+                    g.div_(temperature)
+                grad_rows[sl] = g.to(grad.dtype)
         return grad, None, None, None, None, None
 
 
@@ -260,11 +288,10 @@ def logprob_and_entropy(
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
     lead = logits.shape[:-1]
-    flat = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1).long()
-    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size, flat.device)
+    rows = _rows_per_chunk(flat_labels.numel(), vocab, chunk_size, logits.device)
     log_prob, entropy = _LogProbEntropy.apply(
-        flat, flat_labels, float(temperature), rows, vocab_chunk_size, entropy_grad
+        logits, flat_labels, float(temperature), rows, vocab_chunk_size, entropy_grad
     )
     return log_prob.reshape(lead), entropy.reshape(lead)
 
@@ -293,8 +320,9 @@ def entropy_from_logits(
     """
     _check_inputs(logits, temperature, chunk_size)
     vocab = logits.shape[-1]
-    flat = logits.detach().reshape(-1, vocab)
-    rows = _rows_per_chunk(flat.shape[0], vocab, chunk_size, flat.device)
+    rows = _rows_per_chunk(math.prod(logits.shape[:-1]), vocab, chunk_size, logits.device)
     with torch.no_grad():
-        _, entropy = _forward_stats(flat, None, float(temperature), rows, vocab_chunk_size)
+        _, entropy = _forward_stats(
+            logits.detach(), None, float(temperature), rows, vocab_chunk_size
+        )
     return entropy.reshape(logits.shape[:-1])

@@ -78,7 +78,7 @@ def run(
     stats["erc_clip_fraction"] = []
     for _ in range(iterations):
         with torch.no_grad():
-            old_logits = policy_logits().detach()
+            old_logits = policy_logits().detach().clone()
             old_probs = torch.softmax(old_logits, -1)
             actions = torch.multinomial(old_probs, group, replacement=True, generator=gen)
             actions = actions.reshape(-1)

@@ -203,3 +203,26 @@ def test_entropy_bounds_and_normalisation(v, rows, scale, offset, seed):
 def test_bad_input(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
+
+
+def test_strided_input_is_not_copied_and_matches():
+    from erc_gym.entropy import _row_views
+
+    full = torch.randn(3, 9, 50, requires_grad=True)
+    response = full[:, 2:-1]  # a model output's response slice: not viewable as 2-D
+    assert not response.is_contiguous()
+    views = _row_views(response.detach())
+    assert len(views) == 3
+    for offset, view in views:
+        assert view.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+        assert offset % 6 == 0
+    labels = torch.randint(0, 50, (3, 6))
+    lp, h = logprob_and_entropy(response, labels, chunk_size=4)
+    lp_ref, h_ref = reference(response.detach(), labels)
+    torch.testing.assert_close(lp.double(), lp_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.double(), h_ref, atol=1e-5, rtol=1e-5)
+    lp.sum().backward()
+    ref_full = full.detach().clone().requires_grad_(True)
+    torch.log_softmax(ref_full[:, 2:-1], -1).gather(-1, labels[..., None]).sum().backward()
+    torch.testing.assert_close(full.grad, ref_full.grad, atol=1e-6, rtol=1e-5)
+    assert torch.all(full.grad[:, :2] == 0) and torch.all(full.grad[:, -1] == 0)

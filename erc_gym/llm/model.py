@@ -1,0 +1,162 @@
+"""Models for the LLM trainer: a tiny preset built from a config, local loading, SFT warm start."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erc_gym.envs.tasks import Problem
+
+__all__ = ["TINY_PRESETS", "load_model_and_tokenizer", "make_tiny_lm", "sft_warmstart"]
+
+#: nanoGPT-style "baby" presets: small enough to train on a laptop CPU in minutes.
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
+    "small": {
+        "model_type": "qwen2",
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def make_tiny_lm(vocab_size: int, preset: str = "tiny", seed: int = 0, **overrides: Any) -> Any:
+    """A small Qwen2-style causal LM built from a transformers config (random init, no download).
+
+    Args:
+        vocab_size: the tokenizer's vocabulary size.
+        preset: ``"tiny"`` (about 0.1M parameters plus embeddings) or ``"small"``.
+        seed: seed of the random initialisation.
+        overrides: any config field (``hidden_size=...``, ``model_type="llama"``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {sorted(TINY_PRESETS)}")
+    fields = {**TINY_PRESETS[preset], **overrides, "vocab_size": vocab_size}
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model_and_tokenizer(
+    path: str | Path, *, dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local Hugging Face directory (offline).
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a directory.
+        ValueError: if the tokenizer's vocabulary does not fit the model's embedding.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} does not exist (models are loaded from local "
+            "directories only; save one with save_pretrained or use the built-in 'tiny' preset)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    check_vocab(model, tokenizer)
+    return model, tokenizer
+
+
+def check_vocab(model: Any, tokenizer: Any) -> None:
+    """Raise ``ValueError`` if the tokenizer emits ids the model cannot score."""
+    model_vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > model_vocab:
+        raise ValueError(
+            f"tokenizer/model vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but "
+            f"the model's output layer has {model_vocab}"
+        )
+
+
+def _sft_batch(
+    tokenizer: Any, problems: Sequence[Problem], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + answer + EOS`` ids, attention mask and loss mask (answer only)."""
+    rows, masks = [], []
+    for p in problems:
+        prompt = tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"]
+        rows.append(prompt + answer + [tokenizer.eos_token_id])
+        masks.append([0] * len(prompt) + [1] * (len(answer) + 1))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), attn.to(device), loss_mask.to(device)
+
+
+def sft_warmstart(
+    model: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Teach the task format with supervised cross-entropy on the answers (a quick warm start).
+
+    RL then starts from partial accuracy, as the paper starts from a distilled model. Returns the
+    loss of every step. The answer tokens and the EOS are trained; prompts are context only.
+    """
+    from erc_gym.entropy import logprob_and_entropy
+
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    iterator: Any = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="sft warm start")
+    for _ in iterator:
+        idx = torch.randint(len(problems), (batch_size,), generator=gen).tolist()
+        ids, attn, loss_mask = _sft_batch(tokenizer, [problems[i] for i in idx], device)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        log_prob, _ = logprob_and_entropy(logits, ids[:, 1:])
+        m = loss_mask[:, 1:].float()
+        loss = -(log_prob * m).sum() / m.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

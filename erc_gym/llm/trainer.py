@@ -1,0 +1,619 @@
+"""GRPO / DAPO / GPPO (+ERC) for transformers causal LMs: one process, one device.
+
+One training step (ERC_SPEC section 3): sample ``prompts_per_step`` prompts x ``group_size``
+responses -> rewards from the shared verifier -> DAPO group filter (optionally generating more
+batches) -> one no-grad scoring pass that gives both ``old_log_prob`` and ``old_entropy`` ->
+GRPO advantages -> ``epochs`` passes over mini-batches of ``mini_batch_prompts`` groups, one
+optimiser step each, the loss being :func:`erc_gym.losses.policy_loss`. The first mini-batch is
+on-policy; ERC acts on the later ones.
+
+Users who outgrow one device move to TRL or verl with the ERC adapters, not to this trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
+from erc_gym.envs.rewards import numeric_match
+from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
+from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
+from erc_gym.llm.rollout import RolloutBatch, generate, response_logprobs
+from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
+
+__all__ = ["METRIC_KEYS", "ERCTrainer", "TrainerConfig"]
+
+#: Keys written to every line of ``metrics.jsonl`` (loss keys: see docs/metrics.md).
+METRIC_KEYS = (
+    "step",
+    "reward",
+    "accuracy",
+    "response_length",
+    "entropy",
+    "entropy_old",
+    "entropy_ratio_q05",
+    "entropy_ratio_q50",
+    "entropy_ratio_q95",
+    "erc_clip_fraction",
+    "clip_fraction",
+    "grad_norm",
+    "lr",
+    "tokens_per_second",
+    "time_generate",
+    "time_score",
+    "time_train",
+    "batch_fill",
+    "gen_batches",
+    "nan_rewards",
+    "skipped_steps",
+)
+
+
+@dataclass
+class TrainerConfig:
+    """Everything a run needs; saved as ``config.json`` next to ``metrics.jsonl``."""
+
+    model: str = "tiny"
+    """A built-in preset (``tiny``, ``small``: random init + SFT warm start) or a local Hugging
+    Face model directory (its tokenizer is loaded from the same directory)."""
+    vocab_size: int | None = None
+    """Presets only: pad the character tokenizer (and the model) to this many tokens, e.g. 32000,
+    so entropies and memory behave like an LLM's. ``None``: the bare alphabet (18 tokens)."""
+    dataset: str = "arithmetic"
+    """``arithmetic`` (generated) or a JSONL file of ``{"prompt", "answer"}`` rows."""
+    eval_dataset: str | None = None
+    """JSONL file for held-out evaluation; ``None`` with ``arithmetic`` generates a disjoint set."""
+    digits: int = 1
+    """Arithmetic: maximum digits per operand."""
+    ops: str = "+"
+    """Arithmetic: operators."""
+    num_train: int = 2000
+    """Arithmetic: training problems."""
+    num_eval: int = 100
+    """Arithmetic: held-out problems."""
+    loss: str = "dapo"
+    """``ppo``, ``dapo`` (clip-higher 0.2/0.28, dual-clip 10) or ``gppo``."""
+    erc_low: float | None = None
+    """ERC band lower bound (``None`` with ``erc_high=None``: ERC off). The paper: 0.95."""
+    erc_high: float | None = None
+    """ERC band upper bound. The paper: 1.05."""
+    group_size: int = 8
+    """Responses per prompt (G); group advantages need at least 2."""
+    prompts_per_step: int = 16
+    """Prompts (groups) per training batch."""
+    mini_batch_prompts: int = 4
+    """Prompts per optimiser step: the batch gives prompts_per_step / mini_batch_prompts
+    off-policy steps per epoch (the reference scripts: 128 / 16 = 8)."""
+    epochs: int = 1
+    """Passes over each batch."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant after warm-up). Tiny models need far more than the 1e-6 used
+    for 1.5B models."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warm-up, in optimiser steps."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; a step whose norm is not finite is skipped and counted."""
+    filter_groups: bool = True
+    """DAPO dynamic sampling: drop groups whose rewards are all equal."""
+    max_gen_batches: int = 3
+    """Generation rounds per step to fill the batch with informative groups; the step trains on
+    what it has after that (its fill is logged as batch_fill)."""
+    overlong_buffer: int = 0
+    """DAPO overlong shaping buffer L_c in tokens (0: off)."""
+    overlong_penalty_factor: float = 1.0
+    """Scale of the overlong penalty."""
+    positive_nll_coef: float = 0.0
+    """Weight of an NLL term on correct responses (the reference scripts use 0.1); not masked by
+    ERC."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs and entropies are of logits / temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_new_tokens: int = 8
+    """Response token limit."""
+    steps: int = 30
+    """Training steps (batches)."""
+    eval_every: int = 10
+    """Evaluate on the held-out set every this many steps (and at the start and end)."""
+    eval_greedy: bool = True
+    """Evaluate with greedy decoding (else sample at ``temperature``)."""
+    sft_steps: int = 300
+    """Presets only: supervised warm-start steps before RL (0: start from random init)."""
+    sft_lr: float = 3e-3
+    """Presets only: warm-start learning rate."""
+    seed: int = 0
+    """Seed of the model init, the data order and sampling."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    dtype: str = "auto"
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``float32`` or ``bfloat16``."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory (large models)."""
+    score_micro_batch: int = 64
+    """Sequences per no-grad scoring forward."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    run_dir: str = "runs"
+    """Parent folder of runs."""
+    name: str = "llm"
+    """Run name: the run lives in ``run_dir/name``."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to the run folder."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def loss_config(self) -> LossConfig:
+        """The :class:`LossConfig` of this run."""
+        makers = {"ppo": LossConfig.ppo, "dapo": LossConfig.dapo, "gppo": LossConfig.gppo}
+        if self.loss not in makers:
+            raise ValueError(f"loss must be one of {sorted(makers)}, got loss={self.loss!r}")
+        if (self.erc_low is None) != (self.erc_high is None):
+            raise ValueError(
+                f"erc_low and erc_high must both be set or both be None, got "
+                f"erc_low={self.erc_low}, erc_high={self.erc_high}"
+            )
+        erc = None
+        if self.erc_low is not None and self.erc_high is not None:
+            erc = ERCConfig(self.erc_low, self.erc_high)
+        return makers[self.loss](erc=erc)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on inconsistent settings."""
+        self.loss_config()
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 for group advantages, got group_size={self.group_size}"
+            )
+        if self.prompts_per_step % self.mini_batch_prompts:
+            raise ValueError(
+                f"prompts_per_step={self.prompts_per_step} must be a multiple of "
+                f"mini_batch_prompts={self.mini_batch_prompts}"
+            )
+        if self.steps < 1 or self.max_new_tokens < 1 or self.epochs < 1:
+            raise ValueError("steps, max_new_tokens and epochs must be >= 1")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-arith-dapo": {"loss": "dapo"},
+    "tiny-arith-dapo-erc": {"loss": "dapo", "erc_low": 0.95, "erc_high": 1.05},
+    "tiny-arith-gppo": {"loss": "gppo"},
+    "tiny-arith-gppo-erc": {"loss": "gppo", "erc_low": 0.95, "erc_high": 1.05},
+}
+
+
+@dataclass
+class _StepLog:
+    stats: list[LossStats] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+
+class ERCTrainer:
+    """GRPO-family trainer with ERC for a transformers causal LM (see module docstring).
+
+    Args:
+        config: the run's :class:`TrainerConfig`.
+        verifier: ``(completion, answer) -> float``; default
+            :func:`~erc_gym.envs.rewards.numeric_match`.
+
+    Example:
+        >>> trainer = ERCTrainer(TrainerConfig(steps=2, sft_steps=50, progress=False))
+        >>> history = trainer.train()        # doctest: +SKIP
+    """
+
+    def __init__(self, config: TrainerConfig, verifier: Any = numeric_match) -> None:
+        config.validate()
+        self.config = config
+        self.verifier = verifier
+        self.loss_config = config.loss_config()
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu")
+            if config.device == "auto"
+            else config.device
+        )
+        if config.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = getattr(torch, config.dtype)
+        self.run_path = Path(config.run_dir) / config.name
+        self.train_problems, self.eval_problems = self._load_data()
+        self.model, self.tokenizer = self._load_model()
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_prompt_tokens = None if context is None else context - config.max_new_tokens
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        warmup = max(config.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.skipped_steps = 0
+        self.nan_rewards = 0
+        self._tb: Any = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_data(self) -> tuple[list[Problem], list[Problem]]:
+        c = self.config
+        if c.dataset == "arithmetic":
+            train = make_arithmetic_problems(c.num_train, digits=c.digits, ops=c.ops, seed=c.seed)
+            seen = {p["prompt"] for p in train}
+            pool = make_arithmetic_problems(
+                4 * c.num_eval + 100, digits=c.digits, ops=c.ops, seed=c.seed + 10_000
+            )
+            held_out = [p for p in pool if p["prompt"] not in seen][: c.num_eval]
+            if not held_out:  # tiny problem spaces: every problem is also a training problem
+                held_out = pool[: c.num_eval]
+        else:
+            train = load_jsonl(c.dataset)
+            held_out = load_jsonl(c.eval_dataset) if c.eval_dataset else train[: c.num_eval]
+        if c.eval_dataset and c.dataset == "arithmetic":
+            held_out = load_jsonl(c.eval_dataset)
+        return train, held_out
+
+    def _load_model(self) -> tuple[Any, Any]:
+        c = self.config
+        if c.model in TINY_PRESETS:
+            from erc_gym.envs.token_env import TokenArithmetic
+            from erc_gym.envs.tokenizer import CharTokenizer
+
+            alphabet = sorted(
+                set(TokenArithmetic.ALPHABET).union(
+                    *(set(p["prompt"] + p["answer"]) for p in self.train_problems)
+                )
+            )
+            tokenizer = CharTokenizer.build(alphabet, vocab_size=c.vocab_size)
+            model = make_tiny_lm(len(tokenizer), c.model, seed=c.seed)
+            model.to(self.device, self.dtype)
+            if c.sft_steps > 0:
+                from erc_gym.llm.model import sft_warmstart
+
+                sft_warmstart(
+                    model,
+                    tokenizer,
+                    self.train_problems,
+                    steps=c.sft_steps,
+                    lr=c.sft_lr,
+                    seed=c.seed,
+                    progress=c.progress,
+                )
+            return model, tokenizer
+        model, tokenizer = load_model_and_tokenizer(c.model, dtype=self.dtype)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        check_vocab(model, tokenizer)
+        return model.to(self.device), tokenizer
+
+    # ------------------------------------------------------------------ one step
+
+    def _sample_problems(self, n: int) -> list[Problem]:
+        idx = torch.randint(len(self.train_problems), (n,), generator=self.data_gen).tolist()
+        return [self.train_problems[i] for i in idx]
+
+    def _generate_batch(self) -> tuple[RolloutBatch, dict[str, float]]:
+        c = self.config
+        g = c.group_size
+        kept: list[RolloutBatch] = []
+        n_kept, rounds = 0, 0
+        while n_kept < c.prompts_per_step and rounds < max(1, c.max_gen_batches):
+            rounds += 1
+            batch = generate(
+                self.model,
+                self.tokenizer,
+                self._sample_problems(c.prompts_per_step),
+                g,
+                self.verifier,
+                max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                max_prompt_tokens=self.max_prompt_tokens,
+            )
+            nan = torch.isnan(batch.rewards)
+            self.nan_rewards += int(nan.sum())
+            keep_groups = ~nan.reshape(-1, g).all(1)
+            if c.filter_groups:
+                informative = filter_groups(batch.rewards, g).reshape(-1, g)[:, 0]
+                keep_groups &= informative
+            if not c.filter_groups:
+                rounds = c.max_gen_batches  # one round is the whole batch
+            rows = torch.nonzero(keep_groups.repeat_interleave(g)).squeeze(-1)
+            if rows.numel():
+                kept.append(batch.select(rows))
+                n_kept += rows.numel() // g
+        if not kept:
+            return batch.select(torch.arange(0)), {"batch_fill": 0.0, "gen_batches": rounds}
+        full = RolloutBatch.cat(kept, self.tokenizer.pad_token_id)
+        full = full.select(torch.arange(min(len(full), c.prompts_per_step * g)))
+        return full, {"batch_fill": len(full) / (c.prompts_per_step * g), "gen_batches": rounds}
+
+    def _rewards_and_advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        c = self.config
+        rewards = batch.rewards.clone()
+        if c.overlong_buffer > 0:
+            lengths = batch.response_mask.sum(1).cpu()
+            rewards += overlong_penalty(
+                lengths, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty_factor
+            )
+        # a NaN reward excludes its sample: it gets advantage 0 and no loss tokens
+        nan = torch.isnan(rewards)
+        groups = rewards.reshape(-1, c.group_size)
+        filled = torch.where(torch.isnan(groups), groups.nanmean(1, keepdim=True), groups)
+        adv = group_advantages(filled.reshape(-1), c.group_size)
+        return torch.where(nan, torch.zeros_like(adv), adv)
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The old policy's log-probs and entropies: one no-grad forward per micro-batch."""
+        lps, hs = [], []
+        for start in range(0, len(batch), self.config.score_micro_batch):
+            part = batch.select(
+                torch.arange(start, min(start + self.config.score_micro_batch, len(batch)))
+            )
+            lp, h = response_logprobs(self.model, part, temperature=self.config.temperature)
+            lps.append(lp)
+            hs.append(h)
+        return torch.cat(lps), torch.cat(hs)
+
+    def _train_on(
+        self, batch: RolloutBatch, old_lp: torch.Tensor, old_h: torch.Tensor, adv: torch.Tensor
+    ) -> _StepLog:
+        c = self.config
+        log = _StepLog()
+        g = c.group_size
+        n_groups = len(batch) // g
+        valid = batch.response_mask & ~torch.isnan(batch.rewards)[:, None].to(
+            batch.response_mask.device
+        )
+        correct = (batch.rewards > 0.5).to(valid.device)
+        adv = adv.to(self.device)
+        self.model.train()
+        for _ in range(c.epochs):
+            order = torch.randperm(n_groups, generator=self.data_gen)
+            for start in range(0, n_groups, c.mini_batch_prompts):
+                groups = order[start : start + c.mini_batch_prompts]
+                rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)
+                mb = batch.select(rows)
+                lp, h = response_logprobs(self.model, mb, temperature=c.temperature)
+                rows_d = rows.to(self.device)
+                out = policy_loss(
+                    lp,
+                    old_lp[rows_d],
+                    adv[rows_d],
+                    entropy=h,
+                    old_entropy=old_h[rows_d],
+                    mask=valid[rows_d],
+                    config=self.loss_config,
+                    metrics=False,
+                )
+                loss = out.loss
+                if c.positive_nll_coef > 0:
+                    m = (valid[rows_d] & correct[rows_d, None]).float()
+                    loss = loss + c.positive_nll_coef * (-(lp * m).sum() / m.sum().clamp(min=1))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                log.stats.append(out.stats)
+                if not torch.isfinite(norm):
+                    log.skipped += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                log.grad_norms.append(float(norm))
+                self.optimizer.step()
+                self.scheduler.step()
+        return log
+
+    def train_step(self) -> dict[str, float]:
+        """One generate -> score -> update step; returns its metrics line."""
+        t0 = time.perf_counter()
+        batch, fill = self._generate_batch()
+        t1 = time.perf_counter()
+        if len(batch) == 0:
+            self.step += 1
+            return {"step": self.step, **fill, "skipped_steps": self.skipped_steps}
+        adv = self._rewards_and_advantages(batch)
+        old_lp, old_h = self.score(batch)
+        t2 = time.perf_counter()
+        log = self._train_on(batch, old_lp, old_h, adv)
+        t3 = time.perf_counter()
+        self.skipped_steps += log.skipped
+        self.step += 1
+        return self._step_metrics(batch, log, fill, (t0, t1, t2, t3))
+
+    def _step_metrics(
+        self,
+        batch: RolloutBatch,
+        log: _StepLog,
+        fill: dict[str, float],
+        times: tuple[float, float, float, float],
+    ) -> dict[str, float]:
+        t0, t1, t2, t3 = times
+        loss = loss_metrics(log.stats)
+        with torch.no_grad():
+            h = torch.cat([s.entropy.reshape(-1) for s in log.stats if s.entropy is not None])
+            h_old = torch.cat(
+                [s.old_entropy.reshape(-1) for s in log.stats if s.old_entropy is not None]
+            )
+            v = torch.cat([s.valid.reshape(-1) for s in log.stats if s.valid is not None])
+            rho = ((h + 1e-8) / (h_old + 1e-8))[v].float()
+            q = (
+                torch.quantile(rho, torch.tensor([0.05, 0.5, 0.95], device=rho.device)).tolist()
+                if rho.numel()
+                else [math.nan] * 3
+            )
+        rewards = batch.rewards[~torch.isnan(batch.rewards)]
+        n_tokens = int(batch.response_mask.sum()) * (1 + self.config.epochs)
+        line = {
+            "step": self.step,
+            "reward": float(rewards.mean()) if rewards.numel() else math.nan,
+            "accuracy": float((rewards > 0.5).float().mean()) if rewards.numel() else math.nan,
+            "response_length": float(batch.response_mask.sum(1).float().mean()),
+            "entropy": loss.get("entropy_mean", math.nan),
+            "entropy_old": loss.get("entropy_old_mean", math.nan),
+            "entropy_ratio_q05": q[0],
+            "entropy_ratio_q50": q[1],
+            "entropy_ratio_q95": q[2],
+            "grad_norm": float(np.mean(log.grad_norms)) if log.grad_norms else math.nan,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_second": n_tokens / max(t3 - t0, 1e-9),
+            "time_generate": t1 - t0,
+            "time_score": t2 - t1,
+            "time_train": t3 - t2,
+            **fill,
+            "nan_rewards": self.nan_rewards,
+            "skipped_steps": self.skipped_steps,
+        }
+        line |= {k: v for k, v in loss.items() if k not in ("entropy_mean", "entropy_old_mean")}
+        return line
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, problems: list[Problem] | None = None) -> dict[str, float]:
+        """Held-out accuracy (one response per prompt, greedy unless ``eval_greedy=False``)."""
+        problems = self.eval_problems if problems is None else problems
+        c = self.config
+        correct = []
+        for start in range(0, len(problems), 128):
+            batch = generate(
+                self.model,
+                self.tokenizer,
+                problems[start : start + 128],
+                1,
+                self.verifier,
+                max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature,
+                greedy=c.eval_greedy,
+                max_prompt_tokens=self.max_prompt_tokens,
+            )
+            correct.append((batch.rewards > 0.5).float())
+        return {"eval_accuracy": float(torch.cat(correct).mean())}
+
+    # ------------------------------------------------------------------ run, save, resume
+
+    def _checkpoint_path(self) -> Path:
+        return self.run_path / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        """Model, optimiser, scheduler, RNG states and step, to ``run_dir/name/checkpoint.pt``."""
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_gen": self.data_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "skipped_steps": self.skipped_steps,
+            "nan_rewards": self.nan_rewards,
+        }
+        tmp = self._checkpoint_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._checkpoint_path())
+        self.model.save_pretrained(self.run_path / "model")
+        self.tokenizer.save_pretrained(self.run_path / "model")
+
+    def load_checkpoint(self) -> bool:
+        """Restore the last checkpoint if there is one; returns whether it did."""
+        path = self._checkpoint_path()
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_gen.set_state(state["data_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nan_rewards = state["nan_rewards"]
+        return True
+
+    def _write(self, line: dict[str, float]) -> None:
+        with open(self.run_path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self._tb is not None:
+            for k, v in line.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, self.step)
+
+    def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
+        """Run (or continue) training; returns the metrics lines written by this call.
+
+        Args:
+            resume: continue from ``checkpoint.pt`` in the run folder if it exists.
+            max_steps: stop after this many steps in total (for tests / stop-and-resume);
+                defaults to ``config.steps``.
+        """
+        c = self.config
+        self.run_path.mkdir(parents=True, exist_ok=True)
+        (self.run_path / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+        resumed = resume and self.load_checkpoint()
+        metrics_path = self.run_path / "metrics.jsonl"
+        if resumed and metrics_path.exists():  # drop lines written after the checkpoint
+            keep = [
+                ln
+                for ln in metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= self.step
+            ]
+            metrics_path.write_text("".join(k + "\n" for k in keep))
+        elif metrics_path.exists():
+            metrics_path.unlink()
+        if c.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_path / "tb"))
+        last = min(c.steps, max_steps if max_steps is not None else c.steps)
+        lines: list[dict[str, float]] = []
+        if self.step == 0:
+            first = {"step": 0, **self.evaluate()}
+            self._write(first)
+            lines.append(first)
+        bar: Any = None
+        if c.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=last, initial=self.step, desc=c.name)
+        while self.step < last:
+            line = self.train_step()
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                line |= self.evaluate()
+            self._write(line)
+            lines.append(line)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{line.get('reward', math.nan):.2f}",
+                    erc=f"{line.get('erc_clip_fraction', math.nan):.2f}",
+                )
+            if c.save_every and self.step % c.save_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        if self._tb is not None:
+            self._tb.close()
+        return lines

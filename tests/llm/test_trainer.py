@@ -1,0 +1,232 @@
+"""ERCTrainer on a tiny model: updates, ERC gradients, scoring passes, metrics, resume, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import erc_gym.llm.trainer as trainer_module
+from erc_gym.llm import METRIC_KEYS, ERCTrainer, TrainerConfig, make_tiny_lm
+from erc_gym.llm.cli import build_parser, config_from_args, field_docs
+
+LOSS_KEYS = (
+    "pg_loss",
+    "clip_fraction_low",
+    "clip_fraction_high",
+    "dual_clip_fraction",
+    "approx_kl",
+    "ppo_kl",
+    "erc_clip_fraction_low",
+    "erc_clip_fraction_high",
+    "entropy_ratio_mean",
+    "entropy_ratio_min",
+    "entropy_ratio_max",
+    "erc_clipped_entropy_old_mean",
+    "erc_kept_entropy_old_mean",
+)
+TIME_KEYS = {"tokens_per_second", "time_generate", "time_score", "time_train"}
+
+
+def odd_length(completion: str, answer: str) -> float:
+    """A verifier with informative groups even for an untrained model."""
+    return float(len(completion) % 2)
+
+
+def small_config(tmp_path: Path, **overrides) -> TrainerConfig:
+    base = {
+        "sft_steps": 0,
+        "steps": 2,
+        "group_size": 4,
+        "prompts_per_step": 4,
+        "mini_batch_prompts": 2,
+        "max_new_tokens": 3,
+        "num_train": 64,
+        "num_eval": 4,
+        "eval_every": 1,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "warmup_steps": 0,
+        "filter_groups": False,
+        "erc_low": 0.95,
+        "erc_high": 1.05,
+        "progress": False,
+        "run_dir": str(tmp_path),
+        "device": "cpu",
+    }
+    return TrainerConfig(**(base | overrides))
+
+
+def test_one_step_changes_every_parameter(tmp_path):
+    trainer = ERCTrainer(small_config(tmp_path), verifier=odd_length)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    line = trainer.train_step()
+    assert line["batch_fill"] == 1.0
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, unchanged
+
+
+def test_out_of_band_tokens_get_zero_gradient(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path, erc_low=0.999, erc_high=1.001, lr=5e-2, prompts_per_step=8)
+    trainer = ERCTrainer(cfg, verifier=odd_length)
+    seen = []
+    real = trainer_module.policy_loss
+
+    def spy(log_prob, old_log_prob, advantages, **kw):
+        out = real(log_prob, old_log_prob, advantages, **kw)
+        (grad,) = torch.autograd.grad(out.loss, log_prob, retain_graph=True)
+        seen.append((grad, out.erc_keep, kw["mask"]))
+        return out
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    trainer.train_step()
+    clipped_total = 0
+    for grad, keep, mask in seen:
+        clipped = mask & ~keep
+        clipped_total += int(clipped.sum())
+        assert torch.all(grad[clipped] == 0)
+        assert torch.all(grad[~mask] == 0)
+        assert not keep.any() or (grad[keep] != 0).any()
+    assert clipped_total > 0  # the later, off-policy mini-batches had out-of-band tokens
+    assert seen[0][1][seen[0][2]].all()  # the first mini-batch is on-policy: nothing clipped
+
+
+def test_old_pass_is_one_no_grad_forward_per_batch(tmp_path, monkeypatch):
+    trainer = ERCTrainer(small_config(tmp_path), verifier=odd_length)
+    calls = []
+    real = trainer_module.response_logprobs
+
+    def counting(model, batch, **kw):
+        calls.append((torch.is_grad_enabled(), len(batch)))
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(trainer_module, "response_logprobs", counting)
+    trainer.train_step()
+    no_grad = [n for grad, n in calls if not grad]
+    with_grad = [n for grad, n in calls if grad]
+    assert no_grad == [16]  # the whole batch, once
+    assert with_grad == [8, 8]  # one forward per mini-batch
+
+
+def test_metrics_jsonl_has_every_documented_key(tmp_path):
+    cfg = small_config(tmp_path, tensorboard=True)
+    ERCTrainer(cfg, verifier=odd_length).train()
+    lines = [json.loads(x) for x in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "eval_accuracy" in lines[0]
+    for line in lines[1:]:
+        missing = set(METRIC_KEYS + LOSS_KEYS) - set(line)
+        assert not missing, missing
+    assert json.loads((tmp_path / "llm" / "config.json").read_text())["erc_low"] == 0.95
+    assert list((tmp_path / "llm" / "tb").glob("events.*"))
+
+
+def test_real_model_path_loads_by_directory(tmp_path):
+    from erc_gym.envs.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.build("0123456789+-*=")
+    model = make_tiny_lm(len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    trainer = ERCTrainer(
+        small_config(tmp_path, model=str(tmp_path / "model"), steps=1), verifier=odd_length
+    )
+    loaded = trainer.model.get_output_embeddings().weight
+    torch.testing.assert_close(loaded, model.get_output_embeddings().weight)
+    before = loaded.detach().clone()
+    trainer.train()
+    assert not torch.equal(trainer.model.get_output_embeddings().weight, before)
+
+
+def test_resume_gives_the_same_metrics(tmp_path):
+    straight = ERCTrainer(small_config(tmp_path / "a", steps=3), verifier=odd_length).train()
+    cfg = small_config(tmp_path / "b", steps=3)
+    ERCTrainer(cfg, verifier=odd_length).train(max_steps=2)
+    resumed = ERCTrainer(cfg, verifier=odd_length)
+    resumed.train()
+    lines = [
+        json.loads(x) for x in (tmp_path / "b" / "llm" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [ln["step"] for ln in lines] == [0, 1, 2, 3]
+    for a, b in zip(straight, lines, strict=True):
+        for key in set(a) - TIME_KEYS:
+            va, vb = a[key], b[key]
+            assert va == vb or (math.isnan(va) and math.isnan(vb)), (key, va, vb)
+
+
+def test_nan_reward_is_excluded_and_counted(tmp_path):
+    def sometimes_nan(completion: str, answer: str) -> float:
+        return math.nan if len(completion) == 1 else float(len(completion) % 2 == 0)
+
+    trainer = ERCTrainer(small_config(tmp_path, steps=2), verifier=sometimes_nan)
+    lines = trainer.train()
+    assert lines[-1]["nan_rewards"] > 0
+    assert math.isfinite(lines[-1]["pg_loss"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "needle"),
+    [
+        ({"model": "/nonexistent/model"}, FileNotFoundError, "does not exist"),
+        ({"group_size": 1}, ValueError, "group_size must be >= 2"),
+        ({"erc_low": 0.9, "erc_high": None}, ValueError, "both be set"),
+        ({"loss": "trpo"}, ValueError, "'trpo'"),
+        ({"prompts_per_step": 3}, ValueError, "multiple of mini_batch_prompts"),
+    ],
+)
+def test_bad_config(tmp_path, overrides, error, needle):
+    with pytest.raises(error, match=needle):
+        ERCTrainer(small_config(tmp_path, **overrides))
+
+
+def test_vocab_mismatch(tmp_path):
+    from erc_gym.envs.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.build("0123456789+-*=")
+    make_tiny_lm(len(tok) - 3).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        ERCTrainer(small_config(tmp_path, model=str(tmp_path / "model")))
+
+
+def test_prompt_longer_than_context(tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "1+" * 40 + "1=", "answer": "41"}) + "\n")
+    trainer = ERCTrainer(small_config(tmp_path, dataset=str(data)), verifier=odd_length)
+    with pytest.raises(ValueError, match="more than the context allows"):
+        trainer.train_step()
+
+
+def test_verifier_that_raises_names_the_prompt(tmp_path):
+    def broken(completion: str, answer: str) -> float:
+        raise RuntimeError("boom")
+
+    trainer = ERCTrainer(small_config(tmp_path), verifier=broken)
+    with pytest.raises(ValueError, match=r"raised on prompt '\d\+\d='"):
+        trainer.train_step()
+
+
+def test_cli_help_and_flags():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "--erc-low" in text and "tiny-arith-dapo-erc" in text
+    assert "Responses per prompt" in text  # field docstrings are the help
+    args = parser.parse_args(
+        [
+            "--preset",
+            "tiny-arith-gppo-erc",
+            "--steps",
+            "5",
+            "--vocab-size",
+            "32000",
+            "--filter-groups",
+            "false",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.loss, cfg.erc_low, cfg.steps, cfg.vocab_size) == ("gppo", 0.95, 5, 32000)
+    assert cfg.filter_groups is False and cfg.name == "tiny-arith-gppo-erc"
+    assert set(field_docs(TrainerConfig)) == {f.name for f in dataclasses.fields(TrainerConfig)}
