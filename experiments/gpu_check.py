@@ -12,8 +12,8 @@ Prints, in order:
    ERC on and off -- time per step, ERC's share, peak memory, and that no fp32 (B, T, V) tensor
    is needed (peak memory against a naive fp32 path).
 
-This exercises the library's loss path on a real-size model; the GRPO/DAPO trainer of the LLM
-issue is not part of it.
+6. a short run of the LLM trainer (``erc_gym.llm.ERCTrainer``) on a ~100M model loaded from a
+   local directory, DAPO and DAPO+ERC: time split per step and peak memory.
 
 Usage::
 
@@ -236,6 +236,81 @@ def check_model(quick: bool) -> None:
     )
 
 
+def check_trainer(quick: bool) -> None:
+    """A short run of the real LLM trainer (erc_gym.llm.ERCTrainer) on the ~100M model."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from erc_gym.envs.tokenizer import CharTokenizer
+    from erc_gym.llm import ERCTrainer, TrainerConfig
+
+    tok = CharTokenizer.build("0123456789+-*=", vocab_size=32_000)
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tok),
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(f"{tmp}/model")
+        tok.save_pretrained(f"{tmp}/model")
+
+        def odd_length(completion: str, answer: str) -> float:
+            # a random-init model never answers correctly; this verifier keeps groups informative
+            return float(len(completion) % 2)
+
+        results = {}
+        for label, band in (("DAPO", (None, None)), ("DAPO+ERC", (0.95, 1.05))):
+            config = TrainerConfig(
+                model=f"{tmp}/model",
+                digits=2,
+                group_size=8,
+                prompts_per_step=16,
+                mini_batch_prompts=4,
+                max_new_tokens=16,
+                steps=2 if quick else 4,
+                filter_groups=False,
+                erc_low=band[0],
+                erc_high=band[1],
+                lr=1e-5,
+                eval_every=1000,
+                num_eval=16,
+                progress=False,
+                run_dir=f"{tmp}/runs",
+                name=label,
+                device="cuda",
+            )
+            trainer = ERCTrainer(config, verifier=odd_length)
+            torch.cuda.reset_peak_memory_stats()
+            lines = trainer.train(resume=False)
+            results[label] = (lines[1:], torch.cuda.max_memory_allocated())
+        n = sum(p.numel() for p in trainer.model.parameters())
+        print(
+            f"\n[6] erc_gym.llm.ERCTrainer, {n / 1e6:.0f}M-parameter Qwen2-style model loaded "
+            f"from a directory, {trainer.dtype}, 16 prompts x 8 samples, 4 mini-batch steps "
+            "per batch"
+        )
+        for label, (lines, peak) in results.items():
+            steady = lines[1:] or lines
+            gen = statistics.mean(ln["time_generate"] for ln in steady)
+            score = statistics.mean(ln["time_score"] for ln in steady)
+            train = statistics.mean(ln["time_train"] for ln in steady)
+            last = lines[-1]
+            print(
+                f"  {label:<9} generate {gen:.3f} s, score {score:.3f} s, train {train:.3f} s "
+                f"per step; peak {peak / 2**30:.2f} GiB; erc_clip_fraction "
+                f"{last['erc_clip_fraction']:.3f}, entropy {last['entropy']:.3f}, grad_norm "
+                f"{last['grad_norm']:.3f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
@@ -252,6 +327,7 @@ def main() -> None:
     check_bandwidth(args.quick)
     check_loss_overhead()
     check_model(args.quick)
+    check_trainer(args.quick)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 

@@ -458,7 +458,7 @@ class ERCTrainer:
             )
         rewards = batch.rewards[~torch.isnan(batch.rewards)]
         n_tokens = int(batch.response_mask.sum()) * (1 + self.config.epochs)
-        line = {
+        line: dict[str, float] = {
             "step": self.step,
             "reward": float(rewards.mean()) if rewards.numel() else math.nan,
             "accuracy": float((rewards > 0.5).float().mean()) if rewards.numel() else math.nan,
@@ -469,7 +469,7 @@ class ERCTrainer:
             "entropy_ratio_q50": q[1],
             "entropy_ratio_q95": q[2],
             "grad_norm": float(np.mean(log.grad_norms)) if log.grad_norms else math.nan,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "tokens_per_second": n_tokens / max(t3 - t0, 1e-9),
             "time_generate": t1 - t0,
             "time_score": t2 - t1,
