@@ -252,14 +252,21 @@ class ERCTrainer:
     def _load_data(self) -> tuple[list[Problem], list[Problem]]:
         c = self.config
         if c.dataset == "arithmetic":
-            train = make_arithmetic_problems(c.num_train, digits=c.digits, ops=c.ops, seed=c.seed)
-            seen = {p["prompt"] for p in train}
+            # Held-out problems are distinct prompts that the training set never contains; in a
+            # small problem space at most a quarter of the distinct prompts are held out.
             pool = make_arithmetic_problems(
-                4 * c.num_eval + 100, digits=c.digits, ops=c.ops, seed=c.seed + 10_000
+                4 * (c.num_train + c.num_eval), digits=c.digits, ops=c.ops, seed=c.seed + 10_000
             )
-            held_out = [p for p in pool if p["prompt"] not in seen][: c.num_eval]
-            if not held_out:  # tiny problem spaces: every problem is also a training problem
-                held_out = pool[: c.num_eval]
+            distinct = list({p["prompt"]: p for p in pool}.values())
+            held_out = distinct[: min(c.num_eval, max(1, len(distinct) // 4))]
+            excluded = {p["prompt"] for p in held_out}
+            train = [
+                p
+                for p in make_arithmetic_problems(
+                    2 * c.num_train, digits=c.digits, ops=c.ops, seed=c.seed
+                )
+                if p["prompt"] not in excluded
+            ][: c.num_train]
         else:
             train = load_jsonl(c.dataset)
             held_out = load_jsonl(c.eval_dataset) if c.eval_dataset else train[: c.num_eval]
@@ -310,6 +317,7 @@ class ERCTrainer:
         c = self.config
         g = c.group_size
         kept: list[RolloutBatch] = []
+        all_rewards: list[torch.Tensor] = []
         n_kept, rounds = 0, 0
         while n_kept < c.prompts_per_step and rounds < max(1, c.max_gen_batches):
             rounds += 1
@@ -326,6 +334,7 @@ class ERCTrainer:
             )
             nan = torch.isnan(batch.rewards)
             self.nan_rewards += int(nan.sum())
+            all_rewards.append(batch.rewards[~nan])
             keep_groups = ~nan.reshape(-1, g).all(1)
             if c.filter_groups:
                 informative = filter_groups(batch.rewards, g).reshape(-1, g)[:, 0]
@@ -336,11 +345,17 @@ class ERCTrainer:
             if rows.numel():
                 kept.append(batch.select(rows))
                 n_kept += rows.numel() // g
+        generated = torch.cat(all_rewards)
+        stats = {
+            "gen_batches": rounds,
+            "reward": float(generated.mean()) if generated.numel() else math.nan,
+            "accuracy": float((generated > 0.5).float().mean()) if generated.numel() else math.nan,
+        }
         if not kept:
-            return batch.select(torch.arange(0)), {"batch_fill": 0.0, "gen_batches": rounds}
+            return batch.select(torch.arange(0)), {"batch_fill": 0.0, **stats}
         full = RolloutBatch.cat(kept, self.tokenizer.pad_token_id)
         full = full.select(torch.arange(min(len(full), c.prompts_per_step * g)))
-        return full, {"batch_fill": len(full) / (c.prompts_per_step * g), "gen_batches": rounds}
+        return full, {"batch_fill": len(full) / (c.prompts_per_step * g), **stats}
 
     def _rewards_and_advantages(self, batch: RolloutBatch) -> torch.Tensor:
         c = self.config
@@ -456,12 +471,9 @@ class ERCTrainer:
                 if rho.numel()
                 else [math.nan] * 3
             )
-        rewards = batch.rewards[~torch.isnan(batch.rewards)]
         n_tokens = int(batch.response_mask.sum()) * (1 + self.config.epochs)
         line: dict[str, float] = {
             "step": self.step,
-            "reward": float(rewards.mean()) if rewards.numel() else math.nan,
-            "accuracy": float((rewards > 0.5).float().mean()) if rewards.numel() else math.nan,
             "response_length": float(batch.response_mask.sum(1).float().mean()),
             "entropy": loss.get("entropy_mean", math.nan),
             "entropy_old": loss.get("entropy_old_mean", math.nan),

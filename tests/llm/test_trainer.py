@@ -230,3 +230,13 @@ def test_cli_help_and_flags():
     assert (cfg.loss, cfg.erc_low, cfg.steps, cfg.vocab_size) == ("gppo", 0.95, 5, 32000)
     assert cfg.filter_groups is False and cfg.name == "tiny-arith-gppo-erc"
     assert set(field_docs(TrainerConfig)) == {f.name for f in dataclasses.fields(TrainerConfig)}
+
+
+def test_held_out_problems_are_disjoint_from_training(tmp_path):
+    for digits, ops, expected in ((2, "+", 50), (1, "+", 25)):
+        cfg = small_config(tmp_path, digits=digits, ops=ops, num_eval=50, num_train=500)
+        trainer = ERCTrainer(cfg, verifier=odd_length)
+        held = {p["prompt"] for p in trainer.eval_problems}
+        assert len(held) == len(trainer.eval_problems) == expected
+        assert not held & {p["prompt"] for p in trainer.train_problems}
+        assert len(trainer.train_problems) == 500
