@@ -371,3 +371,14 @@ def test_presets_build_models():
     assert lr(1.0) == pytest.approx(1e-3) and lr(0.5) == pytest.approx(5e-4)
     with pytest.raises(KeyError, match="available"):
         ppo_kwargs("Pong-v5")
+
+
+def test_lunar_lander_preset_when_box2d_is_installed():
+    pytest.importorskip("Box2D", reason="optional extra: pip install -e '.[box2d]'")
+    model = ERCPPO(
+        "MlpPolicy",
+        gym.make("LunarLander-v3"),
+        **ppo_kwargs("LunarLander-v3", n_steps=128, device="cpu"),
+    )
+    model.learn(256)
+    assert "train/erc_clip_fraction" in model.logger.name_to_value
