@@ -1,0 +1,129 @@
+"""Benchmark: ERC's cost per LLM-trainer step, and the memory of the loss path (CPU, V = 32k).
+
+Builds the tiny preset with its character tokenizer padded to 32,000 tokens, generates one batch
+(16 prompts x 8 samples), then times the scoring pass and the mini-batch updates of
+``ERCTrainer`` on that same batch with DAPO and DAPO+ERC, alternated. Peak memory of one update
+(``VmHWM`` rise, measured in a fresh subprocess per variant) is printed next to the size of one
+fp32 ``(B, T, V)`` tensor of that batch.
+
+Usage::
+
+    python experiments/bench_llm_step.py
+    python experiments/bench_llm_step.py --repeats 5 --vocab 32000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def make_trainer(erc: bool, vocab: int) -> Any:
+    from erc_gym.llm import ERCTrainer, TrainerConfig
+
+    cfg = TrainerConfig(
+        vocab_size=vocab,
+        sft_steps=0,
+        digits=2,
+        filter_groups=False,
+        max_new_tokens=8,
+        erc_low=0.95 if erc else None,
+        erc_high=1.05 if erc else None,
+        progress=False,
+        run_dir="/tmp/erc_gym_bench",
+        device="cpu",
+    )
+
+    def odd_length(completion: str, answer: str) -> float:
+        return float(len(completion) % 2)
+
+    return ERCTrainer(cfg, verifier=odd_length)
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def memory_child(erc: bool, vocab: int) -> None:
+    """Subprocess: peak memory rise of one scoring pass + update."""
+    trainer = make_trainer(erc, vocab)
+    batch, _ = trainer._generate_batch()
+    adv = trainer._rewards_and_advantages(batch)
+    trainer.score(batch.select(torch.arange(8)))  # warm-up of the code paths
+    base = _vm_hwm()
+    old_lp, old_h = trainer.score(batch)
+    trainer._train_on(batch, old_lp, old_h, adv)
+    r = batch.response_ids.shape[1]
+    print(json.dumps({"extra": _vm_hwm() - base, "btv_fp32": len(batch) * (r + 1) * vocab * 4}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    trainers = {"DAPO": make_trainer(False, args.vocab), "DAPO+ERC": make_trainer(True, args.vocab)}
+    batch, _ = trainers["DAPO"]._generate_batch()
+    adv = trainers["DAPO"]._rewards_and_advantages(batch)
+    n_steps = trainers["DAPO"].config.prompts_per_step // trainers["DAPO"].config.mini_batch_prompts
+    times: dict[str, dict[str, list[float]]] = {k: {"score": [], "train": []} for k in trainers}
+    for i in range(args.repeats + 1):
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            old_lp, old_h = trainer.score(batch)
+            t1 = time.perf_counter()
+            trainer._train_on(batch, old_lp, old_h, adv)
+            t2 = time.perf_counter()
+            if i:  # the first round is a warm-up
+                times[name]["score"].append(t1 - t0)
+                times[name]["train"].append((t2 - t1) / n_steps)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, tiny preset, V = "
+        f"{args.vocab}, batch {len(batch)} sequences x {batch.response_ids.shape[1]} response "
+        f"tokens, {n_steps} optimiser steps per batch, {args.repeats} alternated repeats"
+    )
+    print(
+        f"{'variant':<9} {'score pass ms':>14} {'ms / optimiser step':>20} {'peak extra MiB':>15}"
+    )
+    med = {}
+    for name in trainers:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_child",
+                "1" if name.endswith("ERC") else "0",
+                str(args.vocab),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        mem = json.loads(out.strip().splitlines()[-1])
+        med[name] = statistics.median(times[name]["train"])
+        print(
+            f"{name:<9} {statistics.median(times[name]['score']) * 1e3:>14.1f} "
+            f"{med[name] * 1e3:>20.1f} {mem['extra'] / 2**20:>15.1f}"
+        )
+    print(
+        f"ERC's extra time per optimiser step: {med['DAPO+ERC'] / med['DAPO'] - 1:+.1%}; one "
+        f"fp32 (B, T, V) tensor of this batch is {mem['btv_fp32'] / 2**20:.1f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_child":
+        memory_child(sys.argv[2] == "1", int(sys.argv[3]))
+    else:
+        main()
