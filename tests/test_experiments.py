@@ -1,0 +1,57 @@
+"""Smoke tests of the experiment scripts with budgets of a few hundred steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import sb3_classic  # noqa: E402
+import vocab_drift  # noqa: E402
+
+from erc_gym.losses import ERCConfig, LossConfig  # noqa: E402
+
+
+def test_vocab_drift_measures_unsampled_drift():
+    kw = {"seed": 0, "iterations": 2, "group": 8, "minibatches": 8, "lr": 0.2, "contexts": 4}
+    ppo = vocab_drift.run(256, LossConfig.ppo(), **kw)
+    erc = vocab_drift.run(256, LossConfig.ppo(erc=ERCConfig()), **kw)
+    assert ppo["tv_unsampled"] > 0 and ppo["abs_dH"] > 0
+    assert ppo["erc_clip_fraction"] == 0 < erc["erc_clip_fraction"]
+    assert 0 < ppo["ratio_min"] <= 1 <= ppo["ratio_max"]
+
+
+def test_sb3_classic_runs_skip_and_summarize(tmp_path):
+    cfg = sb3_classic.RunConfig("smoke", "CartPole-v1", "erc-0.95", 0, 512, 256, 2)
+    folder = Path(sb3_classic.run_one(cfg, str(tmp_path)))
+    assert (folder / "done").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["erc_low"] == 0.95 and config["algo"] == "ERCPPO"
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/mean_reward" in r for r in rows)
+    assert any("train/erc_clip_fraction" in r for r in rows)
+    table = sb3_classic.summarize(tmp_path, "smoke", "CartPole-v1", ["erc-0.95", "ppo"])
+    assert "| erc-0.95 | 1 |" in table and "| ppo |" not in table
+
+
+@pytest.mark.slow
+def test_llm_compare_smoke(tmp_path):
+    import llm_compare
+
+    args = {
+        "steps": 3,
+        "sft_steps": 10,
+        "lr": 1e-4,
+        "digits": 1,
+        "ops": "+",
+        "num_eval": 8,
+        "root": str(tmp_path),
+    }
+    llm_compare.run_one("tiny-arith-dapo-erc", 0, args)
+    table = llm_compare.summarize(tmp_path, ["tiny-arith-dapo-erc"])
+    assert "| tiny-arith-dapo-erc | 1 |" in table
