@@ -20,6 +20,7 @@ backward pass recomputes the softmax chunk by chunk instead of saving it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,9 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 20
 #: The same on a GPU, where each chunk costs ~10 kernel launches: 32M elements (about 400 MiB of
 #: fp32 temporaries) keep launches rare while staying far below a large batch's logits.
 DEFAULT_CHUNK_ELEMENTS_GPU = 1 << 25
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
@@ -61,6 +65,9 @@ def _partial_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tenso
     d = m - zf
     if temperature != 1.0:
         d.div_(temperature)
+    # -inf logits (masked actions) give d = inf, or NaN in a block that is all -inf; a finite
+    # stand-in makes their weight exp(-d) = 0 and keeps e * d = 0 instead of NaN
+    d.nan_to_num_(nan=_FP32_MAX, posinf=_FP32_MAX)
     e = torch.neg(d).exp_()
     e.scatter_(-1, idx, 0.0)
     s_excl = e.sum(dim=-1)
@@ -78,7 +85,7 @@ def _merge(
     m_w = torch.where(a_wins, m_a, m_b)
     s_w, u_w = torch.where(a_wins, s_a, s_b), torch.where(a_wins, u_a, u_b)
     s_l, u_l = torch.where(a_wins, s_b, s_a), torch.where(a_wins, u_b, u_a)
-    delta = (m_w - torch.where(a_wins, m_b, m_a)) / temperature
+    delta = ((m_w - torch.where(a_wins, m_b, m_a)) / temperature).clamp(max=_FP32_MAX)
     scale = torch.exp(-delta)
     # The losing block's own max element (weight 1 in its frame) now counts in s'.
     total_l = 1.0 + s_l
@@ -114,6 +121,114 @@ def _row_block_stats(
     return -(m - z_label) / temperature - log_s, entropy
 
 
+# ---------------------------------------------------------------------------------------------
+# Optional fused forward for CUDA tensors (Triton): one program per row streams the vocabulary in
+# blocks with the same (m, s', u) accumulators and merge rule as the PyTorch path, so the logits
+# are read once. The backward pass is the chunked PyTorch code either way.
+# ---------------------------------------------------------------------------------------------
+
+#: Use the Triton forward on CUDA when Triton is installed (set False to force the PyTorch path).
+USE_TRITON = True
+
+_triton_kernel: Any = None
+
+
+def _get_triton_kernel() -> Any:
+    global _triton_kernel
+    if _triton_kernel is not None:
+        return _triton_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(
+        z_ptr,
+        row_stride,
+        labels_ptr,
+        lp_ptr,
+        h_ptr,
+        vocab,
+        inv_t,
+        big,
+        HAS_LABELS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * row_stride
+        m = -float("inf")
+        s = 0.0
+        u = 0.0
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < vocab
+            z = tl.load(base + offs, mask=valid, other=-float("inf")).to(tl.float32)
+            mb = tl.max(z, axis=0)
+            ib = tl.argmax(z, axis=0)
+            d = tl.minimum((mb - z) * inv_t, big)
+            d = tl.where(d == d, d, big)  # NaN (all -inf block) -> big
+            e = tl.where(valid & (offs != start + ib), tl.exp(-d), 0.0)
+            sb = tl.sum(e, axis=0)
+            ub = tl.sum(e * d, axis=0)
+            run_wins = m >= mb
+            delta = tl.minimum(tl.abs(m - mb) * inv_t, big)
+            delta = tl.where(delta == delta, delta, big)
+            sc = tl.exp(-delta)
+            s_w = tl.where(run_wins, s, sb)
+            u_w = tl.where(run_wins, u, ub)
+            s_l = tl.where(run_wins, sb, s)
+            u_l = tl.where(run_wins, ub, u)
+            total_l = 1.0 + s_l
+            add_u = tl.where(sc > 0.0, sc * (u_l + delta * total_l), 0.0)
+            # the very first block has no running state to merge with
+            first = m == -float("inf")
+            s = tl.where(first, sb, s_w + sc * total_l)
+            u = tl.where(first, ub, u_w + add_u)
+            m = tl.maximum(m, mb)
+        # log1p(s) to full fp32 accuracy (Goldberg's trick; log1p is not in triton.language)
+        w = 1.0 + s
+        log_s = tl.where(w == 1.0, s, tl.log(w) * (s / (w - 1.0)))
+        tl.store(h_ptr + row, log_s + u / (1.0 + s))
+        if HAS_LABELS:
+            y = tl.load(labels_ptr + row)
+            zy = tl.load(base + y).to(tl.float32)
+            tl.store(lp_ptr + row, -tl.minimum((m - zy) * inv_t, big) - log_s)
+
+    _triton_kernel = kernel
+    return kernel
+
+
+def _triton_available(x: Tensor) -> bool:
+    if not (USE_TRITON and x.is_cuda and x.shape[-1] > 0 and x.stride(-1) == 1):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_forward(
+    view: Tensor, labels: Tensor | None, temperature: float, lp_out: Tensor | None, h_out: Tensor
+) -> None:
+    rows, vocab = view.shape
+    if rows == 0:
+        return
+    kernel = _get_triton_kernel()
+    has_labels = labels is not None and lp_out is not None
+    kernel[(rows,)](
+        view,
+        view.stride(0),
+        labels if has_labels else h_out,
+        lp_out if has_labels else h_out,
+        h_out,
+        vocab,
+        1.0 / temperature,
+        _FP32_MAX,
+        HAS_LABELS=has_labels,
+        BLOCK=4096,
+    )
+
+
 def _row_views(x: Tensor) -> list[tuple[int, Tensor]]:
     """``(flat_row_offset, (rows, V) view)`` pairs covering ``x``'s rows in order, never copying.
 
@@ -142,6 +257,19 @@ def _forward_stats(
     """Flat ``(N,)`` log-probs (of flat ``labels``) and entropies of ``(..., V)`` logits."""
     views = _row_views(logits)
     n = math.prod(logits.shape[:-1])
+    if vocab_chunk is None and all(_triton_available(v) for _, v in views):
+        entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
+        log_prob = None if labels is None else torch.empty_like(entropy)
+        for offset, view in views:
+            out = slice(offset, offset + view.shape[0])
+            _triton_forward(
+                view,
+                None if labels is None else labels[out].contiguous(),
+                temperature,
+                None if log_prob is None else log_prob[out],
+                entropy[out],
+            )
+        return log_prob, entropy
     if len(views) == 1 and n <= chunk_rows:  # one chunk: no output buffers to fill
         return _row_block_stats(views[0][1], labels, temperature, vocab_chunk)
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -211,7 +339,8 @@ class _LogProbEntropy(torch.autograd.Function):
                     g.scatter_add_(-1, labels[sl].unsqueeze(-1), g_lp)
                 if grad_h is not None:
                     g_h = grad_h[sl].float().unsqueeze(-1)
-                    g.sub_(p * (logp + entropy[sl].unsqueeze(-1)) * g_h)
+                    finite_logp = logp.clamp(min=-_FP32_MAX)  # p = 0 where logp = -inf
+                    g.sub_(p * (finite_logp + entropy[sl].unsqueeze(-1)) * g_h)
                 if temperature != 1.0:
                     g.div_(temperature)
                 grad_rows[sl] = g.to(grad.dtype)

@@ -226,3 +226,18 @@ def test_strided_input_is_not_copied_and_matches():
     torch.log_softmax(ref_full[:, 2:-1], -1).gather(-1, labels[..., None]).sum().backward()
     torch.testing.assert_close(full.grad, ref_full.grad, atol=1e-6, rtol=1e-5)
     assert torch.all(full.grad[:, :2] == 0) and torch.all(full.grad[:, -1] == 0)
+
+
+def test_minus_infinity_logits_are_masked_actions():
+    z = torch.randn(4, 10)
+    z[:, 7:] = -float("inf")
+    labels = torch.tensor([0, 1, 2, 9])
+    for vchunk in (None, 3):
+        lp, h = logprob_and_entropy(z, labels, vocab_chunk_size=vchunk)
+        _, h_ref = reference(z[:, :7], labels.clamp(max=6))
+        torch.testing.assert_close(h.double(), h_ref, rtol=1e-6, atol=1e-7)
+        assert torch.isfinite(lp[:3]).all() and lp[3] < -1e30
+    x = z.clone().requires_grad_(True)
+    lp, h = logprob_and_entropy(x, labels.clamp(max=6), entropy_grad=True)
+    (lp.sum() + h.sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, 7:] == 0)

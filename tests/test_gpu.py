@@ -98,3 +98,24 @@ def test_bf16_end_to_end_on_cuda():
     assert z.grad is not None and z.grad.dtype == torch.bfloat16
     assert torch.isfinite(z.grad.float()).all()
     assert 0.0 <= out.metrics["erc_clip_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_forward_matches_pytorch_path(dtype, monkeypatch):
+    import erc_gym.entropy as entropy_module
+
+    pytest.importorskip("triton")
+    z, y = _adversarial(151_936, 50.0, rows=48)
+    z = z.to(dtype).cuda()
+    y = y.cuda()
+    z[5, 100:] = -float("inf")  # masked actions
+    lp_t, h_t = logprob_and_entropy(z, y)
+    strided = torch.cat([z, z], dim=1).reshape(48, 2, -1)[:, 1]  # a non-contiguous view
+    lp_s, h_s = logprob_and_entropy(strided, y)
+    monkeypatch.setattr(entropy_module, "USE_TRITON", False)
+    lp_p, h_p = logprob_and_entropy(z, y)
+    assert entropy_module._triton_available(z)
+    torch.testing.assert_close(h_t, h_p, rtol=2e-6, atol=1e-12)
+    torch.testing.assert_close(lp_t, lp_p, rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(h_s, h_t, rtol=0, atol=0)
+    torch.testing.assert_close(lp_s, lp_t, rtol=0, atol=0)
