@@ -87,12 +87,22 @@ def check_accuracy() -> None:
             print(f"  V={v:>6} {dtype!s:<15} H rel err {rel:.2e}   log_prob abs err {lp_err:.2e}")
 
 
-def _kernel_vs_naive(z: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int, int]:
+def _kernel_vs_naive(z: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float, int, int]:
+    import erc_gym.entropy as entropy_module
+
     with torch.no_grad():
+        fused = timed(lambda: logprob_and_entropy(z, y), 5)
+        m_ours = peak_extra(lambda: logprob_and_entropy(z, y))
+        entropy_module.USE_TRITON = False
+        try:
+            chunked = timed(lambda: logprob_and_entropy(z, y), 5)
+        finally:
+            entropy_module.USE_TRITON = True
         return (
-            timed(lambda: logprob_and_entropy(z, y), 5),
+            fused,
+            chunked,
             timed(lambda: naive(z, y), 5),
-            peak_extra(lambda: logprob_and_entropy(z, y)),
+            m_ours,
             peak_extra(lambda: naive(z, y)),
         )
 
@@ -110,13 +120,14 @@ def check_bandwidth(quick: bool) -> None:
         for dtype in (torch.bfloat16, torch.float32):
             z = torch.randn(n, v, device="cuda", dtype=dtype)
             y = torch.randint(0, v, (n,), device="cuda")
-            t_ours, t_naive, m_ours, m_naive = _kernel_vs_naive(z, y)
+            t_ours, t_torch, t_naive, m_ours, m_naive = _kernel_vs_naive(z, y)
             nbytes = z.numel() * z.element_size()
             tbps = nbytes / t_ours / 1e12
             pct = f"{100 * tbps / peak:.0f}%" if peak else "n/a"
             print(
                 f"  {n:>6} {v:>7} {str(dtype)[6:]:<9} {t_ours * 1e3:>8.2f} "
-                f"{t_naive * 1e3:>9.2f} {tbps:>10.2f} {pct:>7} {m_ours / 2**20:>15.0f} "
+                f"{t_torch * 1e3:>9.2f} {t_naive * 1e3:>9.2f} {tbps:>10.2f} {pct:>7} "
+                f"{m_ours / 2**20:>15.0f} "
                 f"{m_naive / 2**20:>16.0f} {nbytes / 2**20:>11.0f}"
             )
 
