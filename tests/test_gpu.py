@@ -109,12 +109,13 @@ def test_triton_forward_matches_pytorch_path(dtype, monkeypatch):
     z = z.to(dtype).cuda()
     y = y.cuda()
     z[5, 100:] = -float("inf")  # masked actions
+    assert entropy_module._triton_available(z)
     lp_t, h_t = logprob_and_entropy(z, y)
     strided = torch.cat([z, z], dim=1).reshape(48, 2, -1)[:, 1]  # a non-contiguous view
     lp_s, h_s = logprob_and_entropy(strided, y)
     monkeypatch.setattr(entropy_module, "USE_TRITON", False)
+    assert not entropy_module._triton_available(z)
     lp_p, h_p = logprob_and_entropy(z, y)
-    assert entropy_module._triton_available(z)
     torch.testing.assert_close(h_t, h_p, rtol=2e-6, atol=1e-12)
     torch.testing.assert_close(lp_t, lp_p, rtol=1e-6, atol=2e-6)
     torch.testing.assert_close(h_s, h_t, rtol=0, atol=0)
