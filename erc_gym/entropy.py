@@ -14,7 +14,9 @@ cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` an
 Every quantity is accumulated in fp32 whatever the input dtype, and the logits are processed in
 chunks of rows (tokens) -- and optionally of vocabulary columns, merged with running
 ``(m, s', u)`` accumulators -- so the full ``(N, V)`` fp32 tensor is never materialised. The
-backward pass recomputes the softmax chunk by chunk instead of saving it.
+backward pass recomputes the softmax chunk by chunk instead of saving it. On CUDA, when Triton is
+installed, the forward is one fused kernel with the same accumulators and merge rule (it reads the
+logits once); set ``erc_gym.entropy.USE_TRITON = False`` to force the PyTorch path.
 """
 
 from __future__ import annotations
