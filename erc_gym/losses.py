@@ -486,6 +486,8 @@ def policy_loss(
 
 
 def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts):  # one cat, no per-part work
+        return torch.cat(parts).reshape(-1).to(dtype)
     return torch.cat([p.reshape(-1).to(dtype) for p in parts])
 
 
@@ -516,16 +518,19 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
     with torch.no_grad():
         log_ratio = _cat([s.log_ratio for s in stats], dtype)
         adv = _cat([s.advantages for s in stats], dtype)
-        valid = torch.cat(
-            [
-                (
-                    s.valid
-                    if s.valid is not None
-                    else torch.ones_like(s.log_ratio, dtype=torch.bool)
-                ).reshape(-1)
-                for s in stats
-            ]
-        )
+        if all(s.valid is None for s in stats):
+            valid = torch.ones_like(log_ratio, dtype=torch.bool)
+        else:
+            valid = torch.cat(
+                [
+                    (
+                        s.valid
+                        if s.valid is not None
+                        else torch.ones_like(s.log_ratio, dtype=torch.bool)
+                    ).reshape(-1)
+                    for s in stats
+                ]
+            )
         ratio = torch.exp(log_ratio)
         v = valid.to(dtype)
         n = v.sum()

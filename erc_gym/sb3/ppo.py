@@ -235,7 +235,9 @@ class ERCPPO(PPO):
             clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
         # ERC: one loss configuration per update (schedules are evaluated once, as SB3 does).
         loss_config = self._loss_config()
-        track_entropy = self._tracks_entropy
+        # ERC: the current per-state entropy is needed only for the ERC mask; with ERC off the
+        # update costs what SB3's does (train/entropy then comes from SB3's entropy term).
+        track_entropy = self._tracks_entropy and loss_config.erc is not None
 
         # ERC: logged values stay tensors until the end of the update, where they are reduced
         # with one host sync (SB3 calls .item() several times per mini-batch).
@@ -329,6 +331,11 @@ class ERCPPO(PPO):
         for src, dst in _ERC_LOG_KEYS.items():
             if src in erc_keys:
                 self.logger.record(f"train/{dst}", erc_keys[src])
+        if not track_entropy and "entropy_loss" in sb3_keys:
+            self.logger.record("train/entropy", -sb3_keys["entropy_loss"])
+        if self._tracks_entropy and not track_entropy:
+            old_entropy = self.rollout_buffer.old_entropy  # type: ignore[attr-defined]
+            self.logger.record("train/entropy_old", float(np.mean(old_entropy)))
         if "grad_norm" in erc_keys:
             self.logger.record("train/grad_norm", erc_keys["grad_norm"])
         if self.clip_range_high is not None:
