@@ -56,25 +56,31 @@ def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, device: tor
 def _partial_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Statistics of one block of logits ``z`` (rows x columns, any float dtype).
 
-    Returns ``(m, s_excl, u, d, argmax)``: the raw row max, the sum of ``exp(-d)`` over all
-    columns but one argmax, ``sum(exp(-d) * d)``, the fp32 scaled gaps ``d = (m - z) / T`` and
-    the argmax column. ``d`` is returned so that callers can gather label log-probs from it.
+    Returns ``(m, s_excl, u, nd, argmax)``: the raw row max, the sum of ``exp(-d)`` over all
+    columns but one argmax, ``u = sum(exp(-d) * d)``, the fp32 negated scaled gaps
+    ``nd = -d = (z - m) / T <= 0`` (callers gather label log-probs from it) and the argmax column.
     """
     zf = z.float()
     m, idx = zf.max(dim=-1, keepdim=True)
-    # Scale the gap, not the logits: (m - z) is exact or nearly so, whereas z / T would round a
+    # Scale the gap, not the logits: (z - m) is exact or nearly so, whereas z / T would round a
     # large common offset before the subtraction.
-    d = m - zf
+    nd = zf - m
     if temperature != 1.0:
-        d.div_(temperature)
-    # -inf logits (masked actions) give d = inf, or NaN in a block that is all -inf; a finite
-    # stand-in makes their weight exp(-d) = 0 and keeps e * d = 0 instead of NaN
-    d.nan_to_num_(nan=_FP32_MAX, posinf=_FP32_MAX)
-    e = torch.neg(d).exp_()
+        nd.div_(temperature)
+    e = torch.exp(nd)
     e.scatter_(-1, idx, 0.0)
     s_excl = e.sum(dim=-1)
-    u = torch.linalg.vecdot(e, d)
-    return m.squeeze(-1), s_excl, u, d, idx.squeeze(-1)
+    u = -torch.linalg.vecdot(e, nd)
+    bad = torch.isnan(u)
+    if bool(bad.any()):
+        # -inf logits (masked actions) make e * nd = 0 * -inf = NaN, and a block that is all
+        # -inf has nd = NaN; a finite stand-in gives them weight exp(nd) = 0. Rare, so only
+        # the affected rows pay for it.
+        rows = bad.nonzero().squeeze(-1)
+        fixed = nd[rows].nan_to_num_(nan=-_FP32_MAX, neginf=-_FP32_MAX)
+        nd[rows] = fixed
+        u[rows] = -torch.linalg.vecdot(e[rows], fixed)
+    return m.squeeze(-1), s_excl, u, nd, idx.squeeze(-1)
 
 
 #: Up to this many actions, rows are computed in float64 with the textbook formula instead: as
@@ -122,12 +128,12 @@ def _row_block_stats(
     if vocab <= SMALL_VOCAB and vocab_chunk is None:
         return _small_vocab_stats(z, labels, temperature)
     if vocab_chunk is None or vocab_chunk >= vocab:
-        _, s, u, d, _ = _partial_stats(z, temperature)
+        _, s, u, nd, _ = _partial_stats(z, temperature)
         log_s = torch.log1p(s)
         entropy = log_s + u / (1.0 + s)
         if labels is None:
             return None, entropy
-        return -d.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_s, entropy
+        return nd.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_s, entropy
 
     state: tuple[Tensor, Tensor, Tensor] | None = None
     z_label = None
