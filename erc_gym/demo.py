@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         f"[{ppo_end['entropy_ratio_min']:.3f}, {ppo_end['entropy_ratio_max']:.3f}] with PPO and "
         f"[{erc_end['entropy_ratio_min']:.3f}, {erc_end['entropy_ratio_max']:.3f}] with ERC."
     )
+    print(
+        "ERC stops the gradient of every state outside its band; once all states with a "
+        "non-zero\nadvantage are outside, the gradient is 0 and what still moves the policy is "
+        "Adam's momentum."
+    )
 
 
 if __name__ == "__main__":
