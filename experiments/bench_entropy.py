@@ -40,7 +40,7 @@ def chunked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 FUNCS = {"naive": naive, "erc_gym": chunked}
 
 
-def _vm_hwm_bytes() -> int:
+def vm_hwm_bytes() -> int:
     """Peak resident set of this process image (VmHWM; unlike ru_maxrss it resets on exec)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -57,10 +57,10 @@ def _memory_child(name: str, n: int, v: int, dtype: str) -> None:
     fn(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))
     logits = torch.randn(n, v, dtype=getattr(torch, dtype))
     labels = torch.randint(0, v, (n,))
-    base = _vm_hwm_bytes()
+    base = vm_hwm_bytes()
     with torch.no_grad():
         fn(logits, labels)
-    peak = _vm_hwm_bytes()
+    peak = vm_hwm_bytes()
     print(json.dumps({"extra": peak - base, "logits": logits.numel() * logits.element_size()}))
 
 

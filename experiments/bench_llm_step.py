@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import torch
+from bench_entropy import vm_hwm_bytes  # same folder: the one peak-memory probe
 
 
 def make_trainer(erc: bool, vocab: int) -> Any:
@@ -47,25 +48,19 @@ def make_trainer(erc: bool, vocab: int) -> Any:
     return ERCTrainer(cfg, verifier=odd_length)
 
 
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
 def memory_child(erc: bool, vocab: int) -> None:
     """Subprocess: peak memory rise of one scoring pass + update."""
     trainer = make_trainer(erc, vocab)
     batch, _ = trainer._generate_batch()
     adv = trainer._rewards_and_advantages(batch)
     trainer.score(batch.select(torch.arange(8)))  # warm-up of the code paths
-    base = _vm_hwm()
+    base = vm_hwm_bytes()
     old_lp, old_h = trainer.score(batch)
     trainer._train_on(batch, old_lp, old_h, adv)
     r = batch.response_ids.shape[1]
-    print(json.dumps({"extra": _vm_hwm() - base, "btv_fp32": len(batch) * (r + 1) * vocab * 4}))
+    print(
+        json.dumps({"extra": vm_hwm_bytes() - base, "btv_fp32": len(batch) * (r + 1) * vocab * 4})
+    )
 
 
 def main() -> None:

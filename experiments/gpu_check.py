@@ -163,17 +163,27 @@ def check_loss_overhead() -> None:
         )
 
 
+def hundred_m_config(model_type: str, vocab: int, **overrides: object) -> object:
+    """A ~100M-parameter transformers config (768 wide, 12 layers) of ``model_type``."""
+    from transformers import AutoConfig
+
+    fields = {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        **overrides,
+    }
+    return AutoConfig.for_model(model_type, vocab_size=vocab, **fields)
+
+
 def check_model(quick: bool) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     vocab = 32_000
-    cfg = AutoConfig.for_model(
+    cfg = hundred_m_config(
         "llama",
-        vocab_size=vocab,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+        vocab,
         num_key_value_heads=12,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
@@ -256,19 +266,15 @@ def check_trainer(quick: bool) -> None:
     """A short run of the real LLM trainer (erc_gym.llm.ERCTrainer) on the ~100M model."""
     import tempfile
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from erc_gym.envs.tokenizer import CharTokenizer
     from erc_gym.llm import ERCTrainer, TrainerConfig
 
     tok = CharTokenizer.build("0123456789+-*=", vocab_size=32_000)
-    cfg = AutoConfig.for_model(
+    cfg = hundred_m_config(
         "qwen2",
-        vocab_size=len(tok),
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+        len(tok),
         num_key_value_heads=4,
         max_position_embeddings=256,
         tie_word_embeddings=True,
