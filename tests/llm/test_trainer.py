@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import erc_gym.llm.trainer as trainer_module
+from erc_gym.losses import clip_flags
 from erc_gym.llm import METRIC_KEYS, ERCTrainer, TrainerConfig, make_tiny_lm
 from erc_gym.llm.cli import build_parser, config_from_args, field_docs
 
@@ -79,18 +80,34 @@ def test_out_of_band_tokens_get_zero_gradient(tmp_path, monkeypatch):
     def spy(log_prob, old_log_prob, advantages, **kw):
         out = real(log_prob, old_log_prob, advantages, **kw)
         (grad,) = torch.autograd.grad(out.loss, log_prob, retain_graph=True)
-        seen.append((grad, out.erc_keep, kw["mask"]))
+        # Tokens that must carry gradient: kept by ERC, non-zero advantage, no PPO bound active.
+        ratio = torch.exp(log_prob.detach() - old_log_prob)
+        adv = (advantages[:, None] if advantages.dim() == 1 else advantages).expand_as(ratio)
+        flags = clip_flags(
+            ratio,
+            adv,
+            eps_low=cfg_loss.eps_low,
+            eps_high=cfg_loss.eps_high,
+            dual_clip_c=cfg_loss.dual_clip_c,
+        )
+        ppo_clipped = flags["clip_low"] | flags["clip_high"] | flags["dual_clip"]
+        live = out.erc_keep & kw["mask"] & (adv != 0) & ~ppo_clipped
+        seen.append((grad, out.erc_keep, kw["mask"], live))
         return out
 
+    cfg_loss = trainer.loss_config
     monkeypatch.setattr(trainer_module, "policy_loss", spy)
     trainer.train_step()
     clipped_total = 0
-    for grad, keep, mask in seen:
+    live_total = 0
+    for grad, keep, mask, live in seen:
         clipped = mask & ~keep
         clipped_total += int(clipped.sum())
+        live_total += int(live.sum())
         assert torch.all(grad[clipped] == 0)
         assert torch.all(grad[~mask] == 0)
-        assert not keep.any() or (grad[keep] != 0).any()
+        assert torch.all(grad[live] != 0)
+    assert live_total > 0  # some kept tokens carried a learning signal
     assert clipped_total > 0  # the later, off-policy mini-batches had out-of-band tokens
     assert seen[0][1][seen[0][2]].all()  # the first mini-batch is on-policy: nothing clipped
 
