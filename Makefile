@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 demo: setup
-	$(PY) -m erc_gym demo
+	$(PY) -m erc_gym experiment quick
 
 test: setup
 	$(PY) -m pytest -m "not slow and not gpu"

@@ -92,10 +92,10 @@ SMALL_VOCAB = 1024
 def _small_vocab_stats(
     z: Tensor, labels: Tensor | None, temperature: float
 ) -> tuple[Tensor | None, Tensor]:
-    zd = z.double()
     if temperature != 1.0:
-        zd = zd / temperature
-    logp = torch.log_softmax(zd, dim=-1)
+        logp = torch.log_softmax(z.double() / temperature, dim=-1)
+    else:
+        logp = torch.log_softmax(z, dim=-1, dtype=torch.float64)  # casts first: one op
     # entr(p) = -p log p with entr(0) = 0, so masked (-inf) actions contribute nothing
     entropy = torch.special.entr(logp.exp()).sum(-1).float()
     if labels is None:
@@ -479,7 +479,13 @@ def entropy_from_logits(
     """
     _check_inputs(logits, temperature, chunk_size)
     vocab = logits.shape[-1]
-    rows = _rows_per_chunk(math.prod(logits.shape[:-1]), vocab, chunk_size, logits.device)
+    n = math.prod(logits.shape[:-1])
+    rows = _rows_per_chunk(n, vocab, chunk_size, logits.device)
+    if vocab <= SMALL_VOCAB and vocab_chunk_size is None and rows == n and not logits.is_cuda:
+        # Few actions, one chunk (small-action RL): the fp64 rows directly, without the
+        # view / chunk bookkeeping, whose fixed cost would dominate at this size.
+        with torch.no_grad():
+            return _small_vocab_stats(logits.detach(), None, float(temperature))[1]
     with torch.no_grad():
         _, entropy = _forward_stats(
             logits.detach(), None, float(temperature), rows, vocab_chunk_size

@@ -24,17 +24,13 @@ import argparse
 import statistics
 
 import numpy as np
-import torch
 
-from erc_gym.advantages import group_advantages
-from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
-from erc_gym.envs.vocab_bandit import VocabBandit
-from erc_gym.losses import ERCConfig, LossConfig, policy_loss
+from erc_gym.bandit import BanditConfig, train_bandit
 
 
 def run(
     vocab: int,
-    config: LossConfig,
+    erc: tuple[float, float] | None,
     *,
     seed: int,
     iterations: int,
@@ -45,80 +41,33 @@ def run(
     sharp_fraction: float = 0.5,
     policy: str = "tabular",
 ) -> dict[str, float]:
-    """One training run; returns the per-batch drift statistics averaged over iterations."""
-    env = VocabBandit(
-        vocab_size=vocab, num_contexts=contexts, sharp_fraction=sharp_fraction, task_seed=seed
+    """One PPO-clip run (ERC band or None); the per-batch statistics averaged over iterations."""
+    config = BanditConfig(
+        vocab_size=vocab,
+        num_contexts=contexts,
+        sharp_fraction=sharp_fraction,
+        policy=policy,
+        iterations=iterations,
+        group=group,
+        minibatches=minibatches,
+        lr=lr,
+        loss="ppo",
+        erc_low=None if erc is None else erc[0],
+        erc_high=None if erc is None else erc[1],
+        seed=seed,
     )
-    reward_mask = torch.as_tensor(env.reward_mask, dtype=torch.float32)
-    prior = torch.as_tensor(env.prior_logits.copy())
-    gen = torch.Generator().manual_seed(seed)
-    if policy == "tabular":
-        table = prior.clone().requires_grad_(True)
-        params = [table]
-
-        def policy_logits() -> torch.Tensor:
-            return table
-    else:
-        # prior + a rank-8 correction whose vocabulary side is shared by all contexts, as an LLM
-        # shares its weights across states: a step in one context moves every other context too
-        ctx_emb = (0.1 * torch.randn(contexts, 8, generator=gen)).requires_grad_(True)
-        vocab_emb = torch.zeros(8, vocab, requires_grad=True)
-        params = [ctx_emb, vocab_emb]
-
-        def policy_logits() -> torch.Tensor:
-            return prior + ctx_emb @ vocab_emb
-
-    opt = torch.optim.Adam(params, lr=lr)
-    ctx = torch.arange(contexts).repeat_interleave(group)
-    stats: dict[str, list[float]] = {
-        k: [] for k in ("tv_unsampled", "abs_dH", "max_abs_log_h_ratio", "ratio_min", "ratio_max")
+    rows = train_bandit(config)[1:]  # the first line is the untrained prior
+    keys = {
+        "tv_unsampled": "tv_unsampled",
+        "abs_dH": "abs_entropy_change",
+        "max_abs_log_h_ratio": "max_abs_log_entropy_ratio",
+        "reward": "reward",
+        "sampled_outside_clip": "sampled_outside_clip",
+        "erc_clip_fraction": "erc_clip_fraction",
     }
-    stats["reward"] = []
-    stats["sampled_outside_clip"] = []
-    stats["erc_clip_fraction"] = []
-    for _ in range(iterations):
-        with torch.no_grad():
-            old_logits = policy_logits().detach().clone()
-            old_probs = torch.softmax(old_logits, -1)
-            actions = torch.multinomial(old_probs, group, replacement=True, generator=gen)
-            actions = actions.reshape(-1)
-            rewards = reward_mask[ctx, actions]
-            adv = group_advantages(rewards, group, scale="group")
-            old_lp, old_h = logprob_and_entropy(old_logits[ctx], actions)
-        stats["reward"].append(float(rewards.mean()))
-        perm = torch.randperm(len(actions), generator=gen)
-        erc_fracs = []
-        for idx in perm.chunk(minibatches):
-            lp, h = logprob_and_entropy(policy_logits()[ctx[idx]], actions[idx])
-            out = policy_loss(
-                lp, old_lp[idx], adv[idx], entropy=h, old_entropy=old_h[idx], config=config
-            )
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            erc_fracs.append(out.metrics.get("erc_clip_fraction", 0.0))
-        with torch.no_grad():
-            new_logits = policy_logits()
-            new_probs = torch.softmax(new_logits, -1)
-            sampled = torch.zeros_like(old_probs, dtype=torch.bool)
-            sampled[ctx, actions] = True
-            diff = (new_probs - old_probs).abs()
-            tv_u = 0.5 * (diff * ~sampled).sum(-1)
-            h_new = entropy_from_logits(new_logits)
-            h_old = entropy_from_logits(old_logits)
-            ratio = new_probs[ctx, actions] / old_probs[ctx, actions]
-        stats["tv_unsampled"].append(float(tv_u.mean()))
-        stats["abs_dH"].append(float((h_new - h_old).abs().mean()))
-        stats["max_abs_log_h_ratio"].append(float((h_new / h_old).log().abs().max()))
-        stats["ratio_min"].append(float(ratio.min()))
-        stats["ratio_max"].append(float(ratio.max()))
-        eps = (config.eps_low, config.eps_high)
-        outside = (ratio < 1 - eps[0]) | (ratio > 1 + eps[1])
-        stats["sampled_outside_clip"].append(float(outside.float().mean()))
-        stats["erc_clip_fraction"].append(statistics.mean(erc_fracs))
-    out = {k: statistics.mean(v) for k, v in stats.items() if k not in ("ratio_min", "ratio_max")}
-    out["ratio_min"] = min(stats["ratio_min"])
-    out["ratio_max"] = max(stats["ratio_max"])
+    out = {k: statistics.mean(r[src] for r in rows) for k, src in keys.items()}
+    out["ratio_min"] = min(r["sampled_ratio_min"] for r in rows)
+    out["ratio_max"] = max(r["sampled_ratio_max"] for r in rows)
     return out
 
 
@@ -144,9 +93,9 @@ def main() -> None:
         help="share of near-deterministic contexts in the prior",
     )
     args = parser.parse_args()
-    variants = {
-        "PPO-clip": LossConfig.ppo(),
-        "PPO-clip + ERC(0.95,1.05)": LossConfig.ppo(erc=ERCConfig(0.95, 1.05)),
+    variants: dict[str, tuple[float, float] | None] = {
+        "PPO-clip": None,
+        "PPO-clip + ERC(0.95,1.05)": (0.95, 1.05),
     }
     print(
         f"VocabBandit, {args.policy} policy, {args.contexts} contexts x {args.group} samples, "

@@ -14,29 +14,25 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import sb3_classic  # noqa: E402
 import vocab_drift  # noqa: E402
 
-from erc_gym.losses import ERCConfig, LossConfig  # noqa: E402
-
 
 def test_vocab_drift_measures_unsampled_drift():
     kw = {"seed": 0, "iterations": 2, "group": 8, "minibatches": 8, "lr": 0.2, "contexts": 4}
-    ppo = vocab_drift.run(256, LossConfig.ppo(), **kw)
-    erc = vocab_drift.run(256, LossConfig.ppo(erc=ERCConfig()), **kw)
+    ppo = vocab_drift.run(256, None, **kw)
+    erc = vocab_drift.run(256, (0.95, 1.05), **kw)
     assert ppo["tv_unsampled"] > 0 and ppo["abs_dH"] > 0
     assert ppo["erc_clip_fraction"] == 0 < erc["erc_clip_fraction"]
     assert 0 < ppo["ratio_min"] <= 1 <= ppo["ratio_max"]
 
 
-def test_sb3_classic_runs_skip_and_summarize(tmp_path):
-    cfg = sb3_classic.RunConfig("smoke", "CartPole-v1", "erc-0.95", 0, 512, 256, 2)
-    folder = Path(sb3_classic.run_one(cfg, str(tmp_path)))
+def test_sb3_classic_runs_and_summarizes(tmp_path):
+    args = "--variants erc-0.95 --seeds 1 --steps 512 --eval-every 256 --eval-episodes 2"
+    sb3_classic.main([*args.split(), "--workers", "1", "--root", str(tmp_path)])
+    folder = tmp_path / "sb3_classic" / "CartPole-v1-ppo-erc0.95-1.05" / "0"
     assert (folder / "done").exists()
     config = json.loads((folder / "config.json").read_text())
-    assert config["erc_low"] == 0.95 and config["algo"] == "ERCPPO"
-    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/mean_reward" in r for r in rows)
-    assert any("train/erc_clip_fraction" in r for r in rows)
-    table = sb3_classic.summarize(tmp_path, "smoke", "CartPole-v1", ["erc-0.95", "ppo"])
-    assert "| erc-0.95 | 1 |" in table and "| ppo |" not in table
+    assert config["erc"] == [0.95, 1.05] and config["kind"] == "sb3"
+    table = (tmp_path / "sb3_classic" / "summary_CartPole-v1.md").read_text()
+    assert "| CartPole-v1-ppo-erc0.95-1.05 | 1 |" in table
 
 
 @pytest.mark.slow

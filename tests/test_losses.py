@@ -369,3 +369,27 @@ def test_presets():
     assert d.erc == ERCConfig(0.95, 1.05)
     g = LossConfig.gppo()
     assert (g.clip, g.eps_low, g.eps_high, g.dual_clip_c) == ("gppo", 0.2, 0.2, 10.0)
+
+
+@pytest.mark.parametrize("numel", [1000, (1 << 16) + 1])
+def test_stop_gradient_forms_agree(numel):
+    """Both stop-gradient forms (torch.where below the size cut, autograd node above) agree."""
+    from erc_gym.losses import _stop_gradient_outside, _StopGradientOutside
+
+    g = torch.Generator().manual_seed(numel)
+    x = torch.randn(numel, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(numel, generator=g) > 0.4
+    weights = torch.randn(numel, generator=g, dtype=torch.float64)
+    outs = []
+    for form in (
+        _stop_gradient_outside,
+        _StopGradientOutside.apply,
+        lambda v, k: torch.where(k, v, v.detach()),
+    ):
+        y = form(x * 3.0, keep)
+        (grad,) = torch.autograd.grad((y * weights).sum(), x)
+        outs.append((y.detach(), grad))
+    for y, grad in outs[1:]:
+        assert torch.equal(y, outs[0][0])
+        assert torch.equal(grad, outs[0][1])
+    assert torch.equal(outs[0][1], torch.where(keep, 3.0 * weights, torch.zeros_like(weights)))

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
+from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
 from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, generate, response_logprobs
-from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
+from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 
 __all__ = ["METRIC_KEYS", "ERCTrainer", "TrainerConfig"]
 
@@ -44,6 +45,7 @@ METRIC_KEYS = (
     "entropy_ratio_q05",
     "entropy_ratio_q50",
     "entropy_ratio_q95",
+    "entropy_ratio_hist",
     "erc_clip_fraction",
     "clip_fraction",
     "grad_norm",
@@ -156,18 +158,7 @@ class TrainerConfig:
 
     def loss_config(self) -> LossConfig:
         """The :class:`LossConfig` of this run."""
-        makers = {"ppo": LossConfig.ppo, "dapo": LossConfig.dapo, "gppo": LossConfig.gppo}
-        if self.loss not in makers:
-            raise ValueError(f"loss must be one of {sorted(makers)}, got loss={self.loss!r}")
-        if (self.erc_low is None) != (self.erc_high is None):
-            raise ValueError(
-                f"erc_low and erc_high must both be set or both be None, got "
-                f"erc_low={self.erc_low}, erc_high={self.erc_high}"
-            )
-        erc = None
-        if self.erc_low is not None and self.erc_high is not None:
-            erc = ERCConfig(self.erc_low, self.erc_high)
-        return makers[self.loss](erc=erc)
+        return LossConfig.named(self.loss, self.erc_low, self.erc_high)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent settings."""
@@ -433,7 +424,7 @@ class ERCTrainer:
                 self.scheduler.step()
         return log
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
         """One generate -> score -> update step; returns its metrics line."""
         t0 = time.perf_counter()
         batch, fill = self._generate_batch()
@@ -456,7 +447,7 @@ class ERCTrainer:
         log: _StepLog,
         fill: dict[str, float],
         times: tuple[float, float, float, float],
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         t0, t1, t2, t3 = times
         loss = loss_metrics(log.stats)
         with torch.no_grad():
@@ -472,7 +463,7 @@ class ERCTrainer:
                 else [math.nan] * 3
             )
         n_tokens = int(batch.response_mask.sum()) * (1 + self.config.epochs)
-        line: dict[str, float] = {
+        line: dict[str, Any] = {
             "step": self.step,
             "response_length": float(batch.response_mask.sum(1).float().mean()),
             "entropy": loss.get("entropy_mean", math.nan),
@@ -480,6 +471,7 @@ class ERCTrainer:
             "entropy_ratio_q05": q[0],
             "entropy_ratio_q50": q[1],
             "entropy_ratio_q95": q[2],
+            "entropy_ratio_hist": ratio_histogram(rho),
             "grad_norm": float(np.mean(log.grad_norms)) if log.grad_norms else math.nan,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "tokens_per_second": n_tokens / max(t3 - t0, 1e-9),

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import erc_gym.llm.trainer as trainer_module
-from erc_gym.losses import clip_flags
 from erc_gym.llm import METRIC_KEYS, ERCTrainer, TrainerConfig, make_tiny_lm
 from erc_gym.llm.cli import build_parser, config_from_args, field_docs
+from erc_gym.losses import clip_flags
 
 LOSS_KEYS = (
     "pg_loss",

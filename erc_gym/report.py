@@ -1,0 +1,119 @@
+"""Markdown (and HTML) report of an experiment folder: the final-score table and the figures.
+
+``write_report(runs/<experiment>)`` writes ``report.md`` and ``report.html`` next to the runs,
+with one table per environment -- final score IQM and 95% bootstrap CI over seeds, the per-seed
+scores, and the entropy diagnostics of :mod:`erc_gym.diagnostics` -- followed by the figures of
+:mod:`erc_gym.plots` (generated if missing).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from erc_gym.analysis import SCORE_LABELS, load_runs, summarize
+
+__all__ = ["COLUMNS", "markdown_table", "write_report"]
+
+#: (summary key, column title) of the report tables.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("variant", "variant"),
+    ("runs", "runs done"),
+    ("iqm_ci", "final score IQM [95% CI]"),
+    ("per_seed", "per seed"),
+    ("entropy_final", "final entropy"),
+    ("entropy_volatility", "entropy volatility"),
+    ("grad_norm_spikes", "grad-norm spikes / run"),
+    ("erc_clip_fraction", "ERC clip fraction"),
+    ("clip_fraction", "PPO clip fraction"),
+    ("tv_unsampled", "TV un-sampled"),
+)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    out = []
+    for key, _ in COLUMNS:
+        if key == "iqm_ci":
+            out.append(f"{_fmt(row['iqm'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]")
+        elif key == "per_seed":
+            out.append(", ".join(_fmt(v) for v in row["per_seed"]))
+        else:
+            out.append(_fmt(row[key]))
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`erc_gym.analysis.summarize` rows."""
+    lines = [
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write ``report.md`` and ``report.html`` for an experiment folder; returns the .md path."""
+    from erc_gym.plots import plot_experiment
+
+    experiment_dir = Path(experiment_dir)
+    runs = load_runs(experiment_dir)
+    if not runs:
+        raise FileNotFoundError(f"no runs (config.json) below {experiment_dir}")
+    figures = plot_experiment(experiment_dir) if plots else []
+    spec_path = experiment_dir / "experiment.json"
+    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    rows = summarize(runs)
+    envs: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        envs.setdefault(row["env"], []).append(row)
+    name = spec.get("name", experiment_dir.name)
+    md = [f"# Experiment `{name}`", ""]
+    if spec.get("description"):
+        md += [spec["description"], ""]
+    md += [
+        f"Reproduce: `erc-gym experiment {name}` then `erc-gym report {experiment_dir}`.",
+        "",
+        "Final score: the last logged score of each run; IQM = interquartile mean over seeds, "
+        "95% percentile-bootstrap CI over seeds (with 3 seeds the IQM is the mean and the CI is "
+        "wide). Entropy volatility: std of the per-update change of log mean entropy. "
+        "Grad-norm spikes: updates above 3x the running median. Clip fractions and TV on "
+        "un-sampled actions: means over training. `–`: not logged for this run type.",
+        "",
+    ]
+    page = [f"<h1>Experiment <code>{html.escape(name)}</code></h1>"]
+    if spec.get("description"):
+        page.append(f"<p>{html.escape(spec['description'])}</p>")
+    for env, env_rows in envs.items():
+        kind = env_rows[0]["kind"]
+        md += [f"## {env}", "", f"Score: {SCORE_LABELS.get(kind, 'score')}.", ""]
+        md += [markdown_table(env_rows), ""]
+        page.append(f"<h2>{html.escape(env)}</h2><table border='1' cellpadding='4'>")
+        page.append("<tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr>")
+        for r in env_rows:
+            page.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>")
+        page.append("</table>")
+        for fig in figures:
+            if fig.suffix == ".png" and fig.name.startswith(f"{env}_"):
+                rel = fig.relative_to(experiment_dir)
+                md += [f"![{fig.stem}]({rel.as_posix()})", ""]
+                page.append(f"<p><img src='{rel.as_posix()}' style='max-width:100%'></p>")
+    out = experiment_dir / "report.md"
+    out.write_text("\n".join(md))
+    (experiment_dir / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>"
+        + html.escape(name)
+        + "</title></head><body>"
+        + "\n".join(page)
+        + "</body></html>\n"
+    )
+    return out
