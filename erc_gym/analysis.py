@@ -237,7 +237,8 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
     """One row per variant (in first-seen order) with the final-score IQM, CI and diagnostics.
 
     Keys: ``variant``, ``env``, ``runs`` (finished / total), ``iqm``, ``ci_low``, ``ci_high``,
-    ``mean``, ``per_seed`` (final scores), ``entropy_final``, ``entropy_volatility``,
+    ``mean``, ``per_seed`` (final scores), ``score_mean`` (mean of each run's logged scores -- an
+    area under the learning curve -- averaged over runs), ``entropy_final``, ``entropy_volatility``,
     ``grad_norm_spikes`` (mean per run), ``erc_clip_fraction``, ``clip_fraction`` and
     ``tv_unsampled`` (means over the run, then over runs).
     """
@@ -260,6 +261,7 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 "ci_high": hi,
                 "mean": _mean(finals),
                 "per_seed": finals,
+                "score_mean": _mean([_mean(r.series("score")[1]) for r in group]),
                 "entropy_final": _mean([e[-1] if e.size else math.nan for e in entropies]),
                 "entropy_volatility": _mean([entropy_volatility(e) for e in entropies]),
                 "grad_norm_spikes": _mean(

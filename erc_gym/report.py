@@ -24,6 +24,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("runs", "runs done"),
     ("iqm_ci", "final score IQM [95% CI]"),
     ("per_seed", "per seed"),
+    ("score_mean", "mean score over training"),
     ("entropy_final", "final entropy"),
     ("entropy_volatility", "entropy volatility"),
     ("grad_norm_spikes", "grad-norm spikes / run"),
@@ -73,6 +74,11 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     spec_path = experiment_dir / "experiment.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
     rows = summarize(runs)
+    if spec:  # the config's grid order (env, algorithm, band), not the folders' sort order
+        from erc_gym.runner import expand
+
+        order = {v: i for i, v in enumerate(dict.fromkeys(r.variant for r in expand(spec)))}
+        rows.sort(key=lambda r: order.get(r["variant"], len(order)))
     envs: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         envs.setdefault(row["env"], []).append(row)
@@ -85,7 +91,8 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
         "",
         "Final score: the last logged score of each run; IQM = interquartile mean over seeds, "
         "95% percentile-bootstrap CI over seeds (with 3 seeds the IQM is the mean and the CI is "
-        "wide). Entropy volatility: std of the per-update change of log mean entropy. "
+        "wide). Mean score over training: the average of all logged scores (an area under the "
+        "learning curve; higher = learnt sooner). Entropy volatility: std of the per-update change of log mean entropy. "
         "Grad-norm spikes: updates above 3x the running median. Clip fractions and TV on "
         "un-sampled actions: means over training. `–`: not logged for this run type.",
         "",

@@ -22,7 +22,8 @@ resumes unfinished ones from their last checkpoint (``checkpoint.pt`` / ``checkp
 * ``sb3``: :class:`~erc_gym.sb3.ERCPPO` on a Gymnasium id (``envs[i]["id"]``) with the zoo preset
   of :mod:`erc_gym.sb3.presets`; ERC off is ERCPPO with ``erc_low=erc_high=None`` (identical to
   SB3 PPO). ``dapo`` adds ``clip_range_high=0.28`` and dual-clip 10, ``gppo`` the
-  gradient-preserving clip with dual-clip 10. Logged with SB3's JSON logger plus
+  gradient-preserving clip with dual-clip 10. Presets with ``normalize`` get SB3's
+  ``VecNormalize`` (its statistics are checkpointed too). Logged with SB3's JSON logger plus
   :class:`~erc_gym.diagnostics.EntropyDynamicsCallback` and periodic evaluations.
 * ``bandit``: :func:`erc_gym.bandit.train_bandit` (settings: :class:`~erc_gym.bandit.BanditConfig`).
 * ``llm``: :class:`erc_gym.llm.ERCTrainer` (settings: :class:`~erc_gym.llm.TrainerConfig`).
@@ -237,6 +238,7 @@ def _run_sb3(run: RunSpec, folder: Path, resume: bool) -> None:
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.vec_env import VecNormalize
 
     from erc_gym.diagnostics import EntropyDynamicsCallback
     from erc_gym.sb3 import ERCPPO
@@ -245,22 +247,35 @@ def _run_sb3(run: RunSpec, folder: Path, resume: bool) -> None:
     env_id = run.env["id"]
     settings = {**run.settings, **{k: v for k, v in run.env.items() if k != "id"}}
     env_kw = make_env_kwargs(env_id)
-    if env_kw["normalize"]:
-        raise ValueError(f"{env_id}: presets with VecNormalize are not supported by the runner")
     total = int(settings.pop("steps", 0) or PRESETS[env_id]["n_timesteps"])
     eval_every = int(settings.pop("eval_every", max(total // 10, 1)))
     eval_episodes = int(settings.pop("eval_episodes", 10))
-    env = make_vec_env(env_id, n_envs=env_kw["n_envs"], seed=run.seed)
-    eval_env = make_vec_env(env_id, n_envs=1, seed=run.seed + 10_000)
+    ckpt = folder / "checkpoint.zip"
+    norm_stats = folder / "vecnormalize.pkl"
+    resuming = resume and ckpt.exists()
+    env: Any = make_vec_env(env_id, n_envs=env_kw["n_envs"], seed=run.seed)
+    eval_env: Any = make_vec_env(env_id, n_envs=1, seed=run.seed + 10_000)
+    if env_kw["normalize"]:  # the zoo preset normalises observations (and rewards)
+        if resuming and norm_stats.exists():
+            env = VecNormalize.load(str(norm_stats), env)
+        else:
+            env = VecNormalize(env, gamma=ppo_kwargs(env_id).get("gamma", 0.99))
+        # EvalCallback copies the training statistics into it before each evaluation
+        eval_env = VecNormalize(eval_env, training=False, norm_reward=False)
+
+    def save() -> None:
+        model.save(ckpt)
+        if isinstance(env, VecNormalize):
+            env.save(str(norm_stats))
+
     band = run.erc
     algo_kwargs = {
         **_SB3_ALGO_KWARGS[run.algorithm],
         "erc_low": None if band is None else band[0],
         "erc_high": None if band is None else band[1],
     }
-    ckpt = folder / "checkpoint.zip"
     metrics = folder / "metrics.jsonl"
-    if resume and ckpt.exists():
+    if resuming:
         model = ERCPPO.load(ckpt, env=env, device="cpu")
         done_steps = model.num_timesteps
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -283,7 +298,7 @@ def _run_sb3(run: RunSpec, folder: Path, resume: bool) -> None:
 
         def _on_step(self) -> bool:
             if self.num_timesteps >= self.next_save:
-                self.model.save(ckpt)
+                save()
                 self.next_save += eval_every
                 if stop_after is not None and self.num_timesteps >= stop_after:
                     raise _Interrupted(f"stopped after {self.num_timesteps} steps")
@@ -312,7 +327,7 @@ def _run_sb3(run: RunSpec, folder: Path, resume: bool) -> None:
     eval_cb.eval_freq = 1  # a final evaluation at the end of the budget
     eval_cb.n_calls = 0
     eval_cb.on_step()  # logs and dumps, with the last update's train/* keys
-    model.save(ckpt)
+    save()
     env.close()
     eval_env.close()
 

@@ -206,3 +206,25 @@ def test_llm_runs_through_the_runner(tmp_path):
     steps, acc = run.series("score")
     assert steps.tolist() == [0.0, 1.0, 2.0] and np.all((acc >= 0) & (acc <= 1))
     assert len(run.histograms()[1][-1]) == 40
+
+
+def test_sb3_preset_with_vecnormalize_resumes_its_statistics(tmp_path, monkeypatch):
+    spec = {
+        "name": "acro",
+        "kind": "sb3",
+        "seeds": 1,
+        "algorithms": ["ppo"],
+        "erc": [None],
+        "envs": [{"label": "Acrobot", "id": "Acrobot-v1"}],
+        "settings": {"steps": 2048, "eval_every": 1024, "eval_episodes": 1, "n_steps": 64},
+    }
+    monkeypatch.setenv("ERC_GYM_STOP_AFTER", "1024")
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_experiment(spec, tmp_path, workers=1, progress=False)
+    folder = tmp_path / "acro" / "Acrobot-ppo" / "0"
+    assert (folder / "vecnormalize.pkl").exists()
+    monkeypatch.delenv("ERC_GYM_STOP_AFTER")
+    run_experiment(spec, tmp_path, workers=1, progress=False)
+    rows = _lines(folder / "metrics.jsonl")
+    assert [r["time/total_timesteps"] for r in rows if "eval/mean_reward" in r] == [1024, 2048, 2048]
+    assert (folder / "done").exists()
