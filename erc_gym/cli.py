@@ -144,6 +144,7 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
+    parser.add_argument("--log-interval", type=int, default=1, help="updates between log dumps")
     parser.add_argument("--save", default=None, help="save the model to this .zip path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -182,8 +183,12 @@ def train_main(argv: list[str] | None = None) -> None:
     model.set_logger(configure(args.log_dir, formats))
     band = (args.erc_low, args.erc_high)
     model.learn(
-        steps, callback=EntropyDynamicsCallback(band=band), progress_bar=not args.no_progress
+        steps,
+        callback=EntropyDynamicsCallback(band=band),
+        log_interval=args.log_interval,
+        progress_bar=not args.no_progress,
     )
+    model.logger.dump(model.num_timesteps)  # the last update's keys
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")

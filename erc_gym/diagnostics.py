@@ -185,6 +185,14 @@ class EntropyDynamicsCallback(_sb3_callback_base()):  # type: ignore[misc]
                 "EntropyDynamicsCallback needs a Discrete action space (the full action "
                 f"distribution), got {self.model.action_space}"
             )
+        if isinstance(self.model.observation_space, spaces.Dict):
+            import warnings
+
+            warnings.warn(
+                "EntropyDynamicsCallback does not support Dict observations yet; it will log "
+                "nothing for this model",
+                stacklevel=2,
+            )
 
     def _on_step(self) -> bool:
         return True
@@ -200,7 +208,7 @@ class EntropyDynamicsCallback(_sb3_callback_base()):  # type: ignore[misc]
         buf = self.model.rollout_buffer
         obs_np = buf.observations
         if isinstance(obs_np, dict):
-            return  # Dict observations: not supported by the snapshot, skip silently
+            return  # Dict observations: warned about at training start
         n = min(buf.buffer_size * buf.n_envs, self.max_states)
         obs_flat = obs_np.reshape(-1, *obs_np.shape[2:])[:n]
         actions = torch.as_tensor(buf.actions.reshape(-1)[:n], dtype=torch.long)

@@ -92,9 +92,10 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
         "Final score: the last logged score of each run; IQM = interquartile mean over seeds, "
         "95% percentile-bootstrap CI over seeds (with 3 seeds the IQM is the mean and the CI is "
         "wide). Mean score over training: the average of all logged scores (an area under the "
-        "learning curve; higher = learnt sooner). Entropy volatility: std of the per-update change of log mean entropy. "
-        "Grad-norm spikes: updates above 3x the running median. Clip fractions and TV on "
-        "un-sampled actions: means over training. `–`: not logged for this run type.",
+        "learning curve; higher = learnt sooner). Entropy volatility: std of the per-update "
+        "change of log mean entropy. Grad-norm spikes: updates above 3x the running median. "
+        "Clip fractions and TV on un-sampled actions: means over training. "
+        "`–`: not logged for this run type.",
         "",
     ]
     page = [f"<h1>Experiment <code>{html.escape(name)}</code></h1>"]

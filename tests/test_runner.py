@@ -226,5 +226,6 @@ def test_sb3_preset_with_vecnormalize_resumes_its_statistics(tmp_path, monkeypat
     monkeypatch.delenv("ERC_GYM_STOP_AFTER")
     run_experiment(spec, tmp_path, workers=1, progress=False)
     rows = _lines(folder / "metrics.jsonl")
-    assert [r["time/total_timesteps"] for r in rows if "eval/mean_reward" in r] == [1024, 2048, 2048]
+    evals = [r["time/total_timesteps"] for r in rows if "eval/mean_reward" in r]
+    assert evals == [1024, 2048, 2048]
     assert (folder / "done").exists()
