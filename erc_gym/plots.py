@@ -29,8 +29,8 @@ __all__ = ["PANELS", "plot_curves", "plot_experiment", "plot_ratio_heatmaps"]
 PANELS: tuple[tuple[str, str], ...] = (
     ("score", ""),
     ("entropy", "mean policy entropy (nats)"),
-    ("erc_clip_fraction", "ERC clip fraction (share of states)"),
-    ("clip_fraction", "PPO clip fraction (share of samples)"),
+    ("erc_clip_fraction", "ERC clip fraction (share of states / tokens)"),
+    ("clip_fraction", "PPO clip fraction (share of samples / tokens)"),
     ("grad_norm", "gradient norm (before clipping)"),
     ("tv_unsampled", "TV on un-sampled actions"),
 )

@@ -10,7 +10,7 @@ from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
@@ -195,6 +195,49 @@ class ERCPPO(PPO):
         values, log_prob, entropy = self.policy.evaluate_actions(observations, actions)
         return values, log_prob, entropy, self.policy.action_dist
 
+    def _fused_discrete(self) -> bool:
+        """Whether ERC-on mini-batches can use :meth:`_evaluate_discrete` (plain SB3 MLP/CNN
+        actor-critic with a ``Discrete`` action space, ``evaluate_actions`` not overridden)."""
+        return (
+            isinstance(self.action_space, spaces.Discrete)
+            and isinstance(self.policy, ActorCriticPolicy)
+            and type(self.policy).evaluate_actions is ActorCriticPolicy.evaluate_actions
+            and isinstance(self.policy.action_dist, CategoricalDistribution)
+            and getattr(self.policy, "evaluate_actions_with_distribution", None) is None
+        )
+
+    def _evaluate_discrete(
+        self, observations: Any, actions: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        """``evaluate_actions`` for Discrete actions from one float64 log-softmax.
+
+        Returns ``(values, log_prob, entropy, new_entropy)``: the first three as SB3's (log-prob and
+        entropy differentiable, in the logits' dtype), ``new_entropy`` the detached fp32 per-state
+        entropy for the ERC mask. The forward pass mirrors ``ActorCriticPolicy.evaluate_actions``;
+        the textbook entropy in float64 is as accurate as :mod:`erc_gym.entropy`'s small-action
+        path (the same formula), and one log-softmax replaces SB3's distribution object, its
+        separate log-prob and entropy, and a second entropy pass for ERC.
+        """
+        policy = self.policy
+        features = policy.extract_features(observations)
+        if policy.share_features_extractor:
+            latent_pi, latent_vf = policy.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+            latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+        logits = policy.action_net(latent_pi)
+        values = policy.value_net(latent_vf)
+        logp = th.log_softmax(logits, dim=-1, dtype=th.float64)
+        log_prob = logp.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return (
+            values,
+            log_prob.to(logits.dtype),
+            entropy.to(logits.dtype),
+            entropy.detach().float(),
+        )
+
     def _loss_config(self) -> LossConfig:
         progress = self._current_progress_remaining
         # SB3's progress goes slightly below 0 in the last rollout, so a linear schedule can give
@@ -238,6 +281,9 @@ class ERCPPO(PPO):
         # ERC: the current per-state entropy is needed only for the ERC mask; with ERC off the
         # update costs what SB3's does (train/entropy then comes from SB3's entropy term).
         track_entropy = self._tracks_entropy and loss_config.erc is not None
+        # ERC: with ERC on and a plain Discrete actor-critic, one fused evaluation gives SB3's
+        # outputs and the ERC entropy (with ERC off the update is SB3's, bit for bit).
+        fused = track_entropy and self._fused_discrete()
 
         # ERC: logged values stay tensors until the end of the update, where they are reduced
         # with one host sync (SB3 calls .item() several times per mini-batch).
@@ -251,7 +297,17 @@ class ERCPPO(PPO):
                 if isinstance(self.action_space, spaces.Discrete):
                     actions = rollout_data.actions.long().flatten()
 
-                values, log_prob, entropy, dist = self._evaluate(rollout_data.observations, actions)
+                new_entropy: th.Tensor | None = None
+                old_entropy: th.Tensor | None = None
+                entropy: th.Tensor | None
+                if fused:
+                    values, log_prob, entropy, new_entropy = self._evaluate_discrete(
+                        rollout_data.observations, actions
+                    )
+                else:
+                    values, log_prob, entropy, dist = self._evaluate(
+                        rollout_data.observations, actions
+                    )
                 values = values.flatten()
                 advantages = rollout_data.advantages
                 if self.normalize_advantage and len(advantages) > 1:
@@ -259,9 +315,9 @@ class ERCPPO(PPO):
 
                 # ERC: the clipped surrogate (PPO / clip-higher / GPPO, dual-clip, ERC mask) is
                 # erc_gym's single policy loss; the ERC entropies come from erc_gym.entropy.
-                new_entropy = old_entropy = None
                 if track_entropy:
-                    new_entropy = state_entropy(dist)
+                    if new_entropy is None:
+                        new_entropy = state_entropy(dist)
                     old_entropy = rollout_data.old_entropy  # type: ignore[attr-defined]
                 pg = policy_loss(
                     log_prob,

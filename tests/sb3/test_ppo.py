@@ -382,3 +382,37 @@ def test_lunar_lander_preset_when_box2d_is_installed():
     )
     model.learn(256)
     assert "train/erc_clip_fraction" in model.logger.name_to_value
+
+
+def test_fused_discrete_evaluation_matches_sb3_and_the_kernel():
+    model = _collected_model()
+    assert model._fused_discrete()
+    data = next(model.rollout_buffer.get(64))
+    actions = data.actions.long().flatten()
+    values, log_prob, entropy, dist = model._evaluate(data.observations, actions)
+    f_values, f_log_prob, f_entropy, f_new = model._evaluate_discrete(data.observations, actions)
+    assert torch.equal(values, f_values)
+    torch.testing.assert_close(f_log_prob, log_prob, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f_entropy, entropy, rtol=1e-5, atol=1e-6)
+    assert torch.equal(f_new, state_entropy(dist))  # the same fp64 formula as erc_gym.entropy
+    params = list(model.policy.action_net.parameters())
+    grads = torch.autograd.grad((log_prob - 0.3 * entropy).sum(), params)
+    f_grads = torch.autograd.grad((f_log_prob - 0.3 * f_entropy).sum(), params)
+    for g, f in zip(grads, f_grads, strict=True):
+        torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_path_is_used_only_where_it_applies(monkeypatch):
+    fused_calls = []
+    real = ERCPPO._evaluate_discrete
+
+    def counting(self, *args):
+        fused_calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(ERCPPO, "_evaluate_discrete", counting)
+    _collected_model(n_epochs=1, batch_size=64).train()
+    assert len(fused_calls) == SMALL["n_steps"] // 64
+    fused_calls.clear()
+    _collected_model(n_epochs=1, batch_size=64, erc_low=None, erc_high=None).train()
+    assert not fused_calls  # ERC off: SB3's own evaluation, bit-identical to PPO
