@@ -347,7 +347,7 @@ class _StopGradientOutside(torch.autograd.Function):
 #: Below this many elements ``torch.where`` is the cheaper stop-gradient (a custom autograd node
 #: has a fixed Python cost of tens of microseconds, which dominates small-action RL mini-batches);
 #: above it :class:`_StopGradientOutside` saves the forward copy of a large token matrix.
-_WHERE_MAX_ELEMENTS = 1 << 16
+_WHERE_MAX_ELEMENTS = 1 << 12
 
 
 def _stop_gradient_outside(x: Tensor, keep: Tensor) -> Tensor:

@@ -371,7 +371,7 @@ def test_presets():
     assert (g.clip, g.eps_low, g.eps_high, g.dual_clip_c) == ("gppo", 0.2, 0.2, 10.0)
 
 
-@pytest.mark.parametrize("numel", [1000, (1 << 16) + 1])
+@pytest.mark.parametrize("numel", [1000, (1 << 12) + 1, 70_000])
 def test_stop_gradient_forms_agree(numel):
     """Both stop-gradient forms (torch.where below the size cut, autograd node above) agree."""
     from erc_gym.losses import _stop_gradient_outside, _StopGradientOutside
