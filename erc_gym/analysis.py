@@ -45,6 +45,8 @@ SERIES_KEYS: dict[str, dict[str, str]] = {
         "grad_norm": "train/grad_norm",
         "tv_unsampled": "diagnostics/tv_unsampled",
         "ratio_hist": "diagnostics/entropy_ratio_hist",
+        "entropy_old_clipped": "diagnostics/erc_clipped_entropy_old",
+        "entropy_old_kept": "diagnostics/erc_kept_entropy_old",
     },
     "bandit": {
         "step": "step",
@@ -55,6 +57,8 @@ SERIES_KEYS: dict[str, dict[str, str]] = {
         "grad_norm": "grad_norm",
         "tv_unsampled": "tv_unsampled",
         "ratio_hist": "entropy_ratio_hist",
+        "entropy_old_clipped": "erc_clipped_entropy_old_mean",
+        "entropy_old_kept": "erc_kept_entropy_old_mean",
     },
     "llm": {
         "step": "step",
@@ -64,6 +68,8 @@ SERIES_KEYS: dict[str, dict[str, str]] = {
         "clip_fraction": "clip_fraction",
         "grad_norm": "grad_norm",
         "ratio_hist": "entropy_ratio_hist",
+        "entropy_old_clipped": "erc_clipped_entropy_old_mean",
+        "entropy_old_kept": "erc_kept_entropy_old_mean",
     },
 }
 #: y-axis label of the score per kind.
@@ -237,10 +243,14 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
     """One row per variant (in first-seen order) with the final-score IQM, CI and diagnostics.
 
     Keys: ``variant``, ``env``, ``runs`` (finished / total), ``iqm``, ``ci_low``, ``ci_high``,
-    ``mean``, ``per_seed`` (final scores), ``score_mean`` (mean of each run's logged scores -- an
-    area under the learning curve -- averaged over runs), ``entropy_final``, ``entropy_volatility``,
+    ``mean``, ``per_seed`` (final scores), ``score_start`` (mean first logged score: the warm
+    start / initial policy where it is evaluated before training), ``score_mean`` (mean of each
+    run's logged scores -- an area under the learning curve -- averaged over runs),
+    ``entropy_final``, ``entropy_volatility``,
     ``grad_norm_spikes`` (mean per run), ``erc_clip_fraction``, ``clip_fraction`` and
-    ``tv_unsampled`` (means over the run, then over runs).
+    ``tv_unsampled``, ``entropy_old_clipped`` and ``entropy_old_kept`` (mean old entropy of the
+    states / tokens ERC clipped and kept; the SB3 callback's split uses its band even with ERC off)
+    -- means over the run, then over runs.
     """
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
@@ -261,6 +271,9 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 "ci_high": hi,
                 "mean": _mean(finals),
                 "per_seed": finals,
+                "score_start": _mean(
+                    [ys[0] if ys.size else math.nan for ys in (r.series("score")[1] for r in group)]
+                ),
                 "score_mean": _mean([_mean(r.series("score")[1]) for r in group]),
                 "entropy_final": _mean([e[-1] if e.size else math.nan for e in entropies]),
                 "entropy_volatility": _mean([entropy_volatility(e) for e in entropies]),
@@ -272,6 +285,10 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 ),
                 "clip_fraction": _mean([_mean(r.series("clip_fraction")[1]) for r in group]),
                 "tv_unsampled": _mean([_mean(r.series("tv_unsampled")[1]) for r in group]),
+                "entropy_old_clipped": _mean(
+                    [_mean(r.series("entropy_old_clipped")[1]) for r in group]
+                ),
+                "entropy_old_kept": _mean([_mean(r.series("entropy_old_kept")[1]) for r in group]),
             }
         )
     return rows

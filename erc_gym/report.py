@@ -22,6 +22,7 @@ __all__ = ["COLUMNS", "markdown_table", "write_report"]
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("variant", "variant"),
     ("runs", "runs done"),
+    ("score_start", "first score (mean)"),
     ("iqm_ci", "final score IQM [95% CI]"),
     ("per_seed", "per seed"),
     ("score_mean", "mean score over training"),
@@ -31,6 +32,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("erc_clip_fraction", "ERC clip fraction"),
     ("clip_fraction", "PPO clip fraction"),
     ("tv_unsampled", "TV un-sampled"),
+    ("h_old", "H_old clipped / kept"),
 )
 
 
@@ -45,6 +47,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
     for key, _ in COLUMNS:
         if key == "iqm_ci":
             out.append(f"{_fmt(row['iqm'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]")
+        elif key == "h_old":
+            out.append(f"{_fmt(row['entropy_old_clipped'])} / {_fmt(row['entropy_old_kept'])}")
         elif key == "per_seed":
             out.append(", ".join(_fmt(v) for v in row["per_seed"]))
         else:
@@ -94,7 +98,8 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
         "wide). Mean score over training: the average of all logged scores (an area under the "
         "learning curve; higher = learnt sooner). Entropy volatility: std of the per-update "
         "change of log mean entropy. Grad-norm spikes: updates above 3x the running median. "
-        "Clip fractions and TV on un-sampled actions: means over training. "
+        "Clip fractions, TV on un-sampled actions and the mean old entropy of ERC-clipped / kept "
+        "states (tokens): means over training. "
         "`–`: not logged for this run type.",
         "",
     ]

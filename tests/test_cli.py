@@ -64,7 +64,7 @@ def test_experiment_plot_and_report_commands(tmp_path, capsys):
     main(["plot", str(runs)])  # a runs folder: every experiment below it
     assert "V32_curves.png" in capsys.readouterr().out
     main(["report", str(runs / "mini"), "--no-plots"])
-    assert "| V32-ppo-erc0.9-1.1 | 2/2 |" in (runs / "mini" / "report.md").read_text()
+    assert "| V32-ppo-erc0.9-1.1 | 2/2 | " in (runs / "mini" / "report.md").read_text()
     with pytest.raises(SystemExit, match="no runs"):
         main(["report", str(tmp_path / "runs" / "mini" / "V32-ppo")])
 

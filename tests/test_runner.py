@@ -37,7 +37,9 @@ def test_grid_and_variant_names():
     assert runs[0].folder("runs").as_posix() == "runs/tiny/V64-ppo/0"
 
 
-@pytest.mark.parametrize("name", ["quick", "classic_control", "vocab_scaling", "band_sweep"])
+@pytest.mark.parametrize(
+    "name", ["quick", "classic_control", "vocab_scaling", "band_sweep", "tiny_lm", "llm_learning"]
+)
 def test_shipped_configs_load(name):
     spec = load_experiment(name)
     assert expand(spec)
@@ -167,7 +169,7 @@ def test_report_and_figures_from_a_synthetic_runs_folder(tmp_path):
     assert rows["V8-ppo-erc0.95-1.05"]["erc_clip_fraction"] == pytest.approx(0.2)
     report = write_report(folder)
     text = report.read_text()
-    assert "| V8-ppo | 3/3 | 0.6 [" in text
+    assert "| V8-ppo | 3/3 | 0 | 0.6 [" in text
     assert "figures/V8_curves.png" in text and "figures/V8_entropy_ratio.png" in text
     for name in ("V8_curves", "V8_entropy_ratio"):
         for ext in (".png", ".svg"):
