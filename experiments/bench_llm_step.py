@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -68,13 +69,23 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32_000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    trainers = {"DAPO": make_trainer(False, args.vocab), "DAPO+ERC": make_trainer(True, args.vocab)}
-    batch, _ = trainers["DAPO"]._generate_batch()
-    adv = trainers["DAPO"]._rewards_and_advantages(batch)
-    n_steps = trainers["DAPO"].config.prompts_per_step // trainers["DAPO"].config.mini_batch_prompts
-    times: dict[str, dict[str, list[float]]] = {k: {"score": [], "train": []} for k in trainers}
+    # One trainer, one batch, the same starting weights for every timed update: only the loss
+    # configuration differs between the variants (two model instances drift apart in their
+    # weights, and with them in CPU speed, which would be measured as "ERC's cost").
+    trainer = make_trainer(False, args.vocab)
+    configs = {"DAPO": trainer.loss_config, "DAPO+ERC": make_trainer(True, 64).loss_config}
+    batch, _ = trainer._generate_batch()
+    adv = trainer._rewards_and_advantages(batch)
+    n_steps = trainer.config.prompts_per_step // trainer.config.mini_batch_prompts
+    start = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
+    gen_state = trainer.data_gen.get_state()
+    times: dict[str, dict[str, list[float]]] = {k: {"score": [], "train": []} for k in configs}
     for i in range(args.repeats + 1):
-        for name, trainer in trainers.items():
+        for name, config in configs.items():
+            trainer.model.load_state_dict(start[0])
+            trainer.optimizer.load_state_dict(start[1])
+            trainer.data_gen.set_state(gen_state)
+            trainer.loss_config = config
             t0 = time.perf_counter()
             old_lp, old_h = trainer.score(batch)
             t1 = time.perf_counter()
@@ -92,7 +103,7 @@ def main() -> None:
         f"{'variant':<9} {'score pass ms':>14} {'ms / optimiser step':>20} {'peak extra MiB':>15}"
     )
     med = {}
-    for name in trainers:
+    for name in configs:
         out = subprocess.run(
             [
                 sys.executable,
