@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS_GPU",
     "entropy_from_logits",
     "logprob_and_entropy",
+    "small_action_logprob_and_entropy",
 ]
 
 #: Elements (rows x vocabulary) processed per chunk when ``chunk_size`` is None, on the CPU.
@@ -89,18 +90,64 @@ def _partial_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tenso
 SMALL_VOCAB = 1024
 
 
-def _small_vocab_stats(
-    z: Tensor, labels: Tensor | None, temperature: float
-) -> tuple[Tensor | None, Tensor]:
+_FP64_LOWEST = torch.finfo(torch.float64).min
+
+
+def _small_logp_entropy(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Float64 log-softmax of ``z / T`` and the textbook entropy (differentiable).
+
+    ``log p`` is clamped at float64's lowest value inside the product, so masked (-inf) actions
+    contribute 0 to the entropy and 0 to its gradient (no ``0 * inf``).
+    """
     if temperature != 1.0:
         logp = torch.log_softmax(z.double() / temperature, dim=-1)
     else:
         logp = torch.log_softmax(z, dim=-1, dtype=torch.float64)  # casts first: one op
-    # entr(p) = -p log p with entr(0) = 0, so masked (-inf) actions contribute nothing
-    entropy = torch.special.entr(logp.exp()).sum(-1).float()
+    entropy = -(logp.exp() * logp.clamp(min=_FP64_LOWEST)).sum(-1)
+    return logp, entropy
+
+
+def _small_vocab_stats(
+    z: Tensor, labels: Tensor | None, temperature: float
+) -> tuple[Tensor | None, Tensor]:
+    logp, entropy64 = _small_logp_entropy(z, temperature)
+    entropy = entropy64.float()
     if labels is None:
         return None, entropy
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float(), entropy
+
+
+def small_action_logprob_and_entropy(
+    logits: Tensor, actions: Tensor, *, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Differentiable log-prob of ``actions`` and entropy, for few actions (``V <= 1024``).
+
+    The same float64 textbook formula as this module's small-action path (so the entropy equals
+    :func:`entropy_from_logits` bit for bit), with plain autograd instead of the chunked kernel:
+    for RL policies with a handful of actions (SB3), where a custom autograd node's fixed cost
+    would dominate. Both outputs are float64; cast them as needed.
+
+    Args:
+        logits: ``(..., V)`` with ``V <= SMALL_VOCAB``.
+        actions: integer tensor of shape ``logits.shape[:-1]``.
+        temperature: sampling temperature (> 0).
+
+    Returns:
+        ``(log_prob, entropy)``, each of shape ``logits.shape[:-1]``, float64, differentiable.
+    """
+    _check_inputs(logits, temperature, None)
+    if logits.shape[-1] > SMALL_VOCAB:
+        raise ValueError(
+            f"small_action_logprob_and_entropy is for V <= {SMALL_VOCAB} actions, got "
+            f"V = {logits.shape[-1]}; use logprob_and_entropy"
+        )
+    if tuple(actions.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"actions must have shape {tuple(logits.shape[:-1])}, got {tuple(actions.shape)}"
+        )
+    logp, entropy = _small_logp_entropy(logits, float(temperature))
+    log_prob = logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    return log_prob, entropy
 
 
 def _merge(

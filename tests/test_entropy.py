@@ -241,3 +241,39 @@ def test_minus_infinity_logits_are_masked_actions():
     lp, h = logprob_and_entropy(x, labels.clamp(max=6), entropy_grad=True)
     (lp.sum() + h.sum()).backward()
     assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, 7:] == 0)
+
+
+def test_small_action_path_matches_the_kernel_with_gradients():
+    from erc_gym.entropy import small_action_logprob_and_entropy
+
+    g = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(64, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    logits.data[:8, 0] += 40.0  # near-deterministic states
+    actions = torch.randint(0, 6, (64,), generator=g)
+    lp, h = small_action_logprob_and_entropy(logits, actions)
+    assert torch.equal(h.float(), entropy_from_logits(logits))
+    ref_lp, _ = logprob_and_entropy(logits, actions)
+    torch.testing.assert_close(lp.float(), ref_lp, rtol=1e-6, atol=1e-6)
+    w = torch.randn(64, generator=g, dtype=torch.float64)
+    grad = torch.autograd.grad((w * (lp + h)).sum(), logits)[0]
+    # independent reference: float64 autograd through the textbook formula
+    p = torch.softmax(logits, -1)
+    ref = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1) - (
+        p * torch.log_softmax(logits, -1)
+    ).sum(-1)
+    ref_grad = torch.autograd.grad((w * ref).sum(), logits)[0]
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_small_action_path_masked_actions_and_errors():
+    from erc_gym.entropy import small_action_logprob_and_entropy
+
+    logits = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 0.0, -math.inf]], requires_grad=True)
+    lp, h = small_action_logprob_and_entropy(logits, torch.tensor([0, 1]))
+    (grad,) = torch.autograd.grad((lp + h).sum(), logits)
+    assert torch.isfinite(h).all() and torch.isfinite(grad).all()
+    assert torch.all(grad[logits.detach() == -math.inf] == 0)
+    with pytest.raises(ValueError, match="V <= 1024"):
+        small_action_logprob_and_entropy(torch.zeros(2, 2000), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="actions must have shape"):
+        small_action_logprob_and_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))

@@ -17,6 +17,7 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance, ob
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
+from erc_gym.entropy import SMALL_VOCAB, small_action_logprob_and_entropy
 from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
 from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
 from erc_gym.sb3.distributions import ERC_ACTION_SPACES, check_erc_action_space, state_entropy
@@ -197,9 +198,11 @@ class ERCPPO(PPO):
 
     def _fused_discrete(self) -> bool:
         """Whether ERC-on mini-batches can use :meth:`_evaluate_discrete` (plain SB3 MLP/CNN
-        actor-critic with a ``Discrete`` action space, ``evaluate_actions`` not overridden)."""
+        actor-critic, ``Discrete`` with at most ``SMALL_VOCAB`` actions, ``evaluate_actions`` not
+        overridden)."""
         return (
             isinstance(self.action_space, spaces.Discrete)
+            and int(self.action_space.n) <= SMALL_VOCAB
             and isinstance(self.policy, ActorCriticPolicy)
             and type(self.policy).evaluate_actions is ActorCriticPolicy.evaluate_actions
             and isinstance(self.policy.action_dist, CategoricalDistribution)
@@ -214,9 +217,10 @@ class ERCPPO(PPO):
         Returns ``(values, log_prob, entropy, new_entropy)``: the first three as SB3's (log-prob and
         entropy differentiable, in the logits' dtype), ``new_entropy`` the detached fp32 per-state
         entropy for the ERC mask. The forward pass mirrors ``ActorCriticPolicy.evaluate_actions``;
-        the textbook entropy in float64 is as accurate as :mod:`erc_gym.entropy`'s small-action
-        path (the same formula), and one log-softmax replaces SB3's distribution object, its
-        separate log-prob and entropy, and a second entropy pass for ERC.
+        log-prob and entropy come from
+        :func:`erc_gym.entropy.small_action_logprob_and_entropy` (the entropy module's float64
+        small-action formula, with plain autograd), and one log-softmax replaces SB3's
+        distribution object, its separate log-prob and entropy, and a second entropy pass for ERC.
         """
         policy = self.policy
         features = policy.extract_features(observations)
@@ -228,9 +232,7 @@ class ERCPPO(PPO):
             latent_vf = policy.mlp_extractor.forward_critic(vf_features)
         logits = policy.action_net(latent_pi)
         values = policy.value_net(latent_vf)
-        logp = th.log_softmax(logits, dim=-1, dtype=th.float64)
-        log_prob = logp.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        log_prob, entropy = small_action_logprob_and_entropy(logits, actions.long().reshape(-1))
         return (
             values,
             log_prob.to(logits.dtype),
