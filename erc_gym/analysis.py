@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from erc_gym.diagnostics import entropy_volatility, grad_norm_spikes
+from erc_gym.jsonl import read_jsonl
 
 __all__ = [
     "SCORE_LABELS",
@@ -143,19 +144,6 @@ class Run:
         return float(ys[-1]) if ys.size else math.nan
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run
-    return rows
-
-
 def load_runs(experiment_dir: str | Path) -> list[Run]:
     """Every ``<variant>/<seed>`` run folder below an experiment folder, sorted."""
     root = Path(experiment_dir)
@@ -168,7 +156,7 @@ def load_runs(experiment_dir: str | Path) -> list[Run]:
             Run(
                 path=folder,
                 config=json.loads(cfg.read_text()),
-                rows=_read_jsonl(folder / "metrics.jsonl"),
+                rows=read_jsonl(folder / "metrics.jsonl"),
                 done=(folder / "done").exists(),
             )
         )

@@ -32,6 +32,7 @@ import torch
 from erc_gym.advantages import group_advantages
 from erc_gym.diagnostics import ratio_histogram, unsampled_drift
 from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
+from erc_gym.jsonl import append_jsonl
 from erc_gym.losses import LossConfig, LossStats, entropy_ratio, loss_metrics, policy_loss
 
 __all__ = ["BANDIT_METRIC_KEYS", "BanditConfig", "train_bandit"]
@@ -188,8 +189,7 @@ def train_bandit(
 
     def write(line: dict[str, Any]) -> None:
         if path is not None:
-            with open(path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_jsonl(path / "metrics.jsonl", line)
 
     def checkpoint(iteration: int) -> None:
         if path is None:

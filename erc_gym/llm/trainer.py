@@ -28,6 +28,7 @@ from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
+from erc_gym.jsonl import append_jsonl
 from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
@@ -554,8 +555,7 @@ class ERCTrainer:
         return True
 
     def _write(self, line: dict[str, float]) -> None:
-        with open(self.run_path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_jsonl(self.run_path / "metrics.jsonl", line)
         if self._tb is not None:
             for k, v in line.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import erc_gym.llm.trainer as trainer_module
+from erc_gym.jsonl import read_jsonl
 from erc_gym.llm import METRIC_KEYS, ERCTrainer, TrainerConfig, make_tiny_lm
 from erc_gym.llm.cli import build_parser, config_from_args, field_docs
 from erc_gym.losses import clip_flags
@@ -164,9 +165,7 @@ def test_resume_gives_the_same_metrics(tmp_path):
     ERCTrainer(cfg, verifier=odd_length).train(max_steps=2)
     resumed = ERCTrainer(cfg, verifier=odd_length)
     resumed.train()
-    lines = [
-        json.loads(x) for x in (tmp_path / "b" / "llm" / "metrics.jsonl").read_text().splitlines()
-    ]
+    lines = read_jsonl(tmp_path / "b" / "llm" / "metrics.jsonl")  # strict JSON: NaN is null
     assert [ln["step"] for ln in lines] == [0, 1, 2, 3]
     for a, b in zip(straight, lines, strict=True):
         for key in set(a) - TIME_KEYS:
