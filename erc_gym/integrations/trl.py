@@ -225,7 +225,7 @@ class ERCGRPOConfig(GRPOConfig):
                 "recipe has no KL term)"
             )
         if self.erc_band is not None:
-            generate_every = self.steps_per_generation * self.num_iterations
+            generate_every = int(self.steps_per_generation or 1) * self.num_iterations
             if self.gradient_accumulation_steps % generate_every == 0:
                 raise ValueError(
                     "ERC needs off-policy mini-batches, but with gradient_accumulation_steps="
@@ -318,6 +318,7 @@ class ERCGRPOTrainer(GRPOTrainer):
                 f"ERCGRPOTrainer needs args=ERCGRPOConfig(...), got {type(config).__name__}"
             )
         super().__init__(*args, **kwargs)
+        self._erc_args = config
         self._erc: ERCConfig | None = config.erc_band
         self._erc_gppo = config.erc_clip == "gppo"
         self._erc_exact = config.erc_entropy == "exact"
@@ -382,7 +383,7 @@ class ERCGRPOTrainer(GRPOTrainer):
 
     # -- the two passes -----------------------------------------------------------------------
 
-    def _get_per_token_logps_and_entropies(  # type: ignore[override]
+    def _get_per_token_logps_and_entropies(
         self,
         model: Any,
         input_ids: Tensor,
@@ -454,7 +455,7 @@ class ERCGRPOTrainer(GRPOTrainer):
                     "entropy: set num_iterations >= 2 or steps_per_generation > "
                     "gradient_accumulation_steps (got gradient_accumulation_steps="
                     f"{self.args.gradient_accumulation_steps}, steps_per_generation="
-                    f"{self.args.steps_per_generation}, num_iterations={self.num_iterations})"
+                    f"{self._erc_args.steps_per_generation}, num_iterations={self.num_iterations})"
                 )
             return output
         if captured is None or captured[0] is not old_logps:
@@ -500,16 +501,17 @@ class ERCGRPOTrainer(GRPOTrainer):
     def _gppo_advantages(self, logps: Tensor, old_logps: Tensor, advantages: Tensor) -> Tensor:
         adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         adv = adv.detach().expand_as(logps)
-        clip = {
-            "eps_low": self.epsilon_low,
-            "eps_high": self.epsilon_high,
-            "dual_clip_c": self.args.delta,
-        }
+        eps_low, eps_high = float(self.epsilon_low), float(self.epsilon_high)
+        delta = self._erc_args.delta
         with torch.enable_grad():
             log_ratio = (logps.detach() - old_logps).requires_grad_()
             ratio = torch.exp(log_ratio)
-            gppo = clipped_objective(ratio, adv, clip="gppo", **clip)
-            ppo = clipped_objective(ratio, adv, clip="ppo", **clip)
+            gppo, ppo = (
+                clipped_objective(
+                    ratio, adv, clip=clip, eps_low=eps_low, eps_high=eps_high, dual_clip_c=delta
+                )
+                for clip in ("gppo", "ppo")
+            )
             (extra,) = torch.autograd.grad((gppo - ppo).sum(), log_ratio)
         ppo_value = ppo.detach()
         nonzero = ppo_value != 0
@@ -544,7 +546,7 @@ class ERCGRPOTrainer(GRPOTrainer):
         )
 
     def _erc_log_metrics(self, rho: Tensor, h_old: Tensor, valid: Tensor) -> None:
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if self.accelerator.unwrap_model(self.model).training else "eval"
         with torch.no_grad():
             sums = self._erc_metric_sums(rho, h_old, valid)
             total = self.accelerator.reduce(sums, reduction="sum").tolist()

@@ -1,0 +1,425 @@
+"""ERCGRPOTrainer on TRL's GRPOTrainer: equivalence, ERC gradients, metrics, errors (issue #9).
+
+Runs only where TRL is installed (``make test-trl`` builds that environment); the main suite skips
+it. Tiny Qwen2 models from a config and erc_gym's character tokenizer: no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
+from erc_gym.envs.tokenizer import CharTokenizer
+from erc_gym.integrations import trl as erc_trl
+from erc_gym.integrations.trl import (
+    ERC_METRIC_KEYS,
+    OLD_ENTROPY_KEY,
+    ERCGRPOConfig,
+    ERCGRPOTrainer,
+    check_trl_version,
+)
+from erc_gym.llm.model import make_tiny_lm
+from erc_gym.losses import ERCConfig, LossConfig, clip_flags, policy_loss
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["12+3=", "4*5=", "7-2=", "9+9=", "1+1=", "8*3=", "6-4=", "5+7="]
+
+
+def digit_share(completions: list[str], **kwargs: Any) -> list[float]:
+    """A reward with informative groups even for an untrained model: the share of digits."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    tok = CharTokenizer.build()
+    tok.padding_side = "left"
+    return tok
+
+
+def make_args(cls: type, tmp_path: Path, **overrides: Any) -> Any:
+    base: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 3,
+        "bf16": False,  # TRL defaults to bf16 even on CPU
+        "logging_steps": 1,
+        "report_to": "none",
+        "num_iterations": 2,
+        "learning_rate": 3e-2,
+        "seed": 0,
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    return cls(**{**base, **overrides})
+
+
+def make_trainer(cls: type, tokenizer: Any, tmp_path: Path, **overrides: Any) -> Any:
+    config_cls = ERCGRPOConfig if cls is ERCGRPOTrainer else GRPOConfig
+    args = make_args(config_cls, tmp_path, **overrides)
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
+    return cls(
+        model=make_tiny_lm(len(tokenizer)),
+        reward_funcs=digit_share,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def step_logs(trainer: Any) -> list[dict[str, Any]]:
+    return [log for log in trainer.state.log_history if "loss" in log]
+
+
+# -- equivalence with GRPOTrainer -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entropy", "entropy_coef"), [("trl", 0.0), ("exact", 0.0), ("exact", 0.05)]
+)
+def test_open_band_matches_grpo_trainer(tokenizer, tmp_path, entropy, entropy_coef):
+    """Band (0, inf) is ERC that never clips: the same run as GRPOTrainer, bit for bit.
+
+    With ``entropy_coef != 0`` this also shows that TRL's entropy bonus keeps its gradient (the
+    exact entropy feeds only the ratio).
+    """
+    extra = {"entropy_coef": entropy_coef}
+    base = make_trainer(GRPOTrainer, tokenizer, tmp_path / "a", **extra)
+    base.train()
+    erc = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path / "b",
+        erc_low=0.0,
+        erc_high=math.inf,
+        erc_entropy=entropy,
+        **extra,
+    )
+    erc.train()
+    a, b = step_logs(base), step_logs(erc)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == y["loss"]
+        assert x["grad_norm"] == y["grad_norm"]
+    for p, q in zip(base.model.parameters(), erc.model.parameters(), strict=True):
+        if entropy == "trl":
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert any(y["erc_clip_fraction"] == 0.0 for y in b)
+
+
+# -- ERC acts off-policy only -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"num_iterations": 2},
+        {"num_iterations": 1, "steps_per_generation": 2, "gradient_accumulation_steps": 1},
+    ],
+    ids=["num_iterations=2", "steps_per_generation>ga"],
+)
+def test_erc_clips_only_off_policy(tokenizer, tmp_path, schedule):
+    # a narrow band and a large step, so that one update of a random tiny model moves ratios out
+    trainer = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path,
+        erc_low=0.98,
+        erc_high=1.02,
+        max_steps=2,
+        learning_rate=0.1,
+        **schedule,
+    )
+    trainer.train()
+    first, second = step_logs(trainer)
+    assert first["erc_clip_fraction"] == 0.0  # on-policy: rho == 1 exactly
+    assert first["entropy_ratio_min"] == first["entropy_ratio_max"] == 1.0
+    assert second["erc_clip_fraction"] > 0.0
+    assert second["erc_clip_fraction"] == pytest.approx(
+        second["erc_clip_fraction_low"] + second["erc_clip_fraction_high"]
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"erc_low": 0.95, "erc_high": 1.05},
+        {},  # ERC off, off-policy schedule
+        {"num_iterations": 1},  # ERC off, on-policy: TRL skips the old pass
+    ],
+    ids=["erc-on", "erc-off", "erc-off-on-policy"],
+)
+def test_erc_metric_keys_in_log_history(tokenizer, tmp_path, overrides):
+    trainer = make_trainer(ERCGRPOTrainer, tokenizer, tmp_path, max_steps=2, **overrides)
+    trainer.train()
+    logs = step_logs(trainer)
+    for log in logs:
+        assert set(ERC_METRIC_KEYS) <= set(log)
+    if "erc_low" not in overrides:
+        assert all(log["erc_clip_fraction"] == 0.0 for log in logs)
+
+
+# -- per-token gradients against erc_gym.losses.policy_loss -----------------------------------
+
+
+def completion_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Full logits of the completion positions (the reference the fused head avoids)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    keep = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits
+    return logits[:, -keep - 1 : -1]
+
+
+AUTHORS = {
+    # ERC_SPEC section 3 in TRL terms: dual-clip c = 10 is TRL's `delta`, no KL, token-mean.
+    "dapo": (
+        {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "delta": 10.0, "beta": 0.0},
+        LossConfig.dapo,
+    ),
+    "gppo": (
+        {
+            "loss_type": "dapo",
+            "epsilon": 0.2,
+            "epsilon_high": 0.2,
+            "delta": 10.0,
+            "beta": 0.0,
+            "erc_clip": "gppo",
+        },
+        LossConfig.gppo,
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(AUTHORS))
+def test_authors_recipe_matches_policy_loss(tokenizer, tmp_path, monkeypatch, recipe):
+    """DAPO+ERC / GPPO+ERC in TRL config: loss value and per-token gradient of policy_loss."""
+    settings, make_loss = AUTHORS[recipe]
+    temperature = 0.7
+    trainer = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path,
+        erc_low=0.95,
+        erc_high=1.05,
+        temperature=temperature,
+        num_iterations=2,
+        per_device_train_batch_size=8,
+        num_generations=8,
+        **settings,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model
+    model.train()
+    # peaked, varied distributions, like a trained LM's (a random init is nearly uniform)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = inputs["completion_mask"].bool()
+    ids = inputs["completion_ids"]
+
+    # H_old: completion tokens, sampling temperature, erc_gym's entropy of the full logits
+    old_logits = completion_logits(model, inputs)
+    old_lp, old_h = logprob_and_entropy(old_logits, ids, temperature=temperature)
+    torch.testing.assert_close(inputs[OLD_ENTROPY_KEY][mask], old_h[mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs["old_per_token_logps"][mask], old_lp[mask], atol=1e-5, rtol=0)
+
+    # move the policy off the old one, as later mini-batches do
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3 * (p.std() if p.numel() > 1 else 1))
+
+    captured: dict[str, torch.Tensor] = {}
+    parent = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, *args, **kwargs):
+        out = parent(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            out[0].retain_grad()
+            captured["logps"] = out[0]
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    logps = captured["logps"]
+
+    _, new_h = logprob_and_entropy(completion_logits(model, inputs), ids, temperature=temperature)
+    leaf = logps.detach().clone().requires_grad_()
+    config = make_loss(erc=ERCConfig(0.95, 1.05))
+    ref = policy_loss(
+        leaf,
+        inputs["old_per_token_logps"],
+        inputs["advantages"],
+        entropy=new_h,
+        old_entropy=inputs[OLD_ENTROPY_KEY],
+        mask=mask,
+        config=config,
+    )
+    ref.loss.backward()
+
+    # TRL's "dapo" divides by the generation batch's token count / steps_per_generation;
+    # policy_loss's token-mean by this micro-batch's token count.
+    normalizer = float(inputs["num_items_in_batch"]) / trainer.args.steps_per_generation
+    count = float(mask.sum())
+    assert float(loss) * normalizer == pytest.approx(float(ref.loss) * count, rel=1e-5, abs=1e-6)
+    assert leaf.grad is not None and logps.grad is not None
+    torch.testing.assert_close(logps.grad * normalizer, leaf.grad * count, rtol=0, atol=1e-6)
+
+    # the comparison covers informative advantages, tokens ERC clipped, and tokens PPO clipped
+    assert bool((inputs["advantages"] != 0).any())
+    assert ref.erc_keep is not None
+    assert 0 < int((~ref.erc_keep & mask).sum()) < int(mask.sum())
+    ratio = torch.exp(logps.detach() - inputs["old_per_token_logps"])
+    adv = inputs["advantages"].unsqueeze(1).expand_as(ratio)
+    flags = clip_flags(ratio, adv, eps_low=config.eps_low, eps_high=config.eps_high)
+    clipped_kept = (flags["clip_low"] | flags["clip_high"]) & ref.erc_keep
+    assert int(clipped_kept.sum()) > 0
+    if recipe == "gppo":  # GPPO: clipped, kept tokens still carry gradient
+        assert bool((logps.grad[clipped_kept] != 0).all())
+    else:
+        assert bool((logps.grad[clipped_kept] == 0).all())
+
+
+# -- exact entropy ----------------------------------------------------------------------------
+
+
+def test_exact_entropy_head_transform_and_low_entropy():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 16, generator=gen)
+    weight = torch.randn(512, 16, generator=gen) * 3
+    bias = torch.randn(512, generator=gen) + 80.0  # large common offset
+    got = erc_trl._exact_entropy(
+        hidden, weight, bias, temperature=0.5, logit_scale=2.0, softcap=30.0
+    )
+    z = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double()) * 2.0
+    z = 30.0 * torch.tanh(z / 30.0) / 0.5
+    want = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    # rows chunked through the entropy module give the same entropies as one call
+    monolithic = entropy_from_logits(
+        torch.nn.functional.linear(hidden, weight, bias), temperature=1.0
+    )
+    torch.testing.assert_close(
+        erc_trl._exact_entropy(hidden, weight, bias, temperature=1.0), monolithic
+    )
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(1.0, 1.05), (0.95, 1.0), (-0.1, 1.05), (0.95, None), (float("nan"), 1.05)],
+)
+def test_bad_band(tmp_path, low, high):
+    with pytest.raises(ValueError, match="erc_low"):
+        make_args(ERCGRPOConfig, tmp_path, erc_low=low, erc_high=high)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "setting"),
+    [
+        ({"loss_type": "luspo"}, "loss_type"),
+        ({"loss_type": "vespo"}, "loss_type"),
+        ({"loss_type": "cispo", "erc_clip": "gppo"}, "loss_type"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"beta": 0.04}, "beta"),
+        ({"erc_clip": "dual"}, "erc_clip"),
+        ({"erc_entropy": "fast"}, "erc_entropy"),
+    ],
+)
+def test_unsupported_settings_refused(tmp_path, overrides, setting):
+    with pytest.raises(ValueError, match=setting):
+        make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05, **overrides)
+
+
+def test_on_policy_schedule_refused(tmp_path):
+    with pytest.raises(ValueError, match="num_iterations >= 2 or steps_per_generation"):
+        make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05, num_iterations=1)
+
+
+def test_missing_old_pass_raises(tokenizer, tmp_path):
+    trainer = make_trainer(ERCGRPOTrainer, tokenizer, tmp_path, erc_low=0.95, erc_high=1.05)
+    trainer.num_iterations = 1  # TRL's condition for the old pass now says "skip"
+    trainer.model.train()
+    with pytest.raises(RuntimeError, match="old-log-prob pass"):
+        trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_needs_erc_config(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="ERCGRPOConfig"):
+        ERCGRPOTrainer(
+            model=make_tiny_lm(len(tokenizer)),
+            reward_funcs=digit_share,
+            args=make_args(GRPOConfig, tmp_path),
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("version", ["1.15.2", "1.17.0", "0.27.0"])
+def test_trl_version_outside_tested_range(version):
+    with pytest.raises(RuntimeError, match=r"trl>=1\.16,<1\.17"):
+        check_trl_version(version)
+    check_trl_version("1.16.0")
+
+
+# -- two processes --------------------------------------------------------------------------
+
+
+def test_two_process_metrics_reduced(tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): ERC metrics are global means."""
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "ERC_TRL_DUMP": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",  # the multi-process launcher; the worker sets use_cpu=True (gloo)
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "tests" / "integrations" / "trl_ddp_worker.py"),
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # each rank saw different tokens, yet logged the same, globally reduced, values
+    for key in ("erc_clip_fraction", "entropy_old", "entropy_ratio_mean", "entropy_ratio_max"):
+        assert ranks[0]["logged"][key] == ranks[1]["logged"][key]
+    local = [r["sums"] for r in ranks]
+    assert local[0] != local[1]
+    for step in range(len(ranks[0]["logged"]["entropy_old"])):
+        n = local[0][step][0] + local[1][step][0]
+        clipped = sum(loc[step][1] + loc[step][2] for loc in local)
+        h_old = local[0][step][3] + local[1][step][3]
+        assert ranks[0]["logged"]["erc_clip_fraction"][step] == pytest.approx(clipped / n)
+        assert ranks[0]["logged"]["entropy_old"][step] == pytest.approx(h_old / n)
+    assert max(ranks[0]["logged"]["erc_clip_fraction"]) > 0
