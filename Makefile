@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: setup demo test test-slow test-gpu lint format bench clean
+.PHONY: setup demo test test-slow test-gpu test-trl lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,19 @@ test-slow: setup
 test-gpu: setup
 	$(PY) -m pytest -m gpu
 
+# TRL integration tests, in their own environment (TRL's pins differ from verl's; see
+# docs/scale_out.md). Creates $(VENV_TRL) on first use.
+VENV_TRL ?= .venv-trl
+
+$(VENV_TRL)/.installed: pyproject.toml constraints-cpu.txt
+	python3 -m venv $(VENV_TRL)
+	$(VENV_TRL)/bin/python -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev,trl]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV_TRL)/bin/python -c "import trl, torch; print('trl', trl.__version__, 'torch', torch.__version__)"
+	touch $@
+
+test-trl: $(VENV_TRL)/.installed
+	$(VENV_TRL)/bin/python -m pytest tests/integrations/test_trl.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -40,4 +53,4 @@ bench: setup
 	$(PY) experiments/bench_loss.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TRL) .pytest_cache .ruff_cache .mypy_cache .hypothesis
