@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="entropy for the ratio: erc_gym's exact kernel or TRL's fused-head formula",
     )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); default fp32")
+    p.add_argument(
+        "--cpu", action="store_true", help="train on the CPU (several processes talk over gloo)"
+    )
     p.add_argument("--report-to", default="none", help="TRL/transformers loggers, e.g. wandb")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the run")
     return p
@@ -101,6 +104,7 @@ def make_config(a: argparse.Namespace) -> Any:
         erc_high=None if a.no_erc else a.erc_high,
         erc_entropy=a.erc_entropy,
         bf16=a.bf16,
+        use_cpu=a.cpu,
         logging_steps=1,
         save_strategy="no",
         report_to=a.report_to,

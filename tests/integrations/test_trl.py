@@ -386,6 +386,36 @@ def test_trl_version_outside_tested_range(version):
     check_trl_version("1.16.0")
 
 
+# -- the example script -----------------------------------------------------------------------
+
+
+def load_example() -> Any:
+    import importlib.util
+
+    path = REPO / "examples" / "trl" / "train_erc_grpo.py"
+    spec = importlib.util.spec_from_file_location("train_erc_grpo", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_script_runs(tmp_path):
+    example = load_example()
+    out = tmp_path / "run"
+    argv = ["--max-steps", "2", "--num-problems", "16", "--cpu", "--output-dir", str(out)]
+    assert example.main([*argv, "--lr", "0.05"]) == 0
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [log for log in history if "loss" in log]
+    assert len(steps) == 2 and all("erc_clip_fraction" in log for log in steps)
+
+
+def test_example_script_bad_band_exits_2(capsys):
+    assert load_example().main(["--erc-low", "1.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "erc_low=1.2" in err[0]
+
+
 # -- two processes --------------------------------------------------------------------------
 
 
