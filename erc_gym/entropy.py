@@ -710,7 +710,7 @@ class _LinearLogProbEntropy(torch.autograd.Function):
             del z
             assert lp is not None
             log_prob[sl], entropy[sl], row_max[sl], log_s[sl] = lp, h, m, ls
-        ctx.save_for_backward(hidden, weight, bias, labels, entropy, row_max, log_s)
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy, row_max, log_s)  # type: ignore[arg-type]
         ctx.options = (temperature, logit_scale, softcap, chunk_rows)  # type: ignore[attr-defined]
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
