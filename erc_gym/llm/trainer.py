@@ -146,6 +146,10 @@ class TrainerConfig:
     """Trade compute for activation memory (large models)."""
     score_micro_batch: int = 64
     """Sequences per no-grad scoring forward."""
+    fused_head: bool = True
+    """Compute log-probs and entropies from the last hidden states and the LM-head weight chunk by
+    chunk (same values; no (tokens x vocabulary) logits in memory, which dominate for large
+    vocabularies). Off: the model's own logits are computed first."""
     save_every: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
     run_dir: str = "runs"
@@ -372,7 +376,12 @@ class ERCTrainer:
             part = batch.select(
                 torch.arange(start, min(start + self.config.score_micro_batch, len(batch)))
             )
-            lp, h = response_logprobs(self.model, part, temperature=self.config.temperature)
+            lp, h = response_logprobs(
+                self.model,
+                part,
+                temperature=self.config.temperature,
+                fused_head=self.config.fused_head,
+            )
             lps.append(lp)
             hs.append(h)
         return torch.cat(lps), torch.cat(hs)
@@ -396,7 +405,9 @@ class ERCTrainer:
                 groups = order[start : start + c.mini_batch_prompts]
                 rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)
                 mb = batch.select(rows)
-                lp, h = response_logprobs(self.model, mb, temperature=c.temperature)
+                lp, h = response_logprobs(
+                    self.model, mb, temperature=c.temperature, fused_head=c.fused_head
+                )
                 rows_d = rows.to(self.device)
                 out = policy_loss(
                     lp,

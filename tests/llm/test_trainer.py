@@ -256,3 +256,28 @@ def test_held_out_problems_are_disjoint_from_training(tmp_path):
         assert len(held) == len(trainer.eval_problems) == expected
         assert not held & {p["prompt"] for p in trainer.train_problems}
         assert len(trainer.train_problems) == 500
+
+
+def test_fused_head_gives_the_same_metrics(tmp_path):
+    """fused_head (hidden states + head weight, no logits) vs the model's own logits."""
+    runs = {}
+    for fused in (False, True):
+        cfg = small_config(tmp_path / str(fused), steps=2, fused_head=fused)
+        trainer = ERCTrainer(cfg, verifier=odd_length)
+        runs[fused] = trainer.train()
+    for a, b in zip(runs[False], runs[True], strict=True):
+        for key in set(a) - TIME_KEYS:
+            va, vb = a[key], b[key]
+            if isinstance(va, float) and math.isnan(va):
+                assert math.isnan(vb), key
+            else:
+                assert vb == pytest.approx(va, rel=1e-5, abs=1e-6), (key, va, vb)
+
+
+def test_fused_head_scores_equal_logits_path(tmp_path):
+    trainer = ERCTrainer(small_config(tmp_path), verifier=odd_length)
+    batch, _ = trainer._generate_batch()
+    lp_f, h_f = trainer_module.response_logprobs(trainer.model, batch, fused_head=True)
+    lp_l, h_l = trainer_module.response_logprobs(trainer.model, batch, fused_head=False)
+    torch.testing.assert_close(lp_f, lp_l, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_f, h_l, rtol=1e-5, atol=1e-6)
