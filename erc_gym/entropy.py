@@ -22,6 +22,9 @@ logits once); set ``erc_gym.entropy.USE_TRITON = False`` to force the PyTorch pa
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -379,17 +382,93 @@ def _forward_stats(
     log_prob = None
     if labels is not None:
         log_prob = torch.empty(n, dtype=torch.float32, device=logits.device)
-    for offset, view in views:
-        for start in range(0, view.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, view.shape[0])
-            out = slice(offset + start, offset + stop)
-            lp, h = _row_block_stats(
-                view[start:stop], None if labels is None else labels[out], temperature, vocab_chunk
-            )
-            entropy[out] = h
-            if log_prob is not None and lp is not None:
-                log_prob[out] = lp
+
+    def one_chunk(task: tuple[Tensor, slice]) -> None:
+        block, out = task
+        lp, h = _row_block_stats(
+            block, None if labels is None else labels[out], temperature, vocab_chunk
+        )
+        entropy[out] = h
+        if log_prob is not None and lp is not None:
+            log_prob[out] = lp
+
+    _run_chunks(one_chunk, _row_chunks(views, chunk_rows), logits.device)
     return log_prob, entropy
+
+
+def _row_chunks(views: list[tuple[int, Tensor]], chunk_rows: int) -> list[tuple[Tensor, slice]]:
+    """``(rows x V block, flat output slice)`` for every chunk of ``chunk_rows`` rows."""
+    return [
+        (view[start:stop], slice(offset + start, offset + stop))
+        for offset, view in views
+        for start in range(0, view.shape[0], chunk_rows)
+        for stop in (min(start + chunk_rows, view.shape[0]),)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU chunk scheduling (issue #11 item 4). Each chunk is ~10 element-wise ops; run with torch's
+# intra-op (OpenMP) threads, every op splits its work statically over all threads and waits at a
+# barrier, so when one core is busy with another process every op waits for the thread sharing
+# that core: 2.4-6x slower than the naive formula's few large ops. Instead, whole chunks go to
+# worker threads whose torch ops are single-threaded, taken from a shared queue, so a thread on
+# a free core simply takes more chunks and nothing waits per op.
+# ---------------------------------------------------------------------------------------------
+
+#: Spread CPU chunks over single-threaded workers (set False for torch's own intra-op threads).
+CPU_CHUNK_WORKERS = True
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+_in_worker = threading.local()
+
+
+def _worker_init() -> None:
+    torch.ones(1 << 16).add_(1)  # trigger torch's lazy per-thread setup before changing it
+    torch.set_num_threads(1)  # this thread's OpenMP setting (the caller restores the global one)
+    _in_worker.active = True
+
+
+def _cpu_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers whose torch ops run on one thread each (created once)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None and _pool[0] == threads:
+            return _pool[1]
+        if _pool is not None:
+            _pool[1].shutdown(wait=False)
+        pool = ThreadPoolExecutor(threads, "erc_gym-chunks", initializer=_worker_init)
+        barrier = threading.Barrier(threads)
+        try:
+            list(pool.map(lambda _: barrier.wait(), range(threads)))  # start every worker now
+        finally:
+            torch.set_num_threads(threads)  # the workers' set_num_threads(1) touched globals
+        _pool = (threads, pool)
+        return pool
+
+
+def _run_chunks(fn: Callable[[Any], None], tasks: Iterable[Any], device: torch.device) -> None:
+    """Run ``fn`` on every task: on CPU worker threads when that can help, else in order."""
+    tasks = list(tasks)
+    threads = torch.get_num_threads()
+    if (
+        not CPU_CHUNK_WORKERS
+        or device.type != "cpu"
+        or threads < 2
+        or len(tasks) < 2
+        or getattr(_in_worker, "active", False)
+    ):
+        for task in tasks:
+            fn(task)
+        return
+    grad_mode = torch.is_grad_enabled()
+
+    def run(task: Any) -> None:
+        with torch.set_grad_enabled(grad_mode):
+            fn(task)
+
+    # list() re-raises the first worker exception here
+    list(_cpu_pool(threads).map(run, tasks))
 
 
 class _LogProbEntropy(torch.autograd.Function):
@@ -429,14 +508,13 @@ class _LogProbEntropy(torch.autograd.Function):
         rows: int = ctx.chunk_rows  # type: ignore[attr-defined]
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, logits.shape[-1])
-        for offset, view in _row_views(logits):
-            for start in range(0, view.shape[0], rows):
-                stop = min(start + rows, view.shape[0])
-                sl = slice(offset + start, offset + stop)
-                g = _logits_grad(
-                    view[start:stop], labels[sl], entropy[sl], grad_lp, grad_h, sl, temperature
-                )
-                grad_rows[sl] = g.to(grad.dtype)
+
+        def one_chunk(task: tuple[Tensor, slice]) -> None:
+            block, sl = task
+            g = _logits_grad(block, labels[sl], entropy[sl], grad_lp, grad_h, sl, temperature)
+            grad_rows[sl] = g.to(grad.dtype)
+
+        _run_chunks(one_chunk, _row_chunks(_row_views(logits), rows), logits.device)
         return grad, None, None, None, None, None
 
 
