@@ -41,9 +41,9 @@ __all__ = [
     "small_action_logprob_and_entropy",
 ]
 
-#: Elements (rows x vocabulary) processed per chunk when ``chunk_size`` is None, on the CPU.
-#: Each chunk allocates about three fp32 temporaries of this size (12 MiB in all), independent
-#: of N, and small enough to stay in cache.
+#: Elements (rows x vocabulary) processed at once when ``chunk_size`` is None, on the CPU,
+#: shared between the chunk workers (each takes 1/threads of it). Each chunk allocates about three
+#: fp32 temporaries of its size (12 MiB in all), independent of N.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 #: The same on a GPU, where each chunk costs ~10 kernel launches: 32M elements (about 400 MiB of
 #: fp32 temporaries) keep launches rare while staying far below a large batch's logits.
@@ -55,7 +55,11 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is None:
-        budget = DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS_GPU
+        if device.type == "cpu":
+            # CPU chunk workers hold one chunk each at a time: split the budget between them
+            budget = DEFAULT_CHUNK_ELEMENTS // (torch.get_num_threads() if CPU_CHUNK_WORKERS else 1)
+        else:
+            budget = DEFAULT_CHUNK_ELEMENTS_GPU
         return max(1, min(n_rows, budget // max(vocab, 1)))
     return max(1, min(n_rows, chunk_size))
 
