@@ -17,7 +17,7 @@ from erc_gym.entropy import linear_logprob_and_entropy, logprob_and_entropy
 from erc_gym.envs.rewards import Verifier, score_completions
 from erc_gym.envs.tasks import Problem
 
-__all__ = ["RolloutBatch", "generate", "head_parameters", "response_logprobs"]
+__all__ = ["RolloutBatch", "check_fused_head", "generate", "head_parameters", "response_logprobs"]
 
 
 @dataclass
@@ -175,8 +175,10 @@ def head_parameters(model: Any) -> dict[str, Any]:
             f"set fused_head=False"
         )
     cfg = model.config
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-    if getattr(cfg, "logits_scaling", None):
+    scale = 1.0
+    if str(getattr(cfg, "model_type", "")).startswith("cohere") and cfg.logit_scale:
+        scale = float(cfg.logit_scale)  # other models' logit_scale (CLIP, MPT) means other things
+    if isinstance(getattr(cfg, "logits_scaling", None), (int, float)):
         scale /= float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None)
     return {
@@ -214,3 +216,33 @@ def response_logprobs(
         input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=r + 1
     ).logits[:, :-1]
     return logprob_and_entropy(logits, batch.response_ids, temperature=temperature)
+
+
+def check_fused_head(model: Any, batch: RolloutBatch, *, temperature: float = 1.0) -> None:
+    """Compare the fused head with the model's own logits on ``batch`` (no grad).
+
+    A model may transform its head's output in ways :func:`head_parameters` does not know (a
+    custom scaling, a second projection); this catches it before training on wrong numbers.
+
+    Raises:
+        ValueError: if log-probs or entropies differ by more than 1e-3 (fp32; 0.05 for 16-bit
+            weights, whose logits both paths round) on any response token.
+    """
+    with torch.no_grad():
+        lp_f, h_f = response_logprobs(model, batch, temperature=temperature, fused_head=True)
+        lp_m, h_m = response_logprobs(model, batch, temperature=temperature, fused_head=False)
+    mask = batch.response_mask.to(lp_f.device)
+    if not bool(mask.any()):
+        return
+    weight = model.get_output_embeddings().weight
+    tol = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 5e-2
+    err = max(
+        float((lp_f - lp_m).abs()[mask].max()),
+        float(((h_f - h_m).abs() / (1.0 + h_m.abs()))[mask].max()),
+    )
+    if not err <= tol:
+        raise ValueError(
+            f"fused_head: log-probs/entropies from the hidden states differ by {err:.3g} from the "
+            f"model's own logits ({type(model).__name__}: an output transform that "
+            f"head_parameters does not know?); set fused_head=False"
+        )

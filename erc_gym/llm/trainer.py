@@ -30,7 +30,7 @@ from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
 from erc_gym.jsonl import append_jsonl
 from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
-from erc_gym.llm.rollout import RolloutBatch, generate, response_logprobs
+from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 
 __all__ = ["METRIC_KEYS", "ERCTrainer", "TrainerConfig"]
@@ -242,6 +242,7 @@ class ERCTrainer:
         self.skipped_steps = 0
         self.nan_rewards = 0
         self._tb: Any = None
+        self._fused_head_checked = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -371,6 +372,9 @@ class ERCTrainer:
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The old policy's log-probs and entropies: one no-grad forward per micro-batch."""
+        if self.config.fused_head and not self._fused_head_checked:
+            check_fused_head(self.model, batch.select([0]), temperature=self.config.temperature)
+            self._fused_head_checked = True
         lps, hs = [], []
         for start in range(0, len(batch), self.config.score_micro_batch):
             part = batch.select(
