@@ -22,6 +22,9 @@ logits once); set ``erc_gym.entropy.USE_TRITON = False`` to force the PyTorch pa
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -30,14 +33,17 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_ELEMENTS_GPU",
+    "DEFAULT_HEAD_CHUNK_ELEMENTS",
+    "DEFAULT_HEAD_CHUNK_ELEMENTS_GPU",
     "entropy_from_logits",
+    "linear_logprob_and_entropy",
     "logprob_and_entropy",
     "small_action_logprob_and_entropy",
 ]
 
-#: Elements (rows x vocabulary) processed per chunk when ``chunk_size`` is None, on the CPU.
-#: Each chunk allocates about three fp32 temporaries of this size (12 MiB in all), independent
-#: of N, and small enough to stay in cache.
+#: Elements (rows x vocabulary) processed at once when ``chunk_size`` is None, on the CPU,
+#: shared between the chunk workers (each takes 1/threads of it). Each chunk allocates about three
+#: fp32 temporaries of its size (12 MiB in all), independent of N.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 #: The same on a GPU, where each chunk costs ~10 kernel launches: 32M elements (about 400 MiB of
 #: fp32 temporaries) keep launches rare while staying far below a large batch's logits.
@@ -49,13 +55,21 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 def _rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is None:
-        budget = DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS_GPU
+        if device.type == "cpu":
+            # CPU chunk workers hold one chunk each at a time: split the budget between them
+            budget = DEFAULT_CHUNK_ELEMENTS // (torch.get_num_threads() if CPU_CHUNK_WORKERS else 1)
+        else:
+            budget = DEFAULT_CHUNK_ELEMENTS_GPU
         return max(1, min(n_rows, budget // max(vocab, 1)))
     return max(1, min(n_rows, chunk_size))
 
 
-def _partial_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _partial_stats(
+    z: Tensor, temperature: float, overwrite: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Statistics of one block of logits ``z`` (rows x columns, any float dtype).
+
+    With ``overwrite=True`` an fp32 ``z`` is reused as the buffer of ``nd`` (one chunk less).
 
     Returns ``(m, s_excl, u, nd, argmax)``: the raw row max, the sum of ``exp(-d)`` over all
     columns but one argmax, ``u = sum(exp(-d) * d)``, the fp32 negated scaled gaps
@@ -65,7 +79,7 @@ def _partial_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tenso
     m, idx = zf.max(dim=-1, keepdim=True)
     # Scale the gap, not the logits: (z - m) is exact or nearly so, whereas z / T would round a
     # large common offset before the subtraction.
-    nd = zf - m
+    nd = zf.sub_(m) if overwrite and zf.dtype == torch.float32 else zf - m
     if temperature != 1.0:
         nd.div_(temperature)
     e = torch.exp(nd)
@@ -167,20 +181,39 @@ def _merge(
     return m_w, s_w + scale * total_l, u_w + scale * (u_l + delta * total_l)
 
 
+def _full_vocab_stats(
+    z: Tensor, labels: Tensor | None, temperature: float, overwrite: bool = False
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """``(log_prob or None, entropy, m, log1p(s'))`` of one block of rows over all columns.
+
+    ``m`` (row max) and ``log1p(s')`` (the log-normaliser relative to it) let a backward pass
+    rebuild ``log p = (z - m) / T - log1p(s')`` without another reduction, to full accuracy.
+    """
+    m, s, u, nd, _ = _partial_stats(z, temperature, overwrite)
+    log_s = torch.log1p(s)
+    entropy = log_s + u / (1.0 + s)
+    if labels is None:
+        return None, entropy, m, log_s
+    return nd.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_s, entropy, m, log_s
+
+
 def _row_block_stats(
-    z: Tensor, labels: Tensor | None, temperature: float, vocab_chunk: int | None
+    z: Tensor,
+    labels: Tensor | None,
+    temperature: float,
+    vocab_chunk: int | None,
+    overwrite: bool = False,
 ) -> tuple[Tensor | None, Tensor]:
-    """Log-prob of ``labels`` (or None) and entropy for one block of rows, fp32."""
+    """Log-prob of ``labels`` (or None) and entropy for one block of rows, fp32.
+
+    ``overwrite=True`` lets the full-vocabulary path use an fp32 ``z`` as scratch space.
+    """
     vocab = z.shape[-1]
     if vocab <= SMALL_VOCAB and vocab_chunk is None:
         return _small_vocab_stats(z, labels, temperature)
     if vocab_chunk is None or vocab_chunk >= vocab:
-        _, s, u, nd, _ = _partial_stats(z, temperature)
-        log_s = torch.log1p(s)
-        entropy = log_s + u / (1.0 + s)
-        if labels is None:
-            return None, entropy
-        return nd.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_s, entropy
+        lp, entropy, _, _ = _full_vocab_stats(z, labels, temperature, overwrite)
+        return lp, entropy
 
     state: tuple[Tensor, Tensor, Tensor] | None = None
     z_label = None
@@ -353,17 +386,93 @@ def _forward_stats(
     log_prob = None
     if labels is not None:
         log_prob = torch.empty(n, dtype=torch.float32, device=logits.device)
-    for offset, view in views:
-        for start in range(0, view.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, view.shape[0])
-            out = slice(offset + start, offset + stop)
-            lp, h = _row_block_stats(
-                view[start:stop], None if labels is None else labels[out], temperature, vocab_chunk
-            )
-            entropy[out] = h
-            if log_prob is not None and lp is not None:
-                log_prob[out] = lp
+
+    def one_chunk(task: tuple[Tensor, slice]) -> None:
+        block, out = task
+        lp, h = _row_block_stats(
+            block, None if labels is None else labels[out], temperature, vocab_chunk
+        )
+        entropy[out] = h
+        if log_prob is not None and lp is not None:
+            log_prob[out] = lp
+
+    _run_chunks(one_chunk, _row_chunks(views, chunk_rows), logits.device)
     return log_prob, entropy
+
+
+def _row_chunks(views: list[tuple[int, Tensor]], chunk_rows: int) -> list[tuple[Tensor, slice]]:
+    """``(rows x V block, flat output slice)`` for every chunk of ``chunk_rows`` rows."""
+    return [
+        (view[start:stop], slice(offset + start, offset + stop))
+        for offset, view in views
+        for start in range(0, view.shape[0], chunk_rows)
+        for stop in (min(start + chunk_rows, view.shape[0]),)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU chunk scheduling (issue #11 item 4). Each chunk is ~10 element-wise ops; run with torch's
+# intra-op (OpenMP) threads, every op splits its work statically over all threads and waits at a
+# barrier, so when one core is busy with another process every op waits for the thread sharing
+# that core: 2.4-6x slower than the naive formula's few large ops. Instead, whole chunks go to
+# worker threads whose torch ops are single-threaded, taken from a shared queue, so a thread on
+# a free core simply takes more chunks and nothing waits per op.
+# ---------------------------------------------------------------------------------------------
+
+#: Spread CPU chunks over single-threaded workers (set False for torch's own intra-op threads).
+CPU_CHUNK_WORKERS = True
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+_in_worker = threading.local()
+
+
+def _worker_init() -> None:
+    torch.ones(1 << 16).add_(1)  # trigger torch's lazy per-thread setup before changing it
+    torch.set_num_threads(1)  # this thread's OpenMP setting (the caller restores the global one)
+    _in_worker.active = True
+
+
+def _cpu_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers whose torch ops run on one thread each (created once)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None and _pool[0] == threads:
+            return _pool[1]
+        if _pool is not None:
+            _pool[1].shutdown(wait=False)
+        pool = ThreadPoolExecutor(threads, "erc_gym-chunks", initializer=_worker_init)
+        barrier = threading.Barrier(threads)
+        try:
+            list(pool.map(lambda _: barrier.wait(), range(threads)))  # start every worker now
+        finally:
+            torch.set_num_threads(threads)  # the workers' set_num_threads(1) touched globals
+        _pool = (threads, pool)
+        return pool
+
+
+def _run_chunks(fn: Callable[[Any], None], tasks: Iterable[Any], device: torch.device) -> None:
+    """Run ``fn`` on every task: on CPU worker threads when that can help, else in order."""
+    tasks = list(tasks)
+    threads = torch.get_num_threads()
+    if (
+        not CPU_CHUNK_WORKERS
+        or device.type != "cpu"
+        or threads < 2
+        or len(tasks) < 2
+        or getattr(_in_worker, "active", False)
+    ):
+        for task in tasks:
+            fn(task)
+        return
+    grad_mode = torch.is_grad_enabled()
+
+    def run(task: Any) -> None:
+        with torch.set_grad_enabled(grad_mode):
+            fn(task)
+
+    # list() re-raises the first worker exception here
+    list(_cpu_pool(threads).map(run, tasks))
 
 
 class _LogProbEntropy(torch.autograd.Function):
@@ -403,25 +512,83 @@ class _LogProbEntropy(torch.autograd.Function):
         rows: int = ctx.chunk_rows  # type: ignore[attr-defined]
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, logits.shape[-1])
-        for offset, view in _row_views(logits):
-            for start in range(0, view.shape[0], rows):
-                stop = min(start + rows, view.shape[0])
-                sl = slice(offset + start, offset + stop)
-                logp = torch.log_softmax(view[start:stop].float() / temperature, dim=-1)
-                p = logp.exp()
-                g = torch.zeros_like(p)
-                if grad_lp is not None:
-                    g_lp = grad_lp[sl].float().unsqueeze(-1)
-                    g.sub_(p * g_lp)
-                    g.scatter_add_(-1, labels[sl].unsqueeze(-1), g_lp)
-                if grad_h is not None:
-                    g_h = grad_h[sl].float().unsqueeze(-1)
-                    finite_logp = logp.clamp(min=-_FP32_MAX)  # p = 0 where logp = -inf
-                    g.sub_(p * (finite_logp + entropy[sl].unsqueeze(-1)) * g_h)
-                if temperature != 1.0:
-                    g.div_(temperature)
-                grad_rows[sl] = g.to(grad.dtype)
+
+        def one_chunk(task: tuple[Tensor, slice]) -> None:
+            block, sl = task
+            g = _logits_grad(block, labels[sl], entropy[sl], grad_lp, grad_h, sl, temperature)
+            grad_rows[sl] = g.to(grad.dtype)
+
+        _run_chunks(one_chunk, _row_chunks(_row_views(logits), rows), logits.device)
         return grad, None, None, None, None, None
+
+
+def _logits_grad(
+    z: Tensor,
+    labels: Tensor,
+    entropy: Tensor,
+    grad_lp: Tensor | None,
+    grad_h: Tensor | None,
+    rows: slice,
+    temperature: float,
+    overwrite: bool = False,
+    norm: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """fp32 gradient with respect to one block of logits ``z`` (rows ``rows`` of the outputs).
+
+    ``dlogp_y/dz = (onehot(y) - p) / T`` and ``dH/dz = -p * (log p + H) / T``, weighted by the
+    upstream gradients ``grad_lp`` and ``grad_h`` (either may be None). Works in place on one
+    fp32 buffer (a copy of ``z``, or ``z`` itself when ``overwrite=True`` and it is fp32), plus
+    one more for ``p`` when the entropy has a gradient.
+
+    ``norm = (m, log1p(s'))`` from the forward pass (:func:`_full_vocab_stats`) replaces the
+    log-sum-exp reduction and makes the label's ``1 - p_y = -expm1(log p_y)`` exact even when
+    ``p_y`` is within 1e-7 of 1 (``g_lp - p_y * g_lp`` would lose all its digits there).
+    """
+    if z.dtype != torch.float32:
+        w = z.float()
+    elif overwrite:
+        w = z
+    else:
+        w = z.clone()
+    # log-softmax in place, as torch.log_softmax computes it: (z - max) first, then log-sum-exp
+    if norm is None:
+        w.sub_(w.amax(dim=-1, keepdim=True).clamp(min=-_FP32_MAX))
+    else:
+        w.sub_(norm[0].unsqueeze(-1))
+    if temperature != 1.0:
+        w.div_(temperature)
+    if norm is None:
+        w.sub_(torch.logsumexp(w, dim=-1, keepdim=True))
+    else:
+        w.sub_(norm[1].unsqueeze(-1))
+    g_lp = None if grad_lp is None else grad_lp[rows].float().unsqueeze(-1)
+    lp_y = None if norm is None else w.gather(-1, labels.unsqueeze(-1))
+    if grad_h is None:
+        g = w.exp_()  # p
+        if g_lp is None:
+            return g.zero_()
+        g.mul_(-g_lp)
+    else:
+        p = w.exp()
+        g_h = grad_h[rows].float().unsqueeze(-1)
+        # -p * (log p + H) * g_h; clamping log p keeps p = 0 where log p = -inf
+        g = w.clamp_(min=-_FP32_MAX).add_(entropy.unsqueeze(-1)).mul_(p).mul_(-g_h)
+        if g_lp is not None:
+            g.addcmul_(p, g_lp, value=-1.0)
+        del p
+    if lp_y is not None and g_lp is not None:
+        g_y = g_lp * -torch.expm1(lp_y)
+        if grad_h is not None:
+            safe = lp_y.clamp(min=-_FP32_MAX)
+            g_y.sub_(
+                lp_y.exp() * (safe + entropy.unsqueeze(-1)) * grad_h[rows].float().unsqueeze(-1)
+            )
+        g.scatter_(-1, labels.unsqueeze(-1), g_y)
+    elif g_lp is not None:
+        g.scatter_add_(-1, labels.unsqueeze(-1), g_lp)
+    if temperature != 1.0:
+        g.div_(temperature)
+    return g
 
 
 def _check_inputs(logits: Tensor, temperature: float, chunk_size: int | None) -> None:
@@ -538,3 +705,299 @@ def entropy_from_logits(
             logits.detach(), None, float(temperature), rows, vocab_chunk_size
         )
     return entropy.reshape(logits.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused LM head: log-probs and entropies straight from hidden states, one chunk of tokens at a
+# time, so the (N, V) logits are never held (issue #13).
+# ---------------------------------------------------------------------------------------------
+
+#: Logit elements (tokens x vocabulary) per chunk of :func:`linear_logprob_and_entropy` when
+#: ``chunk_tokens`` is None, on the CPU: 32M fp32 elements (128 MiB; 220 tokens at V = 151,936)
+#: keep the GEMMs efficient (M >= ~200 rows) and the extra memory at about two such buffers,
+#: independent of N.
+DEFAULT_HEAD_CHUNK_ELEMENTS = 1 << 25
+#: The same on a GPU (256 MiB of fp32 logits per chunk).
+DEFAULT_HEAD_CHUNK_ELEMENTS_GPU = 1 << 26
+
+
+def _head_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    logit_scale: float,
+    softcap: float | None,
+    want_deriv: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """fp32 logits of one chunk of tokens, and ``d(capped)/d(scaled)`` when soft-capping.
+
+    The GEMM runs in the inputs' dtype (fp32 accumulation inside, as the model's own
+    ``nn.Linear`` head), so bf16/fp16 logits are rounded exactly as the model would round them.
+    """
+    z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    z = z.float()
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    deriv = None
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        if want_deriv:
+            deriv = 1.0 - z * z  # d(cap * tanh(x / cap)) / dx
+        z.mul_(softcap)
+    return z, deriv
+
+
+#: Vocabulary block of the hidden-state gradient ``g @ W``: one fp32 GEMM over a 152k-long
+#: vocabulary accumulates ~2e-5 relative rounding (measured: the materialised-logits path has
+#: it too); summing 8192-wide blocks' products in fp64 brings it to ~1e-7 for a few extra GEMMs.
+_GRAD_VOCAB_BLOCK = 8192
+
+
+def _vocab_blocked_mm(g: Tensor, weight: Tensor) -> Tensor:
+    """``g @ weight`` (``g`` fp32 ``(n, V)``) in ``weight``'s dtype, summed over vocab blocks."""
+    vocab = weight.shape[0]
+    acc = torch.zeros(g.shape[0], weight.shape[1], dtype=torch.float64, device=g.device)
+    for start in range(0, vocab, _GRAD_VOCAB_BLOCK):
+        block = slice(start, start + _GRAD_VOCAB_BLOCK)
+        acc.add_(g[:, block].to(weight.dtype) @ weight[block])
+    return acc.to(weight.dtype)
+
+
+class _LinearLogProbEntropy(torch.autograd.Function):
+    """Fused head: forward and backward both compute each chunk's logits from ``hidden @ W.T``.
+
+    Takes flat ``(N, H)`` hidden states and ``(N,)`` labels; returns flat fp32 outputs.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        temperature: float,
+        logit_scale: float,
+        softcap: float | None,
+        chunk_rows: int,
+        entropy_grad: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        log_prob, entropy, row_max, log_s = (
+            torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4)
+        )
+        for start in range(0, n, chunk_rows):
+            sl = slice(start, min(start + chunk_rows, n))
+            z, _ = _head_logits(hidden[sl], weight, bias, logit_scale, softcap, False)
+            lp, h, m, ls = _full_vocab_stats(z, labels[sl], temperature, overwrite=True)
+            del z
+            assert lp is not None
+            log_prob[sl], entropy[sl], row_max[sl], log_s[sl] = lp, h, m, ls
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy, row_max, log_s)  # type: ignore[arg-type]
+        ctx.options = (temperature, logit_scale, softcap, chunk_rows)  # type: ignore[attr-defined]
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return log_prob, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_lp: Tensor | None, grad_h: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        hidden, weight, bias, labels, entropy, row_max, log_s = saved
+        temperature, logit_scale, softcap, rows = ctx.options  # type: ignore[attr-defined]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulators across chunks (a bf16 sum over many chunks would lose digits)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None
+        if need_b:
+            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        n = hidden.shape[0]
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
+            h_c = hidden[sl]
+            z, deriv = _head_logits(h_c, weight, bias, logit_scale, softcap, True)
+            g = _logits_grad(
+                z,
+                labels[sl],
+                entropy[sl],
+                grad_lp,
+                grad_h,
+                sl,
+                temperature,
+                overwrite=True,
+                norm=(row_max[sl], log_s[sl]),
+            )
+            del z
+            if deriv is not None:
+                g.mul_(deriv)
+                del deriv
+            if logit_scale != 1.0:
+                g.mul_(logit_scale)
+            if grad_hidden is not None:
+                grad_hidden[sl] = _vocab_blocked_mm(g, weight)
+            if need_w:
+                grad_w.addmm_(g.T, h_c.float())
+            if grad_b is not None:
+                grad_b.add_(g.sum(dim=0))
+            del g
+        return (
+            grad_hidden,
+            grad_w.to(weight.dtype) if need_w else None,
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _check_head_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    chunk_tokens: int | None,
+    logit_scale: float,
+    softcap: float | None,
+) -> None:
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+        raise ValueError(
+            f"hidden must be a floating-point tensor, got "
+            f"{type(hidden).__name__} {getattr(hidden, 'dtype', '')}"
+        )
+    if hidden.ndim < 1:
+        raise ValueError(f"hidden must have shape (..., H), got {tuple(hidden.shape)}")
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must be a (V, H) tensor with V >= 1, got "
+            f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+        )
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(
+            f"weight must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
+            f"got ({weight.dtype}, {weight.device})"
+        )
+    vocab = weight.shape[0]
+    if bias is not None and (
+        tuple(bias.shape) != (vocab,) or bias.dtype != hidden.dtype or bias.device != hidden.device
+    ):
+        raise ValueError(
+            f"bias must be a ({vocab},) tensor of hidden's dtype and device, got "
+            f"{tuple(bias.shape)} {bias.dtype} {bias.device}"
+        )
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
+            f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.numel() and bool(((labels < 0) | (labels >= vocab)).any()):
+        raise ValueError(
+            f"labels must lie in [0, {vocab}), got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or finite and > 0, got {softcap}")
+
+
+def linear_logprob_and_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+    entropy_grad: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Log-prob of ``labels`` and full-vocabulary entropy from hidden states and an LM head.
+
+    The same values as ``logprob_and_entropy(hidden @ weight.T + bias, labels)`` without ever
+    holding the ``(N, V)`` logits: each chunk of ``chunk_tokens`` tokens gets its logits from one
+    GEMM, reduced at once with the cancellation-free formula of this module (the same code), and
+    the backward pass recomputes them chunk by chunk. Extra memory is about two chunks of fp32
+    logits plus the outputs (and an fp32 ``(V, H)`` accumulator for the weight gradient),
+    independent of N. Tied embeddings need nothing special: pass the shared matrix.
+
+    The logits are ``softcap * tanh(logit_scale * z / softcap)`` (``z = hidden @ weight.T +
+    bias``), then divided by ``temperature``: ``logit_scale`` covers Cohere / Command-R
+    (``config.logit_scale``) and Granite (``1 / config.logits_scaling``); ``softcap`` covers
+    Gemma-2 / Gemma-3 (``config.final_logit_softcapping``). Soft-capping costs one more chunk
+    buffer in the backward pass.
+
+    Args:
+        hidden: ``(..., H)`` final hidden states (after the model's final norm), fp32/bf16/fp16.
+        weight: ``(V, H)`` LM-head weight (``model.lm_head.weight``), same dtype and device.
+        labels: ``(...)`` integer token ids in ``[0, V)``.
+        bias: optional ``(V,)`` head bias.
+        temperature: sampling temperature (> 0).
+        chunk_tokens: tokens per chunk; ``None`` picks ``DEFAULT_HEAD_CHUNK_ELEMENTS // V`` on the
+            CPU (``DEFAULT_HEAD_CHUNK_ELEMENTS_GPU // V`` on a GPU), at least 1.
+        entropy_grad: let gradient flow into the entropy (needed only for an entropy bonus).
+        logit_scale: multiplies the head's output before soft-capping (> 0).
+        softcap: final-logit soft-capping value, or ``None`` for none.
+
+    Returns:
+        ``(log_prob, entropy)``, fp32, of shape ``hidden.shape[:-1]``. ``log_prob`` is
+        differentiable with respect to ``hidden``, ``weight`` and ``bias``; ``entropy`` only
+        when ``entropy_grad=True``.
+
+    Raises:
+        ValueError: on non-floating ``hidden``, a ``weight`` / ``bias`` / ``labels`` shape or
+            dtype that does not match, labels out of range, or a non-positive setting.
+
+    Example:
+        >>> hidden, head = torch.randn(2, 5, 64), torch.randn(1000, 64)
+        >>> labels = torch.randint(0, 1000, (2, 5))
+        >>> log_prob, entropy = linear_logprob_and_entropy(hidden, head, labels)
+        >>> log_prob.shape, entropy.shape
+        (torch.Size([2, 5]), torch.Size([2, 5]))
+    """
+    _check_head_inputs(
+        hidden, weight, labels, bias, temperature, chunk_tokens, logit_scale, softcap
+    )
+    lead = hidden.shape[:-1]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    n, vocab = flat_hidden.shape[0], weight.shape[0]
+    if chunk_tokens is None:
+        budget = (
+            DEFAULT_HEAD_CHUNK_ELEMENTS
+            if hidden.device.type == "cpu"
+            else DEFAULT_HEAD_CHUNK_ELEMENTS_GPU
+        )
+        rows = max(1, min(n, budget // vocab))
+    else:
+        rows = max(1, min(n, chunk_tokens))
+    log_prob, entropy = _LinearLogProbEntropy.apply(
+        flat_hidden,
+        weight,
+        bias,
+        flat_labels,
+        float(temperature),
+        float(logit_scale),
+        None if softcap is None else float(softcap),
+        rows,
+        entropy_grad,
+    )
+    return log_prob.reshape(lead), entropy.reshape(lead)

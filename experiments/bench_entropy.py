@@ -5,22 +5,29 @@ Naive: ``lp = log_softmax(z); H = -(exp(lp) * lp).sum(-1); lp.gather(...)``.
 Peak memory is measured in a fresh subprocess per case as the rise of the process's peak RSS
 (``VmHWM``) over the RSS right after the logits were allocated and touched, so it counts every
 temporary the function allocates. Time is the median of repeated calls in one process, the two
-functions alternated so that machine noise hits both.
+functions alternated so that machine noise hits both. Each timing is done twice: with the
+machine as it is ("idle", though other users may be running) and with one extra process of ours
+spinning on a core ("busy"), the condition of issue #11 item 4 (env workers, data loaders or
+other experiments beside the training process).
 
 Usage::
 
     python experiments/bench_entropy.py                 # N = 4096, V in {32768, 151936}
     python experiments/bench_entropy.py --tokens 1024 --vocab 32768 --repeats 3
+    python experiments/bench_entropy.py --conditions busy
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -53,8 +60,9 @@ def _memory_child(name: str, n: int, v: int, dtype: str) -> None:
     """Runs in a subprocess: prints peak extra bytes of one call of FUNCS[name]."""
     torch.set_num_threads(torch.get_num_threads())
     fn = FUNCS[name]
-    # Warm up the code path on a tiny input so that library initialisation is not counted.
-    fn(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))
+    # Warm up the code path (several chunks) so that one-time setup -- library initialisation,
+    # erc_gym's chunk worker threads -- is not counted.
+    fn(torch.randn(256, v, dtype=getattr(torch, dtype)), torch.zeros(256, dtype=torch.long))
     logits = torch.randn(n, v, dtype=getattr(torch, dtype))
     labels = torch.randint(0, v, (n,))
     base = vm_hwm_bytes()
@@ -73,6 +81,21 @@ def peak_extra_memory(name: str, n: int, v: int, dtype: str) -> tuple[int, int]:
     ).stdout
     rec = json.loads(out.strip().splitlines()[-1])
     return rec["extra"], rec["logits"]
+
+
+@contextlib.contextmanager
+def busy_core(busy: bool) -> Iterator[None]:
+    """While active, one child process keeps a core busy (a pure-Python spin loop)."""
+    if not busy:
+        yield
+        return
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let the scheduler see it
+        yield
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def time_both(n: int, v: int, dtype: str, repeats: int) -> dict[str, float]:
@@ -96,25 +119,38 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936], help="V values")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per function")
+    parser.add_argument(
+        "--conditions",
+        nargs="+",
+        default=["idle", "busy"],
+        choices=["idle", "busy"],
+        help="idle: the machine as it is; busy: plus one spinning process of ours",
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}")
+    load = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at start"
+    )
     header = (
-        f"{'N':>6} {'V':>7} {'logits MiB':>10} | {'naive ms':>9} {'erc_gym ms':>10} "
-        f"{'time ratio':>10} | {'naive extra MiB':>15} {'erc_gym extra MiB':>17} "
-        f"{'erc_gym extra / logits':>22}"
+        f"{'N':>6} {'V':>7} {'logits MiB':>10} {'condition':>9} | {'naive ms':>9} "
+        f"{'erc_gym ms':>10} {'time ratio':>10} | {'naive extra MiB':>15} "
+        f"{'erc_gym extra MiB':>17} {'erc_gym extra / logits':>22}"
     )
     print(header)
     mib = 1024 * 1024
     for v in args.vocab:
-        t = time_both(args.tokens, v, args.dtype, args.repeats)
         mem = {k: peak_extra_memory(k, args.tokens, v, args.dtype) for k in FUNCS}
         logits_bytes = mem["naive"][1]
-        print(
-            f"{args.tokens:>6} {v:>7} {logits_bytes / mib:>10.0f} | {t['naive'] * 1e3:>9.1f} "
-            f"{t['erc_gym'] * 1e3:>10.1f} {t['erc_gym'] / t['naive']:>9.2f}x | "
-            f"{mem['naive'][0] / mib:>15.1f} {mem['erc_gym'][0] / mib:>17.1f} "
-            f"{mem['erc_gym'][0] / logits_bytes:>21.1%}"
-        )
+        for condition in args.conditions:
+            with busy_core(condition == "busy"):
+                t = time_both(args.tokens, v, args.dtype, args.repeats)
+            print(
+                f"{args.tokens:>6} {v:>7} {logits_bytes / mib:>10.0f} {condition:>9} | "
+                f"{t['naive'] * 1e3:>9.1f} {t['erc_gym'] * 1e3:>10.1f} "
+                f"{t['erc_gym'] / t['naive']:>9.2f}x | {mem['naive'][0] / mib:>15.1f} "
+                f"{mem['erc_gym'][0] / mib:>17.1f} {mem['erc_gym'][0] / logits_bytes:>21.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -277,3 +277,39 @@ def test_small_action_path_masked_actions_and_errors():
         small_action_logprob_and_entropy(torch.zeros(2, 2000), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="actions must have shape"):
         small_action_logprob_and_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_cpu_chunk_workers_match_in_order_path_and_leave_threads_alone(monkeypatch):
+    """Chunks on single-threaded worker threads (issue #11 item 4) give the in-order results."""
+    import erc_gym.entropy as entropy_module
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 intra-op threads")
+    g = torch.Generator().manual_seed(11)
+    z = (torch.randn(3, 14, 5000, generator=g) * 3).requires_grad_(True)
+    labels = torch.randint(0, 5000, (3, 13), generator=g)
+    threads = torch.get_num_threads()
+    out = {}
+    for workers in (False, True):
+        monkeypatch.setattr(entropy_module, "CPU_CHUNK_WORKERS", workers)
+        z.grad = None
+        # a strided slice (several row views) with a short last chunk in each
+        lp, h = logprob_and_entropy(z[:, :-1], labels, chunk_size=4, entropy_grad=True)
+        (lp.sum() + h.sum()).backward()
+        out[workers] = (lp.detach(), h.detach(), z.grad.clone())
+        assert h.grad_fn is not None and lp.grad_fn is not None
+    assert torch.get_num_threads() == threads
+    for a, b in zip(out[False], out[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_chunk_worker_error_reaches_the_caller(monkeypatch):
+    import erc_gym.entropy as entropy_module
+
+    def boom(task):
+        raise RuntimeError("chunk failed")
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 intra-op threads")
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        entropy_module._run_chunks(boom, range(4), torch.device("cpu"))

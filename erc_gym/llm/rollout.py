@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from erc_gym.entropy import logprob_and_entropy
+from erc_gym.entropy import linear_logprob_and_entropy, logprob_and_entropy
 from erc_gym.envs.rewards import Verifier, score_completions
 from erc_gym.envs.tasks import Problem
 
-__all__ = ["RolloutBatch", "generate", "response_logprobs"]
+__all__ = ["RolloutBatch", "check_fused_head", "generate", "head_parameters", "response_logprobs"]
 
 
 @dataclass
@@ -158,19 +158,91 @@ def generate(
     )
 
 
+def head_parameters(model: Any) -> dict[str, Any]:
+    """The LM head of a transformers causal LM as keyword arguments of the fused head.
+
+    Returns ``weight``, ``bias`` and the output transforms the config declares:
+    ``logit_scale`` (Cohere / Command-R ``logit_scale``, Granite ``1 / logits_scaling``) and
+    ``softcap`` (Gemma-2 / Gemma-3 ``final_logit_softcapping``).
+
+    Raises:
+        ValueError: if the output embedding is not an ``nn.Linear``.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"fused_head needs an nn.Linear output layer, got {type(head).__name__}; "
+            f"set fused_head=False"
+        )
+    cfg = model.config
+    scale = 1.0
+    if str(getattr(cfg, "model_type", "")).startswith("cohere") and cfg.logit_scale:
+        scale = float(cfg.logit_scale)  # other models' logit_scale (CLIP, MPT) means other things
+    if isinstance(getattr(cfg, "logits_scaling", None), (int, float)):
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return {
+        "weight": head.weight,
+        "bias": head.bias,
+        "logit_scale": scale,
+        "softcap": None if not softcap else float(softcap),
+    }
+
+
 def response_logprobs(
-    model: Any, batch: RolloutBatch, *, temperature: float = 1.0
+    model: Any, batch: RolloutBatch, *, temperature: float = 1.0, fused_head: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens and full-vocabulary entropies, ``(N, R)`` fp32 each.
 
-    One forward pass; only the response positions' logits are computed (``logits_to_keep``), and
-    ``erc_gym.entropy`` reads them without an fp32 copy. Differentiable in ``log_prob``.
+    One forward pass. With ``fused_head`` the transformer body runs alone and
+    :func:`~erc_gym.entropy.linear_logprob_and_entropy` takes its last hidden states at the
+    response positions and the head's weight, so no ``(N, R, V)`` logits exist; otherwise only
+    the response positions' logits are computed (``logits_to_keep``) and read without an fp32
+    copy. Differentiable in ``log_prob``.
     """
     ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1)
     position_ids = (attn.cumsum(1) - 1).clamp(min=0)
     r = batch.response_ids.shape[1]
+    if fused_head:
+        head = head_parameters(model)
+        hidden = model.base_model(
+            input_ids=ids, attention_mask=attn, position_ids=position_ids
+        ).last_hidden_state[:, -(r + 1) : -1]
+        return linear_logprob_and_entropy(
+            hidden, head.pop("weight"), batch.response_ids, temperature=temperature, **head
+        )
     logits = model(
         input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=r + 1
     ).logits[:, :-1]
     return logprob_and_entropy(logits, batch.response_ids, temperature=temperature)
+
+
+def check_fused_head(model: Any, batch: RolloutBatch, *, temperature: float = 1.0) -> None:
+    """Compare the fused head with the model's own logits on ``batch`` (no grad).
+
+    A model may transform its head's output in ways :func:`head_parameters` does not know (a
+    custom scaling, a second projection); this catches it before training on wrong numbers.
+
+    Raises:
+        ValueError: if log-probs or entropies differ by more than 1e-3 (fp32; 0.05 for 16-bit
+            weights, whose logits both paths round) on any response token.
+    """
+    with torch.no_grad():
+        lp_f, h_f = response_logprobs(model, batch, temperature=temperature, fused_head=True)
+        lp_m, h_m = response_logprobs(model, batch, temperature=temperature, fused_head=False)
+    mask = batch.response_mask.to(lp_f.device)
+    if not bool(mask.any()):
+        return
+    weight = model.get_output_embeddings().weight
+    tol = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 5e-2
+    err = max(
+        float((lp_f - lp_m).abs()[mask].max()),
+        float(((h_f - h_m).abs() / (1.0 + h_m.abs()))[mask].max()),
+    )
+    if not err <= tol:
+        raise ValueError(
+            f"fused_head: log-probs/entropies from the hidden states differ by {err:.3g} from the "
+            f"model's own logits ({type(model).__name__}: an output transform that "
+            f"head_parameters does not know?); set fused_head=False"
+        )

@@ -30,7 +30,7 @@ from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
 from erc_gym.jsonl import append_jsonl
 from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
-from erc_gym.llm.rollout import RolloutBatch, generate, response_logprobs
+from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 
 __all__ = ["METRIC_KEYS", "ERCTrainer", "TrainerConfig"]
@@ -146,6 +146,10 @@ class TrainerConfig:
     """Trade compute for activation memory (large models)."""
     score_micro_batch: int = 64
     """Sequences per no-grad scoring forward."""
+    fused_head: bool = True
+    """Compute log-probs and entropies from the last hidden states and the LM-head weight chunk by
+    chunk (same values; no (tokens x vocabulary) logits in memory, which dominate for large
+    vocabularies). Off: the model's own logits are computed first."""
     save_every: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
     run_dir: str = "runs"
@@ -238,6 +242,7 @@ class ERCTrainer:
         self.skipped_steps = 0
         self.nan_rewards = 0
         self._tb: Any = None
+        self._fused_head_checked = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -367,12 +372,20 @@ class ERCTrainer:
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The old policy's log-probs and entropies: one no-grad forward per micro-batch."""
+        if self.config.fused_head and not self._fused_head_checked:
+            check_fused_head(self.model, batch.select([0]), temperature=self.config.temperature)
+            self._fused_head_checked = True
         lps, hs = [], []
         for start in range(0, len(batch), self.config.score_micro_batch):
             part = batch.select(
                 torch.arange(start, min(start + self.config.score_micro_batch, len(batch)))
             )
-            lp, h = response_logprobs(self.model, part, temperature=self.config.temperature)
+            lp, h = response_logprobs(
+                self.model,
+                part,
+                temperature=self.config.temperature,
+                fused_head=self.config.fused_head,
+            )
             lps.append(lp)
             hs.append(h)
         return torch.cat(lps), torch.cat(hs)
@@ -396,7 +409,9 @@ class ERCTrainer:
                 groups = order[start : start + c.mini_batch_prompts]
                 rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)
                 mb = batch.select(rows)
-                lp, h = response_logprobs(self.model, mb, temperature=c.temperature)
+                lp, h = response_logprobs(
+                    self.model, mb, temperature=c.temperature, fused_head=c.fused_head
+                )
                 rows_d = rows.to(self.device)
                 out = policy_loss(
                     lp,

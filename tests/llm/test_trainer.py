@@ -256,3 +256,75 @@ def test_held_out_problems_are_disjoint_from_training(tmp_path):
         assert len(held) == len(trainer.eval_problems) == expected
         assert not held & {p["prompt"] for p in trainer.train_problems}
         assert len(trainer.train_problems) == 500
+
+
+def test_fused_head_gives_the_same_metrics(tmp_path):
+    """fused_head (hidden states + head weight, no logits) vs the model's own logits."""
+    runs = {}
+    for fused in (False, True):
+        cfg = small_config(tmp_path / str(fused), steps=2, fused_head=fused)
+        trainer = ERCTrainer(cfg, verifier=odd_length)
+        runs[fused] = trainer.train()
+    for a, b in zip(runs[False], runs[True], strict=True):
+        for key in set(a) - TIME_KEYS:
+            va, vb = a[key], b[key]
+            if isinstance(va, float) and math.isnan(va):
+                assert math.isnan(vb), key
+            else:
+                assert vb == pytest.approx(va, rel=1e-5, abs=1e-6), (key, va, vb)
+
+
+def test_fused_head_scores_equal_logits_path(tmp_path):
+    trainer = ERCTrainer(small_config(tmp_path), verifier=odd_length)
+    batch, _ = trainer._generate_batch()
+    lp_f, h_f = trainer_module.response_logprobs(trainer.model, batch, fused_head=True)
+    lp_l, h_l = trainer_module.response_logprobs(trainer.model, batch, fused_head=False)
+    torch.testing.assert_close(lp_f, lp_l, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_f, h_l, rtol=1e-5, atol=1e-6)
+
+
+def _random_batch(vocab: int, rows: int = 3, prompt: int = 5, response: int = 4):
+    from erc_gym.llm.rollout import RolloutBatch
+
+    g = torch.Generator().manual_seed(0)
+    prompt_mask = torch.ones(rows, prompt, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    response_mask = torch.ones(rows, response, dtype=torch.bool)
+    response_mask[1, -1] = False
+    return RolloutBatch(
+        prompt_ids=torch.randint(1, vocab, (rows, prompt), generator=g),
+        prompt_mask=prompt_mask,
+        response_ids=torch.randint(1, vocab, (rows, response), generator=g),
+        response_mask=response_mask,
+        rewards=torch.zeros(rows),
+        prompts=[""] * rows,
+        answers=[""] * rows,
+        completions=[""] * rows,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [
+        ("gemma2", {"final_logit_softcapping": 2.0, "head_dim": 16}),
+        ("cohere", {"logit_scale": 0.5}),
+        ("granite", {"logits_scaling": 4.0}),
+    ],
+)
+def test_fused_head_reads_softcap_and_logit_scale(model_type, extra):
+    """Gemma-2 soft-capping, Cohere logit_scale, Granite logits_scaling: same as the model."""
+    model = make_tiny_lm(97, model_type=model_type, **extra).eval()
+    batch = _random_batch(97)
+    with torch.no_grad():
+        lp_f, h_f = trainer_module.response_logprobs(model, batch, temperature=0.8, fused_head=True)
+        lp_l, h_l = trainer_module.response_logprobs(model, batch, temperature=0.8)
+    torch.testing.assert_close(lp_f, lp_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_f, h_l, rtol=1e-5, atol=1e-5)
+    trainer_module.check_fused_head(model, batch, temperature=0.8)  # does not raise
+
+
+def test_fused_head_check_catches_an_unknown_output_transform():
+    model = make_tiny_lm(97).eval()
+    model.config.final_logit_softcapping = 0.5  # read by the fused head, ignored by Qwen2
+    with pytest.raises(ValueError, match="set fused_head=False"):
+        trainer_module.check_fused_head(model, _random_batch(97))
