@@ -23,7 +23,8 @@ loss code:
   head and computes entropy as ``logsumexp(z) - sum(p z)``, which loses accuracy at the low
   entropies ERC clips most (``docs/scale_out.md``). A forward hook on the backbone takes the final
   hidden states of the same forward pass and computes the entropy with :mod:`erc_gym.entropy`
-  (no gradient, tokens in chunks, the logits of a chunk only). TRL's own entropies (and their
+  (:func:`erc_gym.entropy.linear_logprob_and_entropy`: no gradient, the logits of one chunk of
+  tokens at a time). TRL's own entropies (and their
   gradient, for ``entropy_coef != 0``) are left as they are for TRL's uses.
 
 What cannot be done exactly is refused with a ``ValueError`` naming the setting: sequence-level
@@ -41,7 +42,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from erc_gym.entropy import entropy_from_logits
+from erc_gym.entropy import linear_logprob_and_entropy
 from erc_gym.losses import ERCConfig, clipped_objective, entropy_ratio, erc_keep_mask
 
 try:
@@ -87,9 +88,6 @@ ERCEntropy = Literal["exact", "trl"]
 ERC_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 #: Loss types built on TRL's PPO clip ``-min(r A, clip(r) A)``, the base of GPPO.
 GPPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-#: Rows x vocabulary of logits materialised at once by the exact entropy (fp32: 64 MiB).
-_EXACT_CHUNK_ELEMENTS = 1 << 24
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -272,24 +270,41 @@ def _exact_entropy(
 ) -> Tensor:
     """Entropy of ``softmax(transform(hidden @ weight.T + bias) / T)`` per row, without gradient.
 
-    The one place that turns hidden states into exact entropies (``transform`` is TRL's fused
-    head: scale, then soft-capping). It materialises the logits of a bounded number of rows at a
-    time and calls :func:`erc_gym.entropy.entropy_from_logits`.
+    The one place that turns hidden states into exact entropies (``transform``: scale, then
+    soft-capping, as TRL's fused head): :func:`erc_gym.entropy.linear_logprob_and_entropy`, which
+    holds the logits of one chunk of rows at a time.
     """
-    rows = hidden.shape[0]
-    out = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    step = max(1, _EXACT_CHUNK_ELEMENTS // max(weight.shape[0], 1))
-    w = weight.float()
-    b = None if bias is None else bias.float()
+    labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
     with torch.no_grad():
-        for start in range(0, rows, step):
-            z = torch.nn.functional.linear(hidden[start : start + step].float(), w, b)
-            if logit_scale != 1.0:
-                z = z * logit_scale
-            if softcap is not None:
-                z = softcap * torch.tanh(z / softcap)
-            out[start : start + step] = entropy_from_logits(z, temperature=temperature)
-    return out
+        _, entropy = linear_logprob_and_entropy(
+            hidden.to(weight.dtype),
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+        )
+    return entropy
+
+
+def _head_transform(text_config: Any) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a model's LM head, read from its config as TRL 1.16 does.
+
+    TRL's fused head multiplies the logits by the first of ``logit_scale``,
+    ``output_multiplier``, ``lm_head_multiplier`` that is set, else by ``1 / logits_scaling``
+    (by ``logits_scaling`` for HyperCLOVA X), then soft-caps with ``final_logit_softcapping``.
+    """
+    scale = getattr(text_config, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(text_config, name, None)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        hyperclovax = getattr(text_config, "model_type", None) == "hyperclovax"
+        scale = scaling if hyperclovax else 1.0 / scaling
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
 
 
 def _masked_sum(x: Tensor, weight: Tensor) -> Tensor:
@@ -304,8 +319,7 @@ class ERCGRPOTrainer(GRPOTrainer):
     (``erc_clip_fraction`` is then 0).
 
     Raises:
-        ValueError: if ``args`` is not an :class:`ERCGRPOConfig`, or ``erc_entropy="exact"`` on
-            a model whose LM head it cannot reproduce.
+        ValueError: if ``args`` is not an :class:`ERCGRPOConfig`.
         RuntimeError: if the TRL version is outside :data:`TESTED_TRL`, or (at the first
             generation) TRL's old-log-prob pass did not run although ERC is on.
     """
@@ -338,17 +352,7 @@ class ERCGRPOTrainer(GRPOTrainer):
 
     def _erc_install_hook(self) -> None:
         lm = self._erc_causal_lm()
-        text_config = lm.config.get_text_config()
-        scale = getattr(text_config, "logit_scale", None)
-        for name in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
-            if scale is None and getattr(text_config, name, None) is not None:
-                raise ValueError(
-                    f"erc_entropy='exact' does not reproduce the LM-head scaling `{name}` of "
-                    f"model_type={text_config.model_type!r}; use erc_entropy='trl'"
-                )
-        self._erc_logit_scale = 1.0 if scale is None else float(scale)
-        softcap = getattr(text_config, "final_logit_softcapping", None)
-        self._erc_softcap = None if softcap is None else float(softcap)
+        self._erc_logit_scale, self._erc_softcap = _head_transform(lm.config.get_text_config())
         lm.base_model.register_forward_hook(self._erc_hidden_hook, with_kwargs=True)
 
     def _erc_hidden_hook(
