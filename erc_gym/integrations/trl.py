@@ -48,7 +48,7 @@ from erc_gym.losses import ERCConfig, clipped_objective, entropy_ratio, erc_keep
 try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
+except ImportError as exc:  # tests/integrations/test_package.py
     raise ImportError('erc_gym.integrations.trl needs TRL: pip install "erc-gym[trl]"') from exc
 
 __all__ = [
