@@ -26,6 +26,7 @@ from erc_gym.entropy import logprob_and_entropy
 from erc_gym.envs.tokenizer import CharTokenizer
 from erc_gym.integrations import trl as erc_trl
 from erc_gym.integrations.trl import (
+    ERC_LOSS_TYPES,
     ERC_METRIC_KEYS,
     OLD_ENTROPY_KEY,
     ERCGRPOConfig,
@@ -33,7 +34,14 @@ from erc_gym.integrations.trl import (
     check_trl_version,
 )
 from erc_gym.llm.model import make_tiny_lm
-from erc_gym.losses import ERCConfig, LossConfig, clip_flags, policy_loss
+from erc_gym.losses import (
+    ERCConfig,
+    LossConfig,
+    clip_flags,
+    entropy_ratio,
+    erc_keep_mask,
+    policy_loss,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["12+3=", "4*5=", "7-2=", "9+9=", "1+1=", "8*3=", "6-4=", "5+7="]
@@ -300,6 +308,59 @@ def test_authors_recipe_matches_policy_loss(tokenizer, tmp_path, monkeypatch, re
         assert bool((logps.grad[clipped_kept] != 0).all())
     else:
         assert bool((logps.grad[clipped_kept] == 0).all())
+
+
+def test_erc_keeps_each_loss_types_aggregation(tokenizer, tmp_path, monkeypatch):
+    """For every supported loss type: same loss value, gradient = TRL's gradient x keep."""
+    trainer = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path,
+        erc_low=0.95,
+        erc_high=1.05,
+        per_device_train_batch_size=8,
+        num_generations=8,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model
+    model.train()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3 * (p.std() if p.numel() > 1 else 1))
+    ids, mask = inputs["completion_ids"], inputs["completion_mask"].bool()
+    _, new_h = logprob_and_entropy(completion_logits(model, inputs), ids, temperature=1.0)
+    rho = entropy_ratio(new_h, inputs[OLD_ENTROPY_KEY])
+    keep = erc_keep_mask(rho, mask, ERCConfig(0.95, 1.05))
+    assert 0 < int((~keep & mask).sum()) < int(mask.sum())
+
+    captured: dict[str, torch.Tensor] = {}
+    parent = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, *args, **kwargs):
+        out = parent(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            out[0].retain_grad()
+            captured["logps"] = out[0]
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    for loss_type in ERC_LOSS_TYPES:
+        trainer.loss_type = loss_type
+        results = []
+        for band in (ERCConfig(0.0, math.inf), ERCConfig(0.95, 1.05)):
+            trainer._erc = band
+            loss = trainer.compute_loss(model, inputs)
+            loss.backward()
+            results.append((loss.detach(), captured["logps"].grad))
+            model.zero_grad()
+        (loss_all, grad_all), (loss_erc, grad_erc) = results
+        assert torch.equal(loss_all, loss_erc), loss_type
+        assert bool((grad_all[keep & mask] != 0).any()), loss_type
+        torch.testing.assert_close(grad_erc, torch.where(keep, grad_all, 0.0), rtol=0, atol=0)
 
 
 # -- exact entropy ----------------------------------------------------------------------------
