@@ -6,6 +6,7 @@ it. Tiny Qwen2 models from a config and erc_gym's character tokenizer: no downlo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -219,10 +220,21 @@ AUTHORS = {
 }
 
 
-@pytest.mark.parametrize("recipe", sorted(AUTHORS))
-def test_authors_recipe_matches_policy_loss(tokenizer, tmp_path, monkeypatch, recipe):
-    """DAPO+ERC / GPPO+ERC in TRL config: loss value and per-token gradient of policy_loss."""
+#: TRL loss type -> the equal erc_gym aggregation (one micro-batch per optimizer step).
+AGGREGATION = {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean"}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "loss_type"),
+    [("dapo", "dapo"), ("gppo", "dapo"), ("gppo", "grpo"), ("gppo", "bnpo")],
+)
+def test_authors_recipe_matches_policy_loss(tokenizer, tmp_path, monkeypatch, recipe, loss_type):
+    """DAPO+ERC / GPPO+ERC in TRL config: loss value and per-token gradient of policy_loss.
+
+    GPPO is also run with TRL's other aggregations, whose per-token weights it must respect.
+    """
     settings, make_loss = AUTHORS[recipe]
+    settings = {**settings, "loss_type": loss_type}
     temperature = 0.7
     trainer = make_trainer(
         ERCGRPOTrainer,
@@ -275,7 +287,9 @@ def test_authors_recipe_matches_policy_loss(tokenizer, tmp_path, monkeypatch, re
 
     _, new_h = logprob_and_entropy(completion_logits(model, inputs), ids, temperature=temperature)
     leaf = logps.detach().clone().requires_grad_()
-    config = make_loss(erc=ERCConfig(0.95, 1.05))
+    config = dataclasses.replace(
+        make_loss(erc=ERCConfig(0.95, 1.05)), aggregation=AGGREGATION[loss_type]
+    )
     ref = policy_loss(
         leaf,
         inputs["old_per_token_logps"],
@@ -289,8 +303,10 @@ def test_authors_recipe_matches_policy_loss(tokenizer, tmp_path, monkeypatch, re
 
     # TRL's "dapo" divides by the generation batch's token count / steps_per_generation;
     # policy_loss's token-mean by this micro-batch's token count.
-    normalizer = float(inputs["num_items_in_batch"]) / trainer.args.steps_per_generation
-    count = float(mask.sum())
+    normalizer = count = 1.0
+    if loss_type == "dapo":
+        normalizer = float(inputs["num_items_in_batch"]) / trainer.args.steps_per_generation
+        count = float(mask.sum())
     assert float(loss) * normalizer == pytest.approx(float(ref.loss) * count, rel=1e-5, abs=1e-6)
     assert leaf.grad is not None and logps.grad is not None
     torch.testing.assert_close(logps.grad * normalizer, leaf.grad * count, rtol=0, atol=1e-6)
