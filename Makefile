@@ -27,12 +27,13 @@ test-gpu: setup
 	$(PY) -m pytest -m gpu
 
 # verl pins transformers < 5.11, so its tests run in their own environment, built from scratch
-# (about 2.5 min with a warm package cache, plus about 1.5 min of tests on 2 cores).
+# (13 min wall on a loaded 2-core machine, 2.7 min of it CPU; docs/scale_out_verl.md).
 VERL_VENV ?= .venv-verl
 test-verl:
 	rm -rf $(VERL_VENV)
 	python3 -m venv $(VERL_VENV)
 	$(VERL_VENV)/bin/python -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev,verl]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(VERL_VENV)/bin/python -c "import verl, erc_gym.integrations.verl; print('verl', verl.__version__)"
 	$(VERL_VENV)/bin/python -m pytest tests/integrations/test_verl.py
 
 lint: setup

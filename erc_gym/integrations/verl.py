@@ -148,9 +148,9 @@ class ERCPolicyLossConfig(PolicyLossConfig):
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping) or hasattr(config, "get"):
-        return config.get(key, default)
-    return getattr(config, key, default)
+    """``config[key]`` for verl's dataclass configs, OmegaConf nodes and dicts alike."""
+    getter = getattr(config, "get", None)
+    return getter(key, default) if callable(getter) else getattr(config, key, default)
 
 
 def erc_loss_config(

@@ -80,7 +80,11 @@ def batch(b: int = 6, t: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def verl_loss(
-    mode: str, cfg: ActorConfig, x: dict[str, torch.Tensor], entropies: bool = True
+    mode: str,
+    cfg: ActorConfig,
+    x: dict[str, torch.Tensor],
+    entropies: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
     lp = x["lp"].clone().requires_grad_(True)
     fn = get_policy_loss_fn(mode)
@@ -91,6 +95,7 @@ def verl_loss(
         response_mask=x["mask"],
         loss_agg_mode=cfg.loss_agg_mode,
         config=cfg,
+        rollout_is_weights=weights,
     )
     if entropies:
         with erc_entropies(x["h"], x["h_old"]):
@@ -147,13 +152,22 @@ def test_registered_losses_equal_policy_loss(mode: str, clip: str, agg: str) -> 
     assert metrics["actor/pg_clipfrac_lower"] > 0  # dual-clip fired, and it keeps vanilla's key
 
 
+@pytest.mark.parametrize("distributed", [False, True])
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_open_band_equals_vanilla(agg: str) -> None:
+def test_open_band_equals_vanilla(agg: str, distributed: bool) -> None:
+    """Band (0, inf): erc_dapo is verl's vanilla, also with rollout IS weights and data-parallel
+    normalisation (``global_batch_info`` as ``ppo_loss`` sets it on a rank of 2)."""
     x = batch(seed=1)
     vanilla_cfg = actor_config("vanilla", agg=agg, clip_c=3.0)
     erc_cfg = actor_config("erc_dapo", low=0.0, high=math.inf, agg=agg, clip_c=3.0)
-    v_loss, v_metrics, v_grad = verl_loss("vanilla", vanilla_cfg, x, entropies=False)
-    e_loss, e_metrics, e_grad = verl_loss("erc_dapo", erc_cfg, x)
+    weights = None
+    if distributed:
+        info = {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 11}
+        vanilla_cfg.global_batch_info.update(info)
+        erc_cfg.global_batch_info.update(info)
+        weights = torch.rand(x["lp"].shape, generator=torch.Generator().manual_seed(5)).double()
+    v_loss, v_metrics, v_grad = verl_loss("vanilla", vanilla_cfg, x, False, weights)
+    e_loss, e_metrics, e_grad = verl_loss("erc_dapo", erc_cfg, x, True, weights)
     torch.testing.assert_close(e_loss, v_loss, rtol=1e-14, atol=0)
     torch.testing.assert_close(e_grad, v_grad, rtol=1e-14, atol=0)
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
@@ -167,6 +181,17 @@ def test_loss_without_entropies_names_the_setting() -> None:
     x = batch()
     with pytest.raises(ValueError, match=r"calculate_entropy=True"):
         verl_loss("erc_dapo", actor_config(), x, entropies=False)
+
+
+def test_erc_mode_without_band_names_the_config_class() -> None:
+    from verl.workers.config import PolicyLossConfig
+
+    cfg = actor_config()
+    object.__setattr__(cfg, "policy_loss", PolicyLossConfig(loss_mode="erc_dapo"))
+    with pytest.raises(
+        ValueError, match=r"_target_=erc_gym\.integrations\.verl\.ERCPolicyLossConfig"
+    ):
+        verl_loss("erc_dapo", cfg, batch())
 
 
 @pytest.mark.parametrize(("low", "high", "name"), [(1.0, 1.05, "erc_low"), (0.95, 1.0, "erc_high")])
@@ -453,3 +478,15 @@ def test_trainer_refuses_bypass_mode_naming_the_setting() -> None:
         check_erc_trainer_config(cfg)
     cfg.algorithm.rollout_correction.bypass_mode = False
     check_erc_trainer_config(cfg)
+
+
+def test_env_switch_installs_exact_entropy_at_import() -> None:
+    code = (
+        "import verl, verl.utils.torch_functional as f\n"
+        "print(f.entropy_from_logits.__module__, f.entropy_from_logits_with_chunking.__name__)\n"
+    )
+    on = _run(code, ERC_GYM_VERL_ENTROPY="exact")
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.split() == ["erc_gym.integrations.verl", "exact_entropy_from_logits"]
+    off = _run(code)
+    assert off.stdout.split()[0] == "verl.utils.torch_functional"
