@@ -490,3 +490,39 @@ def test_env_switch_installs_exact_entropy_at_import() -> None:
     assert on.stdout.split() == ["erc_gym.integrations.verl", "exact_entropy_from_logits"]
     off = _run(code)
     assert off.stdout.split()[0] == "verl.utils.torch_functional"
+
+
+def test_erc_sync_setup_installs_the_hook_on_the_actor_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("transfer_queue")
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    from erc_gym.integrations.verl_trainer import ERCPPOTrainerSync
+
+    overrides = subprocess.run(
+        ["bash", str(ROOT / "examples" / "verl" / "run_dapo_erc.sh")],
+        env={**os.environ, "ERC_DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    import verl
+
+    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose("ppo_trainer", overrides=overrides)
+
+    wg = _FakeWorkerGroup()
+
+    def verl_setup(self: Any) -> None:  # stands in for building Ray workers and engines
+        self.actor_rollout_wg = wg
+
+    monkeypatch.setattr(PPOTrainerSync, "_setup", verl_setup, raising=False)
+    trainer = object.__new__(ERCPPOTrainerSync)
+    trainer.config = cfg
+    trainer._setup()
+    assert wg.loss_fn is not None and wg.loss_fn.func is erc_ppo_loss
+    installed = wg.loss_fn.keywords["config"]
+    assert installed.policy_loss.loss_mode == "erc_dapo" and installed.clip_ratio_c == 10.0
