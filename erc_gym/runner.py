@@ -606,8 +606,10 @@ class _Progress:
             if value is not None and total > 0:
                 partial += min(value / total, 0.99)
         with self.lock:
-            self.bar.n = self.finished + partial
-            self.bar.refresh()
+            n = round(self.finished + partial, 2)
+            if n != self.bar.n:
+                self.bar.n = n
+                self.bar.refresh()
 
     def run_finished(self) -> None:
         with self.lock:
@@ -724,8 +726,13 @@ def _run_in_processes(
     def reap(proc: Any) -> None:
         run, conn = active.pop(proc)
         proc.join()
-        status, text = conn.recv() if conn.poll() else ("error", f"exit code {proc.exitcode}")
+        try:
+            status, text = conn.recv() if conn.poll() else ("", "")
+        except EOFError:  # killed before it could report
+            status, text = "", ""
         conn.close()
+        if not status:
+            status, text = "error", f"worker ended with exit code {proc.exitcode}"
         if out.signum is not None and status == "error":
             out.stopped.append(run)
         elif status == "done":
