@@ -366,3 +366,66 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "quick" in out.stdout and "band_sweep" in out.stdout
+
+
+def _capture_figures(monkeypatch) -> list:
+    import erc_gym.plots as plots
+
+    figures = []
+
+    def save(fig, path):
+        figures.append(fig)
+        return [path.with_suffix(".png")]
+
+    monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(plots._pyplot(), "close", lambda fig: None)
+    return figures
+
+
+def test_figures_keep_grid_order_and_tell_coinciding_algorithms_apart(tmp_path, monkeypatch):
+    from erc_gym.plots import plot_experiment
+
+    bands = [None, [0.9, 1.1], [0.8, 1.2]]  # grid order is not alphabetical (0.8 < 0.9)
+    spec = {**TINY, "algorithms": ["ppo", "dapo"], "erc": bands}
+    run_experiment(spec, tmp_path, workers=1, progress=False)
+    figures = _capture_figures(monkeypatch)
+    plot_experiment(tmp_path / "tiny")
+    curves, heatmaps = figures
+    grid = [r.variant for r in expand(spec)]
+    titles = [ax.get_title() for ax in heatmaps.axes if ax.get_title()]
+    assert titles == list(dict.fromkeys(grid))
+    lines = {line.get_label().split(" ")[0]: line for line in curves.axes[0].get_lines()}
+    ppo, dapo = lines["V64-ppo-erc0.9-1.1"], lines["V64-dapo-erc0.9-1.1"]
+    assert ppo.get_color() == dapo.get_color()  # colour = band
+    assert (ppo.get_linestyle(), ppo.get_marker()) != (dapo.get_linestyle(), dapo.get_marker())
+    assert lines["V64-ppo"].get_color() != ppo.get_color()
+
+
+def test_long_noisy_series_are_smoothed_and_spikes_do_not_flatten_panels(tmp_path, monkeypatch):
+    import numpy as np
+
+    from erc_gym.plots import plot_experiment, smooth
+
+    rng = np.random.default_rng(0)
+    x = np.arange(400.0)
+    noisy = 1.0 + rng.normal(0, 0.5, 400)
+    xs, ys, k = smooth(x, noisy)
+    assert k > 1 and ys.std() < noisy.std() / 2 and xs[-1] == 399
+    assert smooth(x[:40], noisy[:40])[2] == 1  # short series (bandit, 40 updates) unchanged
+    spec = {**TINY, "kind": "llm", "algorithms": ["dapo"], "erc": [None]}
+    spec["envs"] = [{"label": "add1", "model": "tiny"}]
+    folder = tmp_path / "lm" / "add1-dapo" / "0"
+    folder.mkdir(parents=True)
+    (tmp_path / "lm" / "experiment.json").write_text(json.dumps({**spec, "name": "lm"}))
+    config = {"kind": "llm", "variant": "add1-dapo", "seed": 0, "algorithm": "dapo", "erc": None}
+    (folder / "config.json").write_text(json.dumps(config))
+    grad = np.abs(noisy)
+    grad[200] = 500.0  # one spike
+    rows = [{"step": int(i), "grad_norm": float(g), "entropy": 1.0} for i, g in enumerate(grad)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "done").write_text("1\n")
+    figures = _capture_figures(monkeypatch)
+    plot_experiment(tmp_path / "lm")
+    grad_ax = next(ax for ax in figures[0].axes if "gradient" in ax.get_ylabel())
+    assert grad_ax.get_ylim()[1] < 50  # the spike (smoothed: ~500/k) is off-scale, not the axis
+    assert "moving average" in figures[0]._suptitle.get_text()
