@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from erc_gym.analysis import SCORE_LABELS, load_runs, stale_runs, summarize
+from erc_gym.analysis import SCORE_LABELS, grid_order, load_runs, stale_runs, summarize
 
 __all__ = ["COLUMNS", "markdown_table", "write_report"]
 
@@ -82,6 +82,11 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     spec_path = experiment_dir / "experiment.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
     rows = summarize(runs)  # load_runs keeps the config's grid order (env, algorithm, band)
+    grid = grid_order(experiment_dir) or []
+    for row in rows:  # n finished / n the config declares (runs not started have no folder)
+        declared = sum(variant == row["variant"] for variant, _ in grid)
+        done = int(row["runs"].split("/")[0])
+        row["runs"] = f"{done}/{max(declared, int(row['runs'].split('/')[1]))}"
     envs: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         envs.setdefault(row["env"], []).append(row)

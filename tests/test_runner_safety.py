@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,6 +293,8 @@ def test_unfinished_runs_stay_out_of_the_final_score(tmp_path):
     assert row["iqm"] == pytest.approx(sum(finals) / 2) and row["iqm"] < 1.0
     text = write_report(tmp_path / "tiny", plots=False).read_text()
     assert "1 of 3 runs are unfinished and left out" in text and "(unfinished: seed 2)" in text
+    shutil.rmtree(folders[1])  # a run never started: still counted in the declared total
+    assert "| V64-ppo | 1/3 |" in write_report(tmp_path / "tiny", plots=False).read_text()
 
 
 def test_report_skips_a_lone_llm_run_folder(tmp_path, capsys):
@@ -429,3 +432,17 @@ def test_long_noisy_series_are_smoothed_and_spikes_do_not_flatten_panels(tmp_pat
     grad_ax = next(ax for ax in figures[0].axes if "gradient" in ax.get_ylabel())
     assert grad_ax.get_ylim()[1] < 50  # the spike (smoothed: ~500/k) is off-scale, not the axis
     assert "moving average" in figures[0]._suptitle.get_text()
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path, monkeypatch):
+    spec = {**TINY, "erc": [None], "settings": {**TINY["settings"], "save_every": 1}}
+    monkeypatch.setenv("ERC_GYM_STOP_AFTER", "2")
+    with pytest.raises(RuntimeError, match="stopped after 2"):
+        run_experiment(spec, tmp_path, workers=1, progress=False)
+    monkeypatch.delenv("ERC_GYM_STOP_AFTER")
+    metrics = tmp_path / "tiny" / "V64-ppo" / "0" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 48, "iteration": 3, "expected_rew')  # killed mid-write
+    (folder,) = run_experiment(spec, tmp_path, workers=1, progress=False)
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
