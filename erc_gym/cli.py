@@ -83,10 +83,10 @@ def experiment_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the shipped experiments")
     parser.add_argument("--runs", default="runs", help="runs folder (default: runs)")
     parser.add_argument(
-        "--workers", type=_positive_int, default=None, help="processes (default: cores)"
+        "--workers", type=_at_least_one, default=None, help="processes (default: cores)"
     )
     parser.add_argument(
-        "--seeds", type=_positive_int, default=None, help="override the number of seeds"
+        "--seeds", type=_at_least_one, default=None, help="override the number of seeds"
     )
     parser.add_argument("--restart", action="store_true", help="restart unfinished runs")
     parser.add_argument(
@@ -128,6 +128,8 @@ def experiment_main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"erc-gym experiment: error: {err}\n")
     except RunsFailed as err:
         parser.exit(1, f"erc-gym experiment: error: {err}\n")
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+        parser.exit(130, "erc-gym experiment: stopped by SIGINT; the same command resumes\n")
     except ExperimentInterrupted as err:
         again = shlex.join(["erc-gym", "experiment", *argv])
         parser.exit(
@@ -143,7 +145,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
         print(f"report: {report}")
 
 
-def _positive_int(text: str) -> int:
+def _at_least_one(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
         value = int(text)

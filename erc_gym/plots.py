@@ -199,10 +199,13 @@ def plot_ratio_heatmaps(variants: dict[str, list[Run]], title: str, path: Path) 
     if not names:
         return []
     kind = variants[names[0]][0].kind
-    cols = min(len(names), 3)
+    # one row per algorithm when the grid is algorithm x band (names arrive in grid order)
+    bands = list(dict.fromkeys(str(variants[n][0].config.get("erc")) for n in names))
+    cols = len(bands) if 2 <= len(bands) <= 5 and len(names) % len(bands) == 0 else 3
+    cols = min(len(names), cols)
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(
-        rows, cols, figsize=(5.4 * cols, 3.8 * rows), squeeze=False, layout="constrained"
+        rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained"
     )
     from matplotlib.colors import PowerNorm
 
