@@ -343,7 +343,12 @@ PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
 
 def test_wheel_ships_the_configs(tmp_path):
     """``pip install`` (not editable): ``erc-gym experiment --list`` and a config load work."""
-    root = Path(__file__).resolve().parents[1]
+    root = tmp_path / "src"  # a copy: building in place would write build/ into the checkout
+    shutil.copytree(
+        Path(__file__).resolve().parents[1],
+        root,
+        ignore=shutil.ignore_patterns(".*", "runs", "build", "dist", "*.egg-info", "__pycache__"),
+    )
     wheels = tmp_path / "wheels"
     subprocess.run(
         [*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(root)],
