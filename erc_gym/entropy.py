@@ -718,10 +718,10 @@ def entropy_from_logits(
 # ---------------------------------------------------------------------------------------------
 
 #: Logit elements (tokens x vocabulary) per chunk of :func:`linear_logprob_and_entropy` when
-#: ``chunk_tokens`` is None, on the CPU: 32M fp32 elements (128 MiB; 220 tokens at V = 151,936)
-#: keep the GEMMs efficient (M >= ~200 rows) and the extra memory at about two such buffers,
+#: ``chunk_tokens`` is None, on the CPU: 8M fp32 elements (32 MiB; 256 tokens at V = 32,768, 55
+#: at V = 151,936) keep the GEMMs compute-bound and the extra memory at about two such buffers,
 #: independent of N.
-DEFAULT_HEAD_CHUNK_ELEMENTS = 1 << 25
+DEFAULT_HEAD_CHUNK_ELEMENTS = 1 << 23
 #: The same on a GPU (256 MiB of fp32 logits per chunk).
 DEFAULT_HEAD_CHUNK_ELEMENTS_GPU = 1 << 26
 
