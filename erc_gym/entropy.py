@@ -22,6 +22,7 @@ logits once); set ``erc_gym.entropy.USE_TRITON = False`` to force the PyTorch pa
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -424,7 +425,7 @@ def _row_chunks(views: list[tuple[int, Tensor]], chunk_rows: int) -> list[tuple[
 #: Spread CPU chunks over single-threaded workers (set False for torch's own intra-op threads).
 CPU_CHUNK_WORKERS = True
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (threads, pid, pool)
 _pool_lock = threading.Lock()
 _in_worker = threading.local()
 
@@ -439,17 +440,18 @@ def _cpu_pool(threads: int) -> ThreadPoolExecutor:
     """A pool of ``threads`` workers whose torch ops run on one thread each (created once)."""
     global _pool
     with _pool_lock:
-        if _pool is not None and _pool[0] == threads:
-            return _pool[1]
-        if _pool is not None:
-            _pool[1].shutdown(wait=False)
+        if _pool is not None and _pool[:2] == (threads, os.getpid()):
+            return _pool[2]
+        if _pool is not None and _pool[1] == os.getpid():
+            _pool[2].shutdown(wait=False)
+        # (after a fork the parent's workers do not exist in the child: start new ones)
         pool = ThreadPoolExecutor(threads, "erc_gym-chunks", initializer=_worker_init)
         barrier = threading.Barrier(threads)
         try:
             list(pool.map(lambda _: barrier.wait(), range(threads)))  # start every worker now
         finally:
             torch.set_num_threads(threads)  # the workers' set_num_threads(1) touched globals
-        _pool = (threads, pool)
+        _pool = (threads, os.getpid(), pool)
         return pool
 
 
