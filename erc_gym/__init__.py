@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-    from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
+    from erc_gym.entropy import (
+        entropy_from_logits,
+        linear_logprob_and_entropy,
+        logprob_and_entropy,
+    )
     from erc_gym.losses import ERCConfig, LossConfig, LossOutput, policy_loss
     from erc_gym.sb3 import ERCPPO
 
@@ -34,6 +38,7 @@ _LAZY: dict[str, str] = {
     "policy_loss": "erc_gym.losses",
     "entropy_from_logits": "erc_gym.entropy",
     "logprob_and_entropy": "erc_gym.entropy",
+    "linear_logprob_and_entropy": "erc_gym.entropy",
     "filter_groups": "erc_gym.advantages",
     "group_advantages": "erc_gym.advantages",
     "overlong_penalty": "erc_gym.advantages",
@@ -47,6 +52,7 @@ __all__ = [
     "entropy_from_logits",
     "filter_groups",
     "group_advantages",
+    "linear_logprob_and_entropy",
     "logprob_and_entropy",
     "overlong_penalty",
     "policy_loss",

@@ -22,6 +22,7 @@ logits once); set ``erc_gym.entropy.USE_TRITON = False`` to force the PyTorch pa
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,16 +86,18 @@ def _partial_stats(
     e = torch.exp(nd)
     e.scatter_(-1, idx, 0.0)
     s_excl = e.sum(dim=-1)
-    u = -torch.linalg.vecdot(e, nd)
+    # u = -sum(e * nd), with the product written over e (vecdot would allocate it: one chunk)
+    u = e.mul_(nd).sum(dim=-1).neg_()
     bad = torch.isnan(u)
     if bool(bad.any()):
         # -inf logits (masked actions) make e * nd = 0 * -inf = NaN, and a block that is all
         # -inf has nd = NaN; a finite stand-in gives them weight exp(nd) = 0. Rare, so only
         # the affected rows pay for it.
         rows = bad.nonzero().squeeze(-1)
+        e_rows = torch.exp(nd[rows]).scatter_(-1, idx[rows], 0.0)
         fixed = nd[rows].nan_to_num_(nan=-_FP32_MAX, neginf=-_FP32_MAX)
         nd[rows] = fixed
-        u[rows] = -torch.linalg.vecdot(e[rows], fixed)
+        u[rows] = -torch.linalg.vecdot(e_rows, fixed)
     return m.squeeze(-1), s_excl, u, nd, idx.squeeze(-1)
 
 
@@ -422,7 +425,7 @@ def _row_chunks(views: list[tuple[int, Tensor]], chunk_rows: int) -> list[tuple[
 #: Spread CPU chunks over single-threaded workers (set False for torch's own intra-op threads).
 CPU_CHUNK_WORKERS = True
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (threads, pid, pool)
 _pool_lock = threading.Lock()
 _in_worker = threading.local()
 
@@ -437,17 +440,18 @@ def _cpu_pool(threads: int) -> ThreadPoolExecutor:
     """A pool of ``threads`` workers whose torch ops run on one thread each (created once)."""
     global _pool
     with _pool_lock:
-        if _pool is not None and _pool[0] == threads:
-            return _pool[1]
-        if _pool is not None:
-            _pool[1].shutdown(wait=False)
+        if _pool is not None and _pool[:2] == (threads, os.getpid()):
+            return _pool[2]
+        if _pool is not None and _pool[1] == os.getpid():
+            _pool[2].shutdown(wait=False)
+        # (after a fork the parent's workers do not exist in the child: start new ones)
         pool = ThreadPoolExecutor(threads, "erc_gym-chunks", initializer=_worker_init)
         barrier = threading.Barrier(threads)
         try:
             list(pool.map(lambda _: barrier.wait(), range(threads)))  # start every worker now
         finally:
             torch.set_num_threads(threads)  # the workers' set_num_threads(1) touched globals
-        _pool = (threads, pool)
+        _pool = (threads, os.getpid(), pool)
         return pool
 
 
@@ -493,6 +497,9 @@ class _LogProbEntropy(torch.autograd.Function):
         vocab_chunk: int | None,
         entropy_grad: bool,
     ) -> tuple[Tensor, Tensor]:
+        # an unused output's gradient arrives as None instead of a tensor of zeros (the entropy
+        # is usually logged, not differentiated: no wasted chunk of work in the backward pass)
+        ctx.set_materialize_grads(False)
         log_prob, entropy = _forward_stats(logits, labels, temperature, chunk_rows, vocab_chunk)
         assert log_prob is not None
         ctx.save_for_backward(logits, labels, entropy)
@@ -713,10 +720,10 @@ def entropy_from_logits(
 # ---------------------------------------------------------------------------------------------
 
 #: Logit elements (tokens x vocabulary) per chunk of :func:`linear_logprob_and_entropy` when
-#: ``chunk_tokens`` is None, on the CPU: 32M fp32 elements (128 MiB; 220 tokens at V = 151,936)
-#: keep the GEMMs efficient (M >= ~200 rows) and the extra memory at about two such buffers,
-#: independent of N.
-DEFAULT_HEAD_CHUNK_ELEMENTS = 1 << 25
+#: ``chunk_tokens`` is None, on the CPU: 16M fp32 elements (64 MiB; 512 tokens at V = 32,768,
+#: 110 at V = 151,936) keep the GEMMs efficient (8M were measured 1.07x slower, 32M 1.07x faster:
+#: noisy, 3 calls each) and the extra memory at about two such buffers, independent of N.
+DEFAULT_HEAD_CHUNK_ELEMENTS = 1 << 24
 #: The same on a GPU (256 MiB of fp32 logits per chunk).
 DEFAULT_HEAD_CHUNK_ELEMENTS_GPU = 1 << 26
 
@@ -763,6 +770,13 @@ def _vocab_blocked_mm(g: Tensor, weight: Tensor) -> Tensor:
     return acc.to(weight.dtype)
 
 
+def _split_rows(n: int, device: torch.device) -> list[slice]:
+    """Row slices of one fused-head chunk for the CPU chunk workers (one slice elsewhere)."""
+    parts = 4 * torch.get_num_threads() if device.type == "cpu" and CPU_CHUNK_WORKERS else 1
+    step = max(1, -(-n // parts))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 class _LinearLogProbEntropy(torch.autograd.Function):
     """Fused head: forward and backward both compute each chunk's logits from ``hidden @ W.T``.
 
@@ -782,6 +796,7 @@ class _LinearLogProbEntropy(torch.autograd.Function):
         chunk_rows: int,
         entropy_grad: bool,
     ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # see _LogProbEntropy.forward
         n = hidden.shape[0]
         log_prob, entropy, row_max, log_s = (
             torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4)
@@ -789,10 +804,15 @@ class _LinearLogProbEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_rows):
             sl = slice(start, min(start + chunk_rows, n))
             z, _ = _head_logits(hidden[sl], weight, bias, logit_scale, softcap, False)
-            lp, h, m, ls = _full_vocab_stats(z, labels[sl], temperature, overwrite=True)
-            del z
-            assert lp is not None
-            log_prob[sl], entropy[sl], row_max[sl], log_s[sl] = lp, h, m, ls
+
+            def reduce(rs: slice, z: Tensor = z, first: int = start) -> None:
+                out = slice(first + rs.start, first + rs.stop)
+                lp, h, m, ls = _full_vocab_stats(z[rs], labels[out], temperature, overwrite=True)
+                assert lp is not None
+                log_prob[out], entropy[out], row_max[out], log_s[out] = lp, h, m, ls
+
+            _run_chunks(reduce, _split_rows(z.shape[0], z.device), z.device)
+            del z, reduce  # the closure holds the chunk too: free it before the next GEMM
         ctx.save_for_backward(hidden, weight, bias, labels, entropy, row_max, log_s)  # type: ignore[arg-type]
         ctx.options = (temperature, logit_scale, softcap, chunk_rows)  # type: ignore[attr-defined]
         if not entropy_grad:
@@ -819,30 +839,39 @@ class _LinearLogProbEntropy(torch.autograd.Function):
             sl = slice(start, min(start + rows, n))
             h_c = hidden[sl]
             z, deriv = _head_logits(h_c, weight, bias, logit_scale, softcap, True)
-            g = _logits_grad(
-                z,
-                labels[sl],
-                entropy[sl],
-                grad_lp,
-                grad_h,
-                sl,
-                temperature,
-                overwrite=True,
-                norm=(row_max[sl], log_s[sl]),
-            )
-            del z
-            if deriv is not None:
-                g.mul_(deriv)
-                del deriv
-            if logit_scale != 1.0:
-                g.mul_(logit_scale)
+
+            def to_grad(
+                rs: slice, z: Tensor = z, deriv: Tensor | None = deriv, first: int = start
+            ) -> None:
+                out = slice(first + rs.start, first + rs.stop)
+                block = z[rs]
+                g_rs = _logits_grad(
+                    block,
+                    labels[out],
+                    entropy[out],
+                    grad_lp,
+                    grad_h,
+                    out,
+                    temperature,
+                    overwrite=True,
+                    norm=(row_max[out], log_s[out]),
+                )
+                if g_rs.data_ptr() != block.data_ptr():
+                    block.copy_(g_rs)
+                if deriv is not None:
+                    block.mul_(deriv[rs])
+                if logit_scale != 1.0:
+                    block.mul_(logit_scale)
+
+            _run_chunks(to_grad, _split_rows(z.shape[0], z.device), z.device)
+            g, deriv = z, None  # z now holds the logits' gradient
             if grad_hidden is not None:
                 grad_hidden[sl] = _vocab_blocked_mm(g, weight)
             if need_w:
                 grad_w.addmm_(g.T, h_c.float())
             if grad_b is not None:
                 grad_b.add_(g.sum(dim=0))
-            del g
+            del g, z, to_grad  # free this chunk before the next GEMM
         return (
             grad_hidden,
             grad_w.to(weight.dtype) if need_w else None,

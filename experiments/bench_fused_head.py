@@ -13,8 +13,10 @@ Modes: ``fwd`` (no grad, the scoring pass) and ``fwd+bwd`` (``log_prob.sum().bac
 methods alternated so that machine noise hits all; each case is timed with the machine as it is
 ("idle") and with one spinning process of ours ("busy", see ``bench_entropy.busy_core``). Peak
 memory is measured in a fresh subprocess per case as the rise of the peak resident set
-(``VmHWM``) over the resident set after the inputs exist and one small call has warmed up the
-code path (RSS sampling by the kernel: it counts every allocation of every library).
+(``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set after the inputs exist
+and one small call has warmed up the code path: RSS accounting by the kernel counts every
+allocation of every library, and with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``)
+freed tensors leave the RSS at once.
 ``--trainer`` instead measures the peak memory of one ``ERCTrainer`` step with and without
 ``fused_head``.
 
@@ -112,9 +114,25 @@ def _memory_child(name: str, mode: str, n: int, h: int, v: int, dtype: str) -> N
     fn = methods()[name]
     call(fn, *inputs(64, h, v, dtype, seed=1), mode)  # warm-up: library and worker setup
     hidden, weight, labels = inputs(n, h, v, dtype)
-    base = vm_hwm_bytes()
+    base = reset_peak_rss()
     call(fn, hidden, weight, labels, mode)
     print(json.dumps({"extra": vm_hwm_bytes() - base}))
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs``) and return that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status (Linux only)")
+
+
+#: Children run with a fixed glibc mmap threshold: every large tensor is its own mapping, so the
+#: RSS follows the live tensors instead of freed heap memory kept for reuse.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def peak_extra_memory(name: str, mode: str, n: int, h: int, v: int, dtype: str) -> int:
@@ -123,6 +141,7 @@ def peak_extra_memory(name: str, mode: str, n: int, h: int, v: int, dtype: str) 
         check=True,
         capture_output=True,
         text=True,
+        env=CHILD_ENV,
     ).stdout
     return int(json.loads(out.strip().splitlines()[-1])["extra"])
 
@@ -165,7 +184,7 @@ def _trainer_child(vocab: int, fused_head: bool) -> None:
         )
         trainer = ERCTrainer(cfg, verifier=lambda c, a: float(len(c) % 2))
         trainer.train_step()  # warm-up: first-call allocations
-        base = vm_hwm_bytes()
+        base = reset_peak_rss()
         trainer.train_step()
         print(json.dumps({"extra": vm_hwm_bytes() - base}))
 
@@ -179,6 +198,7 @@ def trainer_memory(vocab: int) -> None:
             check=True,
             capture_output=True,
             text=True,
+            env=CHILD_ENV,
         ).stdout
         extra = json.loads(out.strip().splitlines()[-1])["extra"]
         print(f"  fused_head={flag!s:5}: peak extra memory of a step {extra / mib:8.1f} MiB")

@@ -313,3 +313,22 @@ def test_cpu_chunk_worker_error_reaches_the_caller(monkeypatch):
         pytest.skip("needs 2 intra-op threads")
     with pytest.raises(RuntimeError, match="chunk failed"):
         entropy_module._run_chunks(boom, range(4), torch.device("cpu"))
+
+
+def test_cpu_chunk_workers_survive_fork():
+    """A forked child (SubprocVecEnv, experiment workers) gets its own workers, not a hang."""
+    import multiprocessing
+
+    if torch.get_num_threads() < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs 2 intra-op threads and fork")
+    z = torch.randn(64, 3000)
+    labels = torch.randint(0, 3000, (64,))
+    expected = logprob_and_entropy(z, labels, chunk_size=8)[1]  # creates the parent's pool
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_entropy_in_child, (z, labels)).get(timeout=120)
+    torch.testing.assert_close(got, expected)
+
+
+def _entropy_in_child(z, labels):
+    return logprob_and_entropy(z, labels, chunk_size=8)[1]

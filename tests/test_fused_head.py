@@ -253,3 +253,67 @@ def test_rejects_bad_bias_and_settings():
     ):
         with pytest.raises(ValueError, match=name):
             linear_logprob_and_entropy(hidden, weight, labels, **kw)
+
+
+_MEMORY_CHILD = """
+import sys, torch
+from erc_gym.entropy import linear_logprob_and_entropy, logprob_and_entropy
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+fused = sys.argv[1] == "fused"
+n, h, v, chunk = 2048, 64, 32768, 128
+def step(n):
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) / 8).requires_grad_(True)
+    labels = torch.randint(0, v, (n,))
+    return hidden, weight, labels
+def run(hidden, weight, labels):
+    if fused:
+        lp, _ = linear_logprob_and_entropy(hidden, weight, labels, chunk_tokens=chunk)
+    else:
+        lp, _ = logprob_and_entropy(hidden @ weight.T, labels)
+    lp.sum().backward()
+run(*step(2 * chunk))  # warm-up
+args = step(n)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS:")
+run(*args)
+print(status("VmHWM:") - base)
+"""
+
+
+def test_peak_memory_is_two_chunks_plus_outputs():
+    """Forward + backward, N=2048, V=32768, 128-token chunks, measured as the rise of peak RSS.
+
+    The child process fixes glibc's mmap threshold, so every large tensor is its own mapping and
+    RSS follows the live tensors (no reuse or fragmentation of freed heap memory). Bound: two
+    chunks of fp32 logits (2 x 16 MiB) plus the outputs (hidden and weight gradients, 8.5 MiB)
+    plus 4 MiB of slack; the materialised-logits path (256 MiB of logits and as much gradient)
+    needs >= 5x more.
+    """
+    import os
+    import subprocess
+    import sys
+
+    def extra(kind: str) -> int:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, kind],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+
+    mib = 1 << 20
+    fused, materialised = extra("fused"), extra("materialised")
+    chunk_bytes = 128 * 32768 * 4
+    outputs = (2048 * 64 + 32768 * 64) * 4
+    assert fused <= 2 * chunk_bytes + outputs + 4 * mib, fused / mib
+    assert materialised >= 5 * fused, (materialised / mib, fused / mib)
