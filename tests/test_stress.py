@@ -65,12 +65,23 @@ def _spec(kind: str) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def bandit_map(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stress")
+    run_experiment(_spec("bandit"), root, workers=1, progress=False)
+    return root / "mini_bandit"
+
+
 @pytest.mark.parametrize("kind", ["bandit", "llm", "sb3"])
-def test_two_by_two_map_runs_end_to_end(tmp_path, kind):
+def test_two_by_two_map_runs_end_to_end(tmp_path, kind, request):
     spec = _spec(kind)
-    folders = run_experiment(spec, tmp_path, workers=1, progress=False)
-    assert len(folders) == 2 * 2 * 2 and all((f / "done").exists() for f in folders)
-    runs = load_runs(tmp_path / spec["name"])
+    if kind == "bandit":
+        folder = request.getfixturevalue("bandit_map")
+    else:
+        run_experiment(spec, tmp_path, workers=1, progress=False)
+        folder = tmp_path / spec["name"]
+    runs = load_runs(folder)
+    assert len(runs) == 2 * 2 * 2 and all(r.done for r in runs)
     cells = cell_table(runs)
     assert {(c["steps"], c["lr"], c["band"]) for c in cells} == {
         (s, lr, b) for s in (1, 4) for lr in spec["axes"]["lr"] for b in ("off", "(0.9, 1.1)")
@@ -79,24 +90,20 @@ def test_two_by_two_map_runs_end_to_end(tmp_path, kind):
     on_policy = [c for c in cells if c["band"] != "off" and c["steps"] == 1]
     assert all(c["erc_clip_fraction"] == 0 for c in on_policy)
     assert len(effect_table(cells)) == 4
-    report = write_report(tmp_path / spec["name"]).read_text()
+    report = write_report(folder).read_text()
     assert "## Off-policy stress map" in report and "stress_map.png" in report
-    assert (tmp_path / spec["name"] / "figures" / f"{cells[0]['env']}_stress_map.png").exists()
+    assert (folder / "figures" / f"{cells[0]['env']}_stress_map.png").exists()
 
 
-def test_bandit_axis_moves_the_policy_further(tmp_path):
+def test_bandit_axis_moves_the_policy_further(bandit_map):
     """More steps per rollout at a higher lr: more drift, so ERC clips more."""
-    spec = _spec("bandit")
-    run_experiment(spec, tmp_path, workers=1, progress=False)
     cells = {
-        (c["steps"], c["lr"]): c
-        for c in cell_table(load_runs(tmp_path / spec["name"]))
-        if c["band"] != "off"
+        (c["steps"], c["lr"]): c for c in cell_table(load_runs(bandit_map)) if c["band"] != "off"
     }
     assert cells[(4, 0.5)]["erc_clip_fraction"] > cells[(4, 0.05)]["erc_clip_fraction"]
     assert cells[(4, 0.5)]["erc_clip_fraction"] > cells[(1, 0.5)]["erc_clip_fraction"] == 0
     config = json.loads(
-        (tmp_path / spec["name"] / "V64-ppo-erc0.9-1.1-s4-lr0.5" / "0" / "config.json").read_text()
+        (bandit_map / "V64-ppo-erc0.9-1.1-s4-lr0.5" / "0" / "config.json").read_text()
     )
     assert config["minibatches"] == 4 and config["lr"] == 0.5
     assert config["axes"] == {"steps_per_rollout": 4, "lr": 0.5}
