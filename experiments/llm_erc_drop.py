@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         "--random-share",
         type=float,
         default=0.11,
-        help="share of tokens whose gradient randmask stops (ERC(0.95, 1.05)'s clip fraction at this point: 0.109)",
+        help="share of tokens whose gradient randmask stops (ERC(0.95, 1.05)'s clip "
+        "fraction at this point: 0.109)",
     )
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = parser.parse_args(argv)
