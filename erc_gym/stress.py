@@ -602,7 +602,7 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
     fig, axes = plt.subplots(
         len(algos),
         len(panels),
-        figsize=(2.9 * len(panels), 2.6 * len(algos) + 1.0),
+        figsize=(3.1 * len(panels), 2.8 * len(algos) + 1.2),
         squeeze=False,
     )
     for i, algo in enumerate(algos):
@@ -632,7 +632,15 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
             for r, c in itertools.product(range(len(lrs)), range(len(steps))):
                 if np.isfinite(grid[r, c]):
                     text = f"{grid[r, c]:.2g}" + ("*" if sig[r, c] else "")
-                    ax.text(c, r, text, ha="center", va="center", fontsize=7)
+                    ax.text(
+                        c,
+                        r,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        bbox={"facecolor": "white", "alpha": 0.75, "lw": 0, "pad": 1},
+                    )
                     if sig[r, c]:
                         ax.add_patch(
                             plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=2, ec="black")
@@ -643,13 +651,14 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
             ax.set_ylabel(f"{algo.upper()}\nlearning rate")
             ax.set_title(titles[metric].format(b=band), fontsize=8)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    n_text = "/".join(str(n) for n in ns)
+    n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     fig.suptitle(
-        f"{env}: off-policy stress map, n = {n_text} seeds per cell; "
-        "framed * = 95% bootstrap CI of the difference excludes 0; "
-        f"unstable = entropy < {COLLAPSE_FACTOR:g}x or > {EXPLOSION_FACTOR:g}x its start, or the "
-        f"score lost > {SCORE_DROP_SHARE:.0%} of its gain",
-        fontsize=9,
+        f"{env}: off-policy stress map ({n_text} seeds per cell). Framed * = the 95% bootstrap CI "
+        "of the difference to ERC off excludes 0.\n"
+        f"Unstable run = final entropy < {COLLAPSE_FACTOR:g}x its start, or any entropy > "
+        f"{EXPLOSION_FACTOR:g}x its start, or the score lost > {SCORE_DROP_SHARE:.0%} of its "
+        "best gain. Empty cell = not run.",
+        fontsize=10,
     )
     fig.tight_layout()
     paths = _save(fig, Path(path))

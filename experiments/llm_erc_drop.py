@@ -184,6 +184,46 @@ def run_variant(name: str, seed: int, random_share: float, root: str) -> str:
     return f"{run.variant}/{seed}: finished"
 
 
+def summary(root: str) -> str:
+    """Markdown table: every variant here and ``stress_llm``'s cells at the same point."""
+    from erc_gym.analysis import load_runs, summarize
+    from erc_gym.stress import diff_ci, probability_of_improvement
+
+    runs = [
+        r
+        for r in load_runs(Path(root) / "stress_llm")
+        if (r.config.get("axes") or {}) == {"steps_per_rollout": 4, "lr": 3e-4} and r.done
+    ]
+    runs += [r for r in load_runs(Path(root) / EXPERIMENT) if r.done]
+    rows = summarize(runs)
+    base = next((r for r in rows if r["variant"] == "add1-dapo-s4-lr0.0003"), None)
+    lines = [
+        "| variant | n | final acc. per seed | IQM | Δ IQM vs DAPO [95% CI] | PoI vs DAPO "
+        "| mean acc. over training | ERC clip | grad norm | final entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = poi = "–"
+        if base is not None and r is not base:
+            dd = diff_ci(r["per_seed"], base["per_seed"])
+            pp = probability_of_improvement(r["per_seed"], base["per_seed"])
+            d = f"{dd[0]:+.3f} [{dd[1]:+.3f}, {dd[2]:+.3f}]"
+            poi = f"{pp[0]:.2f} [{pp[1]:.2f}, {pp[2]:.2f}]"
+        grad = sum(_mean_series(x, "grad_norm") for x in runs if x.variant == r["variant"])
+        n = len(r["per_seed"])
+        lines.append(
+            f"| {r['variant']} | {n} | {', '.join(f'{v:.2f}' for v in r['per_seed'])} "
+            f"| {r['iqm']:.3f} | {d} | {poi} | {r['score_mean']:.3f} "
+            f"| {r['erc_clip_fraction']:.3f} | {grad / n:.2f} | {r['entropy_final']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _mean_series(run: Any, name: str) -> float:
+    ys = run.series(name)[1]
+    return float(ys.mean()) if ys.size else float("nan")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs")
@@ -196,17 +236,25 @@ def main(argv: list[str] | None = None) -> None:
         "fraction at this point: 0.109)",
     )
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--summary", action="store_true", help="print the table and exit")
+    parser.add_argument("--seeds", type=int, default=3, help="run at most the first N seeds")
     args = parser.parse_args(argv)
     if not 0 < args.random_share < 1:
         print(f"--random-share must be in (0, 1), got {args.random_share}", file=sys.stderr)
         raise SystemExit(2)
+    if args.summary:
+        print(summary(args.root))
+        return
     table = variants(args.random_share)
     names = args.only or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         print(f"unknown variants {unknown}; choose from {list(table)}", file=sys.stderr)
         raise SystemExit(2)
-    jobs = [(n, s) for n in names for s in table[n][2]]
+    if args.seeds < 1:
+        print(f"--seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        raise SystemExit(2)
+    jobs = [(n, s) for n in names for s in table[n][2][: args.seeds]]
     (Path(args.root) / EXPERIMENT).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_variant, n, s, args.random_share, args.root) for n, s in jobs]
