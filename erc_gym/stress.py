@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from erc_gym.analysis import Run, iqm, load_runs
+from erc_gym.analysis import SCORE_LABELS, Run, iqm, load_runs
 from erc_gym.diagnostics import entropy_volatility, grad_norm_spikes
 
 __all__ = [
@@ -342,8 +342,10 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     ``entropy_old_kept``: means over the cell's runs.
     """
     cells: dict[CellKey, list[dict[str, float]]] = {}
+    kinds: dict[CellKey, str] = {}
     for run in runs:
         cells.setdefault(_key(run), []).append(_run_stats(run))
+        kinds[_key(run)] = run.kind
     rows = []
     for key, stats in cells.items():
         scores = [s["score"] for s in stats]
@@ -354,6 +356,7 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
             lo, hi = bootstrap_ci(scores)
         row: dict[str, Any] = {
             "key": key,
+            "kind": kinds[key],
             "env": key.env,
             "algorithm": key.algorithm,
             "band": key.band_label,
@@ -593,8 +596,14 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
     panels += [("d_score", b, "score") for b in bands]
     panels += [("d_volatility", b, "volatility") for b in bands]
     panels += [("unstable", "off", None)] + [("unstable", b, None) for b in bands]
+    # one colour scale per metric across algorithms and bands, so colours compare
+    lims = {}
+    for metric in ("d_score", "d_volatility"):
+        values = _finite([e[metric] for e in effects])
+        lims[metric] = float(np.abs(values).max()) if values.size and values.any() else 1.0
+    kind = str(env_cells[0]["kind"]) if env_cells else ""
     titles = {
-        "score": "final score, ERC off",
+        "score": "final score, ERC off\n(" + SCORE_LABELS.get(kind, "score") + ")",
         "d_score": "Δ final score IQM, ERC {b} − off",
         "d_volatility": "Δ entropy volatility, ERC {b} − off\n(< 0 = smoother)",
         "unstable": "share of unstable runs, ERC {b}",
@@ -620,8 +629,7 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
                 if sig_name is not None:
                     sig[r, c] = sig_name in row["significant"]
             if metric.startswith("d_"):
-                lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-                lim = lim or 1.0
+                lim = lims[metric]
                 im = ax.imshow(
                     grid, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto"
                 )
