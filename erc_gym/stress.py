@@ -385,7 +385,8 @@ def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Keys: the cell's key fields, ``n_erc``, ``n_off``, ``d_score`` (IQM difference, ERC minus off)
     with ``d_score_lo``/``d_score_hi`` (95% bootstrap CI), ``poi`` with ``poi_lo``/``poi_hi``,
     ``d_volatility``/``d_spikes``/``d_unstable`` (mean differences) with CIs, and
-    ``significant`` -- the names of the differences whose CI excludes 0 (PoI: excludes 0.5).
+    ``significant`` -- the names of the differences whose CI excludes 0 (PoI: excludes 0.5); none
+    where either group has fewer than two runs.
     """
     off = {(c["env"], c["algorithm"], c["steps"], c["lr"]): c for c in cells if c["band"] == "off"}
     out = []
@@ -397,14 +398,16 @@ def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {k: c[k] for k in ("env", "algorithm", "band", "steps", "lr")}
         row["n_erc"], row["n_off"] = c["n"], base["n"]
+        # a bootstrap over one run per group has no spread: call nothing significant there
+        can_test = min(c["n"], base["n"]) >= 2
         row["d_score"], row["d_score_lo"], row["d_score_hi"] = diff_ci(c["scores"], base["scores"])
         row["poi"], row["poi_lo"], row["poi_hi"] = probability_of_improvement(
             c["scores"], base["scores"]
         )
         significant = []
-        if row["d_score_lo"] > 0 or row["d_score_hi"] < 0:
+        if can_test and (row["d_score_lo"] > 0 or row["d_score_hi"] < 0):
             significant.append("score")
-        if row["poi_lo"] > 0.5 or row["poi_hi"] < 0.5:
+        if can_test and (row["poi_lo"] > 0.5 or row["poi_hi"] < 0.5):
             significant.append("poi")
         for name in ("volatility", "spikes", "unstable"):
             d, lo, hi = diff_ci(
@@ -413,7 +416,7 @@ def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 statistic="mean",
             )
             row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = d, lo, hi
-            if lo > 0 or hi < 0:
+            if can_test and (lo > 0 or hi < 0):
                 significant.append(name)
         row["significant"] = significant
         out.append(row)
@@ -479,11 +482,9 @@ def _claim_outcome(claim: str, cell: dict[str, Any], effect: dict[str, Any]) -> 
             return None
         return bool(effect["d_unstable"] < 0)
     if claim == "score":
-        if effect["d_score_lo"] > 0:
-            return True
-        if effect["d_score_hi"] < 0:
-            return False
-        return None
+        if "score" not in effect["significant"]:
+            return None
+        return bool(effect["d_score"] > 0)
     raise ValueError(f"unknown claim {claim!r}")
 
 
@@ -563,8 +564,8 @@ def _claim_values(claim: str, cells: list[dict[str, Any]], effects: list[dict[st
         return f"Δ spikes/run {_rng([e['d_spikes'] for e in effects])}"
     if claim == "no_collapse":
         return f"Δ unstable share {_rng([e['d_unstable'] for e in effects])}"
-    up = sum(1 for e in effects if e["d_score_lo"] > 0)
-    down = sum(1 for e in effects if e["d_score_hi"] < 0)
+    up = sum(1 for e in effects if "score" in e["significant"] and e["d_score"] > 0)
+    down = sum(1 for e in effects if "score" in e["significant"] and e["d_score"] < 0)
     return (
         f"Δ IQM {_rng([e['d_score'] for e in effects])}; CI > 0 in {up}, < 0 in {down} "
         f"of {len(effects)} cells"
@@ -682,9 +683,13 @@ def _f(value: float, digits: int = 3) -> str:
 
 
 def stress_markdown(experiment_dir: str | Path, *, plots: bool = True) -> list[str]:
-    """The report section of a stress experiment: per env the figure, effects and claims."""
+    """The report section of a stress experiment: per env the figure, effects and claims.
+
+    Only finished runs (with a ``done`` marker) count.
+    """
     experiment_dir = Path(experiment_dir)
-    runs = [r for r in load_runs(experiment_dir) if r.config.get("axes")]
+    # unfinished runs would enter with a partial final score
+    runs = [r for r in load_runs(experiment_dir) if r.config.get("axes") and r.done]
     if not runs:
         return []
     cells = cell_table(runs)

@@ -214,3 +214,14 @@ def test_claims_verdict_names_the_axis():
     score = next(r for r in claims_table(cells, "V") if r["claim"] == "score")
     assert score["verdict"] == "no significant difference"
     assert np.isfinite([c["volatility"] for c in cells]).all()
+
+
+def test_one_run_per_group_is_never_significant():
+    runs = [
+        _run([1.0, 0.9, 0.8], [0.1, 0.2, s], algorithm="ppo", erc=band, variant=f"V-ppo-{band}")
+        for band, s in ((None, 0.3), (BAND, 0.9))
+    ]
+    for r in runs:
+        r.config["axes"] = {"steps_per_rollout": 2, "lr": 0.1}
+    (effect,) = effect_table(cell_table(runs))
+    assert effect["d_score"] == pytest.approx(0.6) and effect["significant"] == []
