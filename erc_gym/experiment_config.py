@@ -98,9 +98,16 @@ class ExperimentConfig(BaseModel):
     """Environments of the grid."""
     settings: dict[str, Any] = {}
     """Trainer settings shared by every run (an env's own keys override them)."""
+    axes: dict[str, Any] | None = None
+    """Optional off-policy stress grid, e.g. ``{"steps_per_rollout": [1, 8], "lr": [...]}``
+    (:mod:`erc_gym.stress`)."""
 
     @model_validator(mode="after")
     def _check_grid(self) -> ExperimentConfig:
+        if self.axes is not None:
+            from erc_gym.stress import check_axes
+
+            check_axes(self.axes)
         for i, band in enumerate(self.erc):
             if band is not None and not 0 < band[0] < 1 < band[1]:
                 raise ValueError(
@@ -241,6 +248,8 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
     out["erc"] = [list(b) if b is not None else None for b in config.erc]
     if not out["description"]:
         out.pop("description")
+    if out["axes"] is None:
+        out.pop("axes")
     return out
 
 

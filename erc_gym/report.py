@@ -78,9 +78,10 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     runs = load_runs(experiment_dir)
     if not runs:
         raise FileNotFoundError(f"no runs (config.json) below {experiment_dir}")
-    figures = plot_experiment(experiment_dir) if plots else []
     spec_path = experiment_dir / "experiment.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    # a stress grid has dozens of variants per env: its figure is the stress map, not the curves
+    figures = plot_experiment(experiment_dir) if plots and not spec.get("axes") else []
     rows = summarize(runs)  # load_runs keeps the config's grid order (env, algorithm, band)
     grid = grid_order(experiment_dir) or []
     for row in rows:  # n finished / n the config declares (runs not started have no folder)
@@ -141,6 +142,10 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
                 rel = fig.relative_to(experiment_dir)
                 md += [f"![{fig.stem}]({rel.as_posix()})", ""]
                 page.append(f"<p><img src='{rel.as_posix()}' style='max-width:100%'></p>")
+    if spec.get("axes"):
+        from erc_gym.stress import stress_markdown
+
+        md += stress_markdown(experiment_dir, plots=plots)
     out = experiment_dir / "report.md"
     _write_atomic(out, "\n".join(md))
     _write_atomic(

@@ -10,10 +10,14 @@ listed by ``erc-gym experiment --list``)::
       "algorithms": ["ppo"],                 # any of "ppo", "dapo", "gppo"
       "erc": [null, [0.95, 1.05]],           # null = ERC off, [low, high] = a band
       "envs": [{"label": "V4096", "vocab_size": 4096}],
-      "settings": {"iterations": 40}         # shared by every run
+      "settings": {"iterations": 40},        # shared by every run
+      "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]}   # optional stress grid
     }
 
 The file is checked against a schema (:mod:`erc_gym.experiment_config`) before any run starts.
+``axes`` (optional) repeats the grid on every point of an off-policy stress map; see
+:mod:`erc_gym.stress` for what each axis sets per kind. Variant names then end in ``-s<S>-lr<lr>``.
+
 Every run writes ``runs/<experiment>/<variant>/<seed>/{config.json, metrics.jsonl}`` (the
 variant name joins the env label, the algorithm and the band, e.g. ``V4096-ppo-erc0.95-1.05``),
 ``run.json`` (the run's resolved config: every trainer setting, defaults included) and a ``done``
@@ -152,6 +156,7 @@ class RunSpec:
     env: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     env_label: str = "env"
+    axes: dict[str, Any] = field(default_factory=dict)
 
     def folder(self, root: str | Path) -> Path:
         """``root/<experiment>/<variant>/<seed>``."""
@@ -169,6 +174,7 @@ class RunSpec:
             "env": self.env,
             "env_label": self.env_label,
             "settings": self.settings,
+            "axes": self.axes,
         }
 
 
@@ -220,31 +226,46 @@ def _seed_list(seeds: int | list[int]) -> list[int]:
     return list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
 
 
+def _stress_points(spec: dict[str, Any], env: dict[str, Any]) -> list[tuple[str, dict, dict]]:
+    """``(variant suffix, axis point, settings)`` per point of the optional ``axes`` grid."""
+    settings = dict(spec.get("settings", {}))
+    if not spec.get("axes"):
+        return [("", {}, settings)]
+    from erc_gym.stress import axis_label, axis_points, axis_settings
+
+    return [
+        (axis_label(p), p, axis_settings(spec["kind"], env, settings, p))
+        for p in axis_points(spec["axes"])
+    ]
+
+
 def expand(spec: dict[str, Any]) -> list[RunSpec]:
-    """The experiment's grid: env x algorithm x ERC band x seed (in that nesting order)."""
+    """The experiment's grid: env x stress point x algorithm x ERC band x seed (nesting order)."""
     seed_list = _seed_list(spec.get("seeds", 3))
     runs: list[RunSpec] = []
     for env in spec["envs"]:
         env = dict(env)
         label = env.pop("label", None) or env.get("id") or "env"
-        for algo in spec["algorithms"]:
-            for band in spec.get("erc", [None]):
-                erc = None if band is None else (float(band[0]), float(band[1]))
-                variant = f"{label}-{algo}{_band_label(erc)}"
-                runs.extend(
-                    RunSpec(
-                        experiment=spec["name"],
-                        variant=variant,
-                        seed=seed,
-                        kind=spec["kind"],
-                        algorithm=algo,
-                        erc=erc,
-                        env=env,
-                        settings=dict(spec.get("settings", {})),
-                        env_label=str(label),
+        for suffix, point, settings in _stress_points(spec, env):
+            for algo in spec["algorithms"]:
+                for band in spec.get("erc", [None]):
+                    erc = None if band is None else (float(band[0]), float(band[1]))
+                    variant = f"{label}-{algo}{_band_label(erc)}{suffix}"
+                    runs.extend(
+                        RunSpec(
+                            experiment=spec["name"],
+                            variant=variant,
+                            seed=seed,
+                            kind=spec["kind"],
+                            algorithm=algo,
+                            erc=erc,
+                            env=env,
+                            settings=dict(settings),
+                            env_label=str(label),
+                            axes=dict(point),
+                        )
+                        for seed in seed_list
                     )
-                    for seed in seed_list
-                )
     return runs
 
 

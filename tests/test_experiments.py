@@ -51,3 +51,19 @@ def test_llm_compare_smoke(tmp_path):
     llm_compare.run_one("tiny-arith-dapo-erc", 0, args)
     table = llm_compare.summarize(tmp_path, ["tiny-arith-dapo-erc"])
     assert "| tiny-arith-dapo-erc | 1 |" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--random-share", "2"], "--random-share must be in (0, 1), got 2.0"),
+        (["--only", "nope"], "unknown variants ['nope']"),
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    ],
+)
+def test_llm_erc_drop_rejects_bad_arguments(args, needle, capsys, tmp_path):
+    import llm_erc_drop
+
+    with pytest.raises(SystemExit) as exc:
+        llm_erc_drop.main([*args, "--root", str(tmp_path)])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err

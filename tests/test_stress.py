@@ -1,0 +1,227 @@
+"""Off-policy stress maps: the runner's ``axes``, the statistics, the map tables and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from erc_gym.analysis import Run, load_runs
+from erc_gym.report import write_report
+from erc_gym.runner import expand, load_experiment, run_experiment
+from erc_gym.stress import (
+    axis_settings,
+    cell_table,
+    check_axes,
+    claims_table,
+    diff_ci,
+    effect_table,
+    instability,
+    probability_of_improvement,
+)
+
+BAND = [0.9, 1.1]
+MINIATURES = {
+    "bandit": {
+        "envs": [{"label": "V64", "vocab_size": 64, "num_contexts": 4}],
+        "settings": {"iterations": 3, "group": 4},
+        "axes": {"steps_per_rollout": [1, 4], "lr": [0.05, 0.5]},
+    },
+    "llm": {
+        "envs": [{"label": "add1", "model": "tiny", "digits": 1, "ops": "+"}],
+        "settings": {
+            "sft_steps": 1,
+            "steps": 1,
+            "group_size": 4,
+            "prompts_per_step": 4,
+            "max_new_tokens": 3,
+            "num_train": 16,
+            "num_eval": 2,
+            "eval_every": 1,
+            "warmup_steps": 0,
+            "filter_groups": False,
+        },
+        "axes": {"steps_per_rollout": [1, 4], "lr": [1e-3, 1e-2]},
+    },
+    "sb3": {
+        "envs": [{"label": "CartPole", "id": "CartPole-v1", "steps": 256, "eval_every": 256}],
+        "settings": {"eval_episodes": 1},
+        "axes": {"steps_per_rollout": [1, 4], "lr": [1e-3, 1e-2]},
+    },
+}
+
+
+def _spec(kind: str) -> dict:
+    return {
+        "name": f"mini_{kind}",
+        "kind": kind,
+        "seeds": 1,
+        "algorithms": ["ppo"],
+        "erc": [None, BAND],
+        **MINIATURES[kind],
+    }
+
+
+@pytest.fixture(scope="module")
+def bandit_map(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stress")
+    run_experiment(_spec("bandit"), root, workers=1, progress=False)
+    return root / "mini_bandit"
+
+
+@pytest.mark.parametrize("kind", ["bandit", "llm", "sb3"])
+def test_two_by_two_map_runs_end_to_end(tmp_path, kind, request):
+    spec = _spec(kind)
+    if kind == "bandit":
+        folder = request.getfixturevalue("bandit_map")
+    else:
+        run_experiment(spec, tmp_path, workers=1, progress=False)
+        folder = tmp_path / spec["name"]
+    runs = load_runs(folder)
+    assert len(runs) == 2 * 2 * 2 and all(r.done for r in runs)
+    cells = cell_table(runs)
+    assert {(c["steps"], c["lr"], c["band"]) for c in cells} == {
+        (s, lr, b) for s in (1, 4) for lr in spec["axes"]["lr"] for b in ("off", "(0.9, 1.1)")
+    }
+    # one optimiser step per rollout is on-policy (rho = 1): ERC cannot fire there
+    on_policy = [c for c in cells if c["band"] != "off" and c["steps"] == 1]
+    assert all(c["erc_clip_fraction"] == 0 for c in on_policy)
+    assert len(effect_table(cells)) == 4
+    report = write_report(folder).read_text()
+    assert "## Off-policy stress map" in report and "stress_map.png" in report
+    assert (folder / "figures" / f"{cells[0]['env']}_stress_map.png").exists()
+
+
+def test_bandit_axis_moves_the_policy_further(bandit_map):
+    """More steps per rollout at a higher lr: more drift, so ERC clips more."""
+    cells = {
+        (c["steps"], c["lr"]): c for c in cell_table(load_runs(bandit_map)) if c["band"] != "off"
+    }
+    assert cells[(4, 0.5)]["erc_clip_fraction"] > cells[(4, 0.05)]["erc_clip_fraction"]
+    assert cells[(4, 0.5)]["erc_clip_fraction"] > cells[(1, 0.5)]["erc_clip_fraction"] == 0
+    config = json.loads(
+        (bandit_map / "V64-ppo-erc0.9-1.1-s4-lr0.5" / "0" / "config.json").read_text()
+    )
+    assert config["minibatches"] == 4 and config["lr"] == 0.5
+    assert config["axes"] == {"steps_per_rollout": 4, "lr": 0.5}
+
+
+def test_axis_settings_per_kind():
+    assert axis_settings("bandit", {}, {"lr": 1.0}, {"steps_per_rollout": 8, "lr": 0.1}) == {
+        "lr": 0.1,
+        "minibatches": 8,
+    }
+    llm = axis_settings("llm", {}, {"prompts_per_step": 16}, {"steps_per_rollout": 4})
+    assert llm["mini_batch_prompts"] == 4 and llm["epochs"] == 1
+    llm = axis_settings("llm", {}, {"prompts_per_step": 8}, {"steps_per_rollout": 16})
+    assert llm["mini_batch_prompts"] == 1 and llm["epochs"] == 2
+    with pytest.raises(ValueError, match="steps_per_rollout=3"):
+        axis_settings("llm", {}, {"prompts_per_step": 16}, {"steps_per_rollout": 3})
+    sb3 = axis_settings("sb3", {"id": "Acrobot-v1"}, {}, {"steps_per_rollout": 2, "lr": 3e-4})
+    assert sb3 == {"batch_size": 256 * 16, "n_epochs": 2, "learning_rate": 3e-4}
+
+
+def test_expand_names_every_point():
+    spec = {**_spec("bandit"), "algorithms": ["ppo", "gppo"]}
+    runs = expand(spec)
+    assert len(runs) == 2 * 2 * 2 * 2
+    assert "V64-gppo-erc0.9-1.1-s4-lr0.05" in {r.variant for r in runs}
+
+
+@pytest.mark.parametrize(
+    ("axes", "needle"),
+    [
+        ({"epochs": [1]}, "unknown stress axis 'epochs'"),
+        ({"steps_per_rollout": [2.5]}, "integers >= 1, got 2.5"),
+        ({"lr": [0]}, "numbers > 0, got 0"),
+        ({"lr": []}, "non-empty list"),
+    ],
+)
+def test_bad_axes_are_named(tmp_path, axes, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**_spec("bandit"), "axes": axes}))
+    with pytest.raises(ValueError, match=needle):
+        load_experiment(str(path))
+    with pytest.raises(ValueError):
+        check_axes(axes)
+
+
+def test_shipped_stress_configs_load():
+    from erc_gym.runner import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("stress_*.json"))
+    assert names
+    for name in names:
+        spec = load_experiment(name)
+        assert spec["axes"] and expand(spec)
+
+
+def test_probability_of_improvement_and_difference():
+    assert probability_of_improvement([3, 4, 5], [0, 1, 2])[0] == 1.0
+    assert probability_of_improvement([1, 1], [1, 1])[0] == 0.5
+    poi, lo, hi = probability_of_improvement([3, 4, 5, 6], [0, 1, 2, 3.5])
+    assert poi == pytest.approx(15 / 16) and lo <= poi <= hi
+    d, lo, hi = diff_ci([10, 11, 12, 13], [0, 1, 2, 3])
+    assert d == pytest.approx(10) and 0 < lo <= d <= hi
+    d, lo, hi = diff_ci([0, 5, 0, 5], [0, 5, 5, 0], statistic="mean")
+    assert d == 0 and lo < 0 < hi
+    assert all(math.isnan(v) for v in diff_ci([], [1.0]))
+
+
+def _run(entropy, score, **config):
+    rows = [
+        {"step": i, "entropy": h, "expected_reward": s}
+        for i, (h, s) in enumerate(zip(entropy, score, strict=True))
+    ]
+    path = Path("runs", str(config.get("variant", "V-ppo")), str(config.get("seed", 0)))
+    return Run(path=path, config={"kind": "bandit", **config}, rows=rows, done=True)
+
+
+def test_instability_thresholds():
+    assert not instability(_run([1.0, 0.5, 0.2], [0.1, 0.5, 0.6]))["unstable"]
+    assert instability(_run([1.0, 0.5, 0.005], [0.1, 0.5, 0.6]))["collapse"]
+    assert instability(_run([1.0, 1.6, 1.2], [0.1, 0.5, 0.6]))["explosion"]
+    flags = instability(_run([1.0, 0.5, 0.2], [0.1, 0.9, 0.4]))
+    assert flags["score_drop"] and flags["unstable"]
+
+
+def test_claims_verdict_names_the_axis():
+    """ERC lowers volatility only at 8 steps per rollout: the verdict says it depends on that."""
+    runs = []
+    for steps in (1, 8):
+        for lr in (0.1, 0.2):
+            for band in (None, BAND):
+                for seed in range(3):
+                    wobble = 0.3 if (band is None and steps == 8) else 0.1
+                    h = [1.0, 1.0 + wobble, 1.0, 1.0 + wobble, 1.0 - seed * 0.01]
+                    runs.append(
+                        _run(
+                            h,
+                            [0.1, 0.2, 0.3, 0.4, 0.5],
+                            algorithm="ppo",
+                            seed=seed,
+                            erc=band,
+                            variant=f"V-ppo-{band}-{steps}-{lr}",
+                            axes={"steps_per_rollout": steps, "lr": lr},
+                        )
+                    )
+    cells = cell_table(runs)
+    row = next(r for r in claims_table(cells, "V") if r["claim"] == "smoother_entropy")
+    assert row["verdict"].startswith("depends on steps per rollout: holds at 8")
+    score = next(r for r in claims_table(cells, "V") if r["claim"] == "score")
+    assert score["verdict"] == "no significant difference"
+    assert np.isfinite([c["volatility"] for c in cells]).all()
+
+
+def test_one_run_per_group_is_never_significant():
+    runs = [
+        _run([1.0, 0.9, 0.8], [0.1, 0.2, s], algorithm="ppo", erc=band, variant=f"V-ppo-{band}")
+        for band, s in ((None, 0.3), (BAND, 0.9))
+    ]
+    for r in runs:
+        r.config["axes"] = {"steps_per_rollout": 2, "lr": 0.1}
+    (effect,) = effect_table(cell_table(runs))
+    assert effect["d_score"] == pytest.approx(0.6) and effect["significant"] == []
