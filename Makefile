@@ -40,7 +40,7 @@ test-trl: $(VENV_TRL)/.installed
 	$(VENV_TRL)/bin/python -m pytest tests/integrations/test_trl.py
 
 # verl pins transformers < 5.11, so its tests run in their own environment, built from scratch
-# (13 min wall on a loaded 2-core machine, 2.7 min of it CPU; docs/scale_out_verl.md).
+# (13 min wall on a loaded 2-core machine, 2.7 min of it CPU; docs/scale_out.md).
 VERL_VENV ?= .venv-verl
 test-verl:
 	rm -rf $(VERL_VENV)
