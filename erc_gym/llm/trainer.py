@@ -30,7 +30,7 @@ from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
 from erc_gym.jsonl import append_jsonl, repair_jsonl
-from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
+from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 
@@ -427,9 +427,6 @@ class ERCTrainer:
                 )
             return model, tokenizer
         model, tokenizer = load_model_and_tokenizer(c.model, dtype=self.dtype)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        check_vocab(model, tokenizer)
         return model.to(self.device), tokenizer
 
     # ------------------------------------------------------------------ one step
