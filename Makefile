@@ -1,8 +1,17 @@
 # One-command set-up and jobs. `make demo` runs the main job, `make test` the test suite;
-# both create .venv and install the project (CPU torch via constraints-cpu.txt) on first use.
+# both create .venv and install the project on first use.
+#
+# torch: on a machine without nvidia-smi (TORCH=cpu) the CPU-only wheel torch==X+cpu comes from
+# PyTorch's CPU index, so pip does not pull PyPI's CUDA build (GBs of nvidia-* packages); where
+# that index is not reachable (offline CI with a local wheel folder or mirror) pip takes torch==X
+# from the configured indexes. With nvidia-smi (TORCH=cuda) PyPI's default CUDA build is used.
+# Override with `make setup TORCH=cpu` or `make setup TORCH=cuda`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' constraints-cpu.txt)
 
 .PHONY: setup demo test test-slow test-gpu lint format bench clean
 
@@ -10,7 +19,18 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	python3 -m venv $(VENV)
+ifeq ($(TORCH),cpu)
+	@if $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+		echo "torch: CPU build torch==$(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install $(PIP_FLAGS) "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
+	else \
+		echo "torch: $(TORCH_CPU_INDEX) not reachable; torch==$(TORCH_VERSION) from the configured indexes"; \
+	fi
 	$(PY) -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+else
+	@echo "torch: TORCH=cuda (nvidia-smi found, or set by hand): PyPI's default CUDA build"
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+endif
 	$(PY) -c "import erc_gym, torch; print('erc_gym', erc_gym.__version__, 'torch', torch.__version__)"
 	touch $@
 
