@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import importlib
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from erc_gym.cli_args import CliParser, fail, positive_float, positive_int
+from erc_gym.cli_args import (
+    CliParser,
+    fail,
+    positive_float,
+    positive_int,
+    writable_dir,
+    writable_file,
+)
 
 COMMANDS = {
     "train": ("erc_gym.cli:train_main", "train an SB3 algorithm (ERCPPO/PPO/A2C) on a Gym id"),
@@ -130,31 +136,6 @@ def report_main(argv: list[str] | None = None) -> None:
         print(write_report(folder, plots=not args.no_plots))
 
 
-def _writable_file(prog: str, flag: str, path: str) -> None:
-    """Fail now, not after training, if ``path`` cannot be written (its folder is created)."""
-    parent = Path(path).expanduser().absolute().parent
-    if parent.exists() and not parent.is_dir():
-        fail(prog, f"{flag} {path}: {parent} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        fail(prog, f"{flag} {path}: cannot write to {parent} ({err.strerror or err})")
-    if Path(path).is_dir():
-        fail(prog, f"{flag} {path}: is a folder, expected a file path")
-
-
-def _writable_dir(prog: str, flag: str, path: str) -> None:
-    """Fail now if the folder ``path`` cannot be created or written."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        fail(prog, f"{flag} {path}: cannot write there ({err.strerror or err})")
-
-
 def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, float]:
     """Both bounds or neither (the paper's 0.95/1.05): the same rule as ``erc-gym llm``."""
     if (low is None) != (high is None):
@@ -212,9 +193,9 @@ def train_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     prog = parser.prog
     band = _erc_band(prog, args.erc_low, args.erc_high)
-    _writable_dir(prog, "--log-dir", args.log_dir)
+    writable_dir(prog, "--log-dir", args.log_dir)
     if args.save:
-        _writable_file(prog, "--save", args.save)
+        writable_file(prog, "--save", args.save)
 
     import gymnasium as gym
     from stable_baselines3 import A2C, PPO

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "non_negative_int",
     "positive_float",
     "positive_int",
+    "writable_dir",
+    "writable_file",
 ]
 
 TRUE = ("1", "true", "yes", "on")
@@ -79,3 +83,31 @@ def boolean(text: str) -> bool:
     if low in FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def writable_file(prog: str, flag: str, path: str) -> None:
+    """Exit 2 now, not after a long run, if the file ``path`` cannot be written.
+
+    Its folder is created if missing (as the writer would).
+    """
+    parent = Path(path).expanduser().absolute().parent
+    if parent.exists() and not parent.is_dir():
+        fail(prog, f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        fail(prog, f"{flag} {path}: cannot write to {parent} ({err.strerror or err})")
+    if Path(path).is_dir():
+        fail(prog, f"{flag} {path}: is a folder, expected a file path")
+
+
+def writable_dir(prog: str, flag: str, path: str) -> None:
+    """Exit 2 now if the folder ``path`` cannot be created or written."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        fail(prog, f"{flag} {path}: cannot write there ({err.strerror or err})")

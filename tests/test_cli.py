@@ -141,6 +141,8 @@ BAD_INPUTS = [
     (["llm", "--device", "tpu"], "device='tpu'"),
     (["llm", "--preset", "nope"], "invalid choice: 'nope'"),
     (["llm", "--name", "a/b"], "plain folder name"),
+    (["llm", "--run-dir", "{file}/runs"], "--run-dir"),
+    (["llm", "--dataset", "{bad_jsonl}"], "bad.jsonl:2: not JSON"),
     (["plot", "{file}/missing"], "no folder"),
     (["plot", "{tmp}"], "no runs below"),
     (["report", "{file}/missing"], "no folder"),
@@ -158,7 +160,9 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("argv", "needle"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     file = _file(tmp_path)
-    argv = [a.format(file=file, tmp=tmp_path) for a in argv]
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')
+    argv = [a.format(file=file, tmp=tmp_path, bad_jsonl=bad_jsonl) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

@@ -12,9 +12,10 @@ import dataclasses
 import inspect
 import itertools
 import math
+from pathlib import Path
 from typing import Any
 
-from erc_gym.cli_args import CliParser, boolean, fail
+from erc_gym.cli_args import CliParser, boolean, fail, writable_dir
 from erc_gym.jsonl import dumps_strict
 from erc_gym.llm.trainer import PRESETS, ERCTrainer, TrainerConfig, check_resume
 
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         config.validate()
         if not args.restart:
             check_resume(config)
+        writable_dir(parser.prog, "--run-dir", str(Path(config.run_dir) / config.name))
         trainer = ERCTrainer(config)
     except (ValueError, OSError) as err:
         fail(parser.prog, str(err))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from erc_gym.envs.tokenizer import CharTokenizer
-from erc_gym.llm.model import load_causal_lm, load_model_and_tokenizer, make_tiny_lm
+from erc_gym.llm.model import load_model_and_tokenizer, make_tiny_lm
 
 
 def _save(tmp_path, tok, vocab: int, dtype: torch.dtype = torch.float32):
@@ -34,5 +34,7 @@ def test_tokenizer_without_eos_is_refused_up_front(tmp_path):
 
 
 def test_hub_name_says_not_a_local_folder():
+    from erc_gym.llm.model import load_causal_lm
+
     with pytest.raises(FileNotFoundError, match=r"'Qwen/Qwen2\.5-0\.5B' is not a local folder"):
         load_causal_lm("Qwen/Qwen2.5-0.5B")

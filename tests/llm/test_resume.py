@@ -18,7 +18,6 @@ from test_trainer import odd_length, small_config
 from erc_gym.cli import main
 from erc_gym.jsonl import read_jsonl
 from erc_gym.llm import ERCTrainer, TrainerConfig
-from erc_gym.llm.trainer import split_held_out
 
 
 class Killed(Exception):
@@ -147,6 +146,8 @@ def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path):
 
 
 def test_dataset_file_without_eval_dataset_holds_out_disjoint_prompts(tmp_path):
+    from erc_gym.llm.trainer import split_held_out
+
     rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(40)]
     rows += rows[:10]  # duplicated prompts must not leak into the held-out set
     data = tmp_path / "data.jsonl"
