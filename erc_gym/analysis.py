@@ -29,9 +29,12 @@ __all__ = [
     "STEP_LABELS",
     "Run",
     "bootstrap_ci",
+    "find_experiments",
+    "grid_order",
     "iqm",
     "load_runs",
     "mean_curve",
+    "stale_runs",
     "summarize",
 ]
 
@@ -144,23 +147,114 @@ class Run:
         return float(ys[-1]) if ys.size else math.nan
 
 
-def load_runs(experiment_dir: str | Path) -> list[Run]:
-    """Every ``<variant>/<seed>`` run folder below an experiment folder, sorted."""
+def _is_grid_run(config: Any) -> bool:
+    """A run folder written by :mod:`erc_gym.runner` (not a lone ``erc-gym llm`` run)."""
+    return isinstance(config, dict) and "variant" in config and "kind" in config
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def grid_order(experiment_dir: str | Path) -> list[tuple[str, int]] | None:
+    """``(variant, seed)`` of the grid the folder's ``experiment.json`` declares, in grid order
+    (env, algorithm, band, seed); None without an ``experiment.json``."""
+    spec = _read_config(Path(experiment_dir) / "experiment.json")
+    if spec is None:
+        return None
+    from erc_gym.runner import expand
+
+    try:
+        return [(r.variant, r.seed) for r in expand(spec)]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load_runs(experiment_dir: str | Path, *, grid_only: bool = True) -> list[Run]:
+    """The ``<variant>/<seed>`` run folders below an experiment folder.
+
+    With an ``experiment.json`` (written by the runner) and ``grid_only``, only the runs of the
+    grid it declares are returned, in grid order (env, algorithm, band, seed): folders of variants
+    or seeds removed from the config are left out (:func:`stale_runs` lists them). Otherwise every
+    run folder, sorted by path. Folders that are not runs of a grid are skipped.
+    """
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no experiment folder {root}")
     runs = []
     for cfg in sorted(root.glob("*/*/config.json")):
+        config = _read_config(cfg)
+        if not _is_grid_run(config):
+            continue
+        assert config is not None
         folder = cfg.parent
         runs.append(
             Run(
                 path=folder,
-                config=json.loads(cfg.read_text()),
+                config=config,
                 rows=read_jsonl(folder / "metrics.jsonl"),
                 done=(folder / "done").exists(),
             )
         )
-    return runs
+    order = grid_order(root) if grid_only else None
+    if order is None:
+        return runs
+    rank = {key: i for i, key in enumerate(order)}
+    return sorted(
+        (r for r in runs if (r.variant, r.seed) in rank), key=lambda r: rank[(r.variant, r.seed)]
+    )
+
+
+def stale_runs(experiment_dir: str | Path) -> list[Path]:
+    """Run folders that the experiment's current config (``experiment.json``) no longer declares."""
+    kept = {r.path for r in load_runs(experiment_dir)}
+    return [r.path for r in load_runs(experiment_dir, grid_only=False) if r.path not in kept]
+
+
+def find_experiments(path: str | Path) -> tuple[list[Path], list[str]]:
+    """Experiment folders at or below ``path`` (``path`` itself or its sub-folders).
+
+    An experiment folder has an ``experiment.json`` or ``<variant>/<seed>/config.json`` runs of a
+    grid. Returns the folders and notes about folders skipped: lone training runs such as those of
+    ``erc-gym llm`` (a ``config.json`` and ``metrics.jsonl`` but no grid).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no folder {path}")
+
+    def is_experiment(p: Path) -> bool:
+        return (p / "experiment.json").exists() or any(
+            _is_grid_run(_read_config(c)) for c in p.glob("*/*/config.json")
+        )
+
+    def lone_runs(p: Path) -> list[Path]:
+        return [
+            c.parent
+            for pattern in ("config.json", "*/config.json")
+            for c in sorted(p.glob(pattern))
+            if (c.parent / "metrics.jsonl").exists() and not _is_grid_run(_read_config(c))
+        ]
+
+    if is_experiment(path):
+        return [path], []
+    found: list[Path] = []
+    notes: list[str] = []
+    lone = lone_runs(path)
+    for child in sorted(p for p in path.iterdir() if p.is_dir()):
+        if is_experiment(child):
+            found.append(child)
+        elif child not in lone:
+            lone += [p for p in lone_runs(child) if p not in lone]
+    notes += [
+        f"skipped {p}: a single training run (e.g. from erc-gym llm), not an experiment grid; "
+        f"its log is {p / 'metrics.jsonl'}"
+        for p in lone
+    ]
+    return found, notes
 
 
 def iqm(values: Sequence[float]) -> float:
@@ -239,21 +333,27 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
     ``tv_unsampled``, ``entropy_old_clipped`` and ``entropy_old_kept`` (mean old entropy of the
     states / tokens ERC clipped and kept; the SB3 callback's split uses its band even with ERC off)
     -- means over the run, then over runs.
+
+    Only finished runs (a ``done`` marker) enter the scores and diagnostics: an unfinished run's
+    last score is a partial one. ``runs`` says how many of the variant's runs that is, and
+    ``unfinished`` lists the seeds left out.
     """
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
         by_variant.setdefault(run.variant, []).append(run)
     rows = []
-    for variant, group in by_variant.items():
+    for variant, every in by_variant.items():
+        group = [r for r in every if r.done]
         finals = [r.final_score() for r in group]
         lo, hi = bootstrap_ci(finals)
         entropies = [r.series("entropy")[1] for r in group]
         rows.append(
             {
                 "variant": variant,
-                "env": group[0].env_label,
-                "kind": group[0].kind,
-                "runs": f"{sum(r.done for r in group)}/{len(group)}",
+                "env": every[0].env_label,
+                "kind": every[0].kind,
+                "runs": f"{len(group)}/{len(every)}",
+                "unfinished": [r.seed for r in every if not r.done],
                 "iqm": iqm(finals),
                 "ci_low": lo,
                 "ci_high": hi,

@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:
-    """``path`` itself if it holds runs (``*/*/config.json``), else its sub-folders that do."""
-    if not path.is_dir():
+    """``path`` itself if it is an experiment folder, else its sub-folders that are."""
+    from erc_gym.analysis import find_experiments
+
+    try:
+        found, notes = find_experiments(path)
+    except FileNotFoundError:
         fail(prog, f"no folder {path}")
-    if any(path.glob("*/*/config.json")):
-        return [path]
-    found = sorted(p for p in path.iterdir() if p.is_dir() and any(p.glob("*/*/config.json")))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if not found:
         fail(prog, f"no runs below {path} (expected <variant>/<seed>/config.json)")
     return found
@@ -70,17 +73,23 @@ def _experiment_dirs(path: Path, prog: str) -> list[Path]:
 
 def experiment_main(argv: list[str] | None = None) -> None:
     """``erc-gym experiment NAME``: run a grid, then write its report."""
-    from erc_gym.runner import CONFIG_DIR
+    import shlex
+    import signal
 
-    shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
+    from erc_gym.runner import list_experiments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    shipped = list_experiments()
     parser = CliParser(
         prog="erc-gym experiment",
         description="Run an experiment grid (algorithm x ERC band x env x seed) in parallel "
         "processes; finished runs are skipped, unfinished ones resumed. Writes "
-        "RUNS/<experiment>/<variant>/<seed>/{config.json,metrics.jsonl} and a report.",
-        epilog=f"Shipped experiments: {', '.join(shipped)}.",
+        "RUNS/<experiment>/<variant>/<seed>/{config.json,run.json,metrics.jsonl} and a report. "
+        "Ctrl-C stops every run at its last checkpoint; the same command resumes.",
+        epilog=f"Shipped experiments: {', '.join(shipped)} (--list describes them).",
     )
-    parser.add_argument("name", help="a shipped experiment name or a JSON config file")
+    parser.add_argument("name", nargs="?", help="a shipped experiment name or a JSON config file")
+    parser.add_argument("--list", action="store_true", help="list the shipped experiments")
     parser.add_argument("--runs", default="runs", help="runs folder (default: runs)")
     parser.add_argument(
         "--workers", type=positive_int, default=None, help="processes (default: cores)"
@@ -89,17 +98,58 @@ def experiment_main(argv: list[str] | None = None) -> None:
         "--seeds", type=positive_int, default=None, help="override the number of seeds"
     )
     parser.add_argument("--restart", action="store_true", help="restart unfinished runs")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over the runs whose folder was made with another config (deletes them)",
+    )
     parser.add_argument("--no-report", action="store_true", help="skip the report and figures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from erc_gym.report import write_report
-    from erc_gym.runner import load_experiment, run_experiment
+    if args.list:
+        width = max(map(len, shipped), default=0)
+        for name, description in shipped.items():
+            print(f"{name:<{width}}  {description}")
+        return
+    if not args.name:
+        parser.exit(2, "erc-gym experiment: error: give an experiment name (--list shows them)\n")
+    from erc_gym.experiment_config import ConfigError
+    from erc_gym.runner import (
+        ConfigMismatch,
+        ExperimentInterrupted,
+        RunsFailed,
+        load_experiment,
+        run_experiment,
+    )
 
     try:
         spec = load_experiment(args.name)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    run_experiment(spec, args.runs, workers=args.workers, resume=not args.restart, seeds=args.seeds)
+        run_experiment(
+            spec,
+            args.runs,
+            workers=args.workers,
+            resume=not args.restart,
+            seeds=args.seeds,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ConfigError, ConfigMismatch) as err:
+        parser.exit(2, f"erc-gym experiment: error: {err}\n")
+    except RunsFailed as err:
+        parser.exit(1, f"erc-gym experiment: error: {err}\n")
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+        parser.exit(130, "erc-gym experiment: stopped by SIGINT; the same command resumes\n")
+    except ExperimentInterrupted as err:
+        again = shlex.join(["erc-gym", "experiment", *argv])
+        parser.exit(
+            128 + err.signum,
+            f"erc-gym experiment: stopped by {signal.Signals(err.signum).name}: "
+            f"{err.finished}/{err.total} runs finished, {len(err.stopped)} stopped at their last "
+            f"checkpoint; resume with: {again}\n",
+        )
     if not args.no_report:
+        from erc_gym.report import write_report
+
         report = write_report(Path(args.runs) / spec["name"])
         print(f"report: {report}")
 

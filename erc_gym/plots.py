@@ -23,7 +23,15 @@ import numpy as np
 from erc_gym.analysis import SCORE_LABELS, STEP_LABELS, Run, load_runs, mean_curve
 from erc_gym.diagnostics import RATIO_EDGES
 
-__all__ = ["PANELS", "plot_curves", "plot_experiment", "plot_ratio_heatmaps"]
+__all__ = [
+    "ALGORITHM_STYLES",
+    "PANELS",
+    "plot_curves",
+    "plot_experiment",
+    "plot_ratio_heatmaps",
+    "smooth",
+    "variant_style",
+]
 
 #: (series, y-axis label) of the curve panels, in order; the score label depends on the kind.
 PANELS: tuple[tuple[str, str], ...] = (
@@ -46,9 +54,17 @@ def _pyplot() -> Any:
 
 
 def _by_env(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
+    """Runs by env label, then variant, in the order given (:func:`load_runs` keeps grid order).
+
+    A variant with finished runs is drawn from those only (an unfinished run would cut every
+    mean curve at its last step); one with none finished is drawn from its partial runs.
+    """
     out: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
         out.setdefault(run.env_label, {}).setdefault(run.variant, []).append(run)
+    for variants in out.values():
+        for variant, group in variants.items():
+            variants[variant] = [r for r in group if r.done] or group
     return out
 
 
@@ -59,8 +75,60 @@ def _save(fig: Any, path: Path) -> list[Path]:
     return paths
 
 
+#: Line style and marker per algorithm: same-band variants share a colour, so curves that
+#: coincide (PPO and DAPO often do) stay visible as a solid line carrying markers.
+ALGORITHM_STYLES: dict[str, dict[str, Any]] = {
+    "ppo": {"ls": "-", "marker": None},
+    "dapo": {"ls": "--", "marker": "o", "mfc": "none"},
+    "gppo": {"ls": ":", "marker": "^", "mfc": "none"},
+}
+#: Series with more points than this are shown as a trailing moving average (LLM runs log every
+#: step; their raw curves are mostly noise).
+SMOOTH_ABOVE = 100
+
+
+def smooth(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Trailing moving average over ``len(y) // 15`` points when ``len(y) > SMOOTH_ABOVE``.
+
+    Returns ``(x, y, window)``; ``window == 1`` means unchanged.
+    """
+    if y.size <= SMOOTH_ABOVE:
+        return x, y, 1
+    k = max(3, y.size // 15)
+    avg = np.convolve(y, np.ones(k) / k, mode="valid")
+    return x[k - 1 :], avg, k
+
+
+def variant_style(run: Run, bands: list[Any]) -> dict[str, Any]:
+    """Colour by ERC band (its index in ``bands``), line style and marker by algorithm."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    band = run.config.get("erc")
+    band = tuple(band) if band else None
+    style = dict(ALGORITHM_STYLES.get(str(run.config.get("algorithm")), {"ls": "-"}))
+    style["color"] = colors[bands.index(band) % len(colors)] if band in bands else colors[0]
+    return style
+
+
+def _robust_ylim(ax: Any, highs: list[np.ndarray]) -> None:
+    """Clip the y-axis at the 99th percentile of the upper bands (single spikes off-scale)."""
+    values = np.concatenate([h[np.isfinite(h)] for h in highs]) if highs else np.empty(0)
+    if values.size < 20:
+        return
+    top = float(np.quantile(values, 0.99))
+    low, high = ax.get_ylim()
+    if 0 < top < high:
+        ax.set_ylim(low, top * 1.1 if top > 0 else high)
+
+
 def plot_curves(variants: dict[str, list[Run]], title: str, path: Path) -> list[Path]:
-    """The curve panels of one environment; returns the written PNG and SVG paths."""
+    """The curve panels of one environment; returns the written PNG and SVG paths.
+
+    Colour = ERC band, line style and marker = algorithm (:data:`ALGORITHM_STYLES`). Series longer
+    than :data:`SMOOTH_ABOVE` points are smoothed per run (:func:`smooth`) before the mean and
+    its band are taken; gradient-norm and clip-fraction axes clip rare spikes.
+    """
     plt = _pyplot()
     kind = next(iter(variants.values()))[0].kind
     panels = [
@@ -68,18 +136,42 @@ def plot_curves(variants: dict[str, list[Run]], title: str, path: Path) -> list[
         for name, label in PANELS
         if any(r.series(name)[0].size for group in variants.values() for r in group)
     ]
+    bands: list[Any] = []
+    for group in variants.values():
+        band = group[0].config.get("erc")
+        band = tuple(band) if band else None
+        if band not in bands:
+            bands.append(band)
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    windows: set[int] = set()
     for ax, (name, label) in zip(axes.flat, panels, strict=False):
-        for i, (variant, group) in enumerate(variants.items()):
-            x, mean, lo, hi = mean_curve([r.series(name) for r in group])
+        highs = []
+        for variant, group in variants.items():
+            curves = []
+            for r in group:
+                x, y, k = smooth(*r.series(name))
+                windows.add(k)
+                curves.append((x, y))
+            x, mean, lo, hi = mean_curve(curves)
             if not x.size:
                 continue
-            color = colors[i % len(colors)]
-            ax.plot(x, mean, color=color, label=f"{variant} (n={len(group)})", lw=1.6)
-            ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+            style = variant_style(group[0], bands)
+            marker_every = max(1, x.size // 12)
+            ax.plot(
+                x,
+                mean,
+                label=f"{variant} (n={len(group)})",
+                lw=1.6,
+                ms=4.5,
+                markevery=marker_every,
+                **style,
+            )
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, lw=0)
+            highs.append(hi)
+        if name in ("grad_norm", "clip_fraction", "erc_clip_fraction"):
+            _robust_ylim(ax, highs)
         ax.set_xlabel(STEP_LABELS.get(kind, "step"))
         ax.set_ylabel(label or SCORE_LABELS.get(kind, "score"))
         ax.grid(alpha=0.3)
@@ -87,8 +179,14 @@ def plot_curves(variants: dict[str, list[Run]], title: str, path: Path) -> list[
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
-    fig.suptitle(f"{title}: mean over seeds, shaded 95% bootstrap band")
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.96))
+    smoothed = max(windows, default=1)
+    note = f"; noisy series: moving average over {smoothed} points" if smoothed > 1 else ""
+    fig.suptitle(
+        f"{title}: mean over seeds, shaded 95% bootstrap band{note}\n"
+        "colour = ERC band, line style = algorithm (solid PPO, dashed+o DAPO, dotted+^ GPPO)",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0.06 + 0.025 * (len(labels) // 4), 1, 0.95))
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -101,10 +199,13 @@ def plot_ratio_heatmaps(variants: dict[str, list[Run]], title: str, path: Path) 
     if not names:
         return []
     kind = variants[names[0]][0].kind
-    cols = min(len(names), 3)
+    # one row per algorithm when the grid is algorithm x band (names arrive in grid order)
+    bands = list(dict.fromkeys(str(variants[n][0].config.get("erc")) for n in names))
+    cols = len(bands) if 2 <= len(bands) <= 5 and len(names) % len(bands) == 0 else 3
+    cols = min(len(names), cols)
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(
-        rows, cols, figsize=(5.4 * cols, 3.8 * rows), squeeze=False, layout="constrained"
+        rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained"
     )
     from matplotlib.colors import PowerNorm
 

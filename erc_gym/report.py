@@ -11,10 +11,11 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from erc_gym.analysis import SCORE_LABELS, load_runs, summarize
+from erc_gym.analysis import SCORE_LABELS, grid_order, load_runs, stale_runs, summarize
 
 __all__ = ["COLUMNS", "markdown_table", "write_report"]
 
@@ -50,7 +51,10 @@ def _cells(row: dict[str, Any]) -> list[str]:
         elif key == "h_old":
             out.append(f"{_fmt(row['entropy_old_clipped'])} / {_fmt(row['entropy_old_kept'])}")
         elif key == "per_seed":
-            out.append(", ".join(_fmt(v) for v in row["per_seed"]))
+            text = ", ".join(_fmt(v) for v in row["per_seed"]) or "–"
+            if row.get("unfinished"):
+                text += " (unfinished: seed " + ", ".join(map(str, row["unfinished"])) + ")"
+            out.append(text)
         else:
             out.append(_fmt(row[key]))
     return out
@@ -77,12 +81,12 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     figures = plot_experiment(experiment_dir) if plots else []
     spec_path = experiment_dir / "experiment.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
-    rows = summarize(runs)
-    if spec:  # the config's grid order (env, algorithm, band), not the folders' sort order
-        from erc_gym.runner import expand
-
-        order = {v: i for i, v in enumerate(dict.fromkeys(r.variant for r in expand(spec)))}
-        rows.sort(key=lambda r: order.get(r["variant"], len(order)))
+    rows = summarize(runs)  # load_runs keeps the config's grid order (env, algorithm, band)
+    grid = grid_order(experiment_dir) or []
+    for row in rows:  # n finished / n the config declares (runs not started have no folder)
+        declared = sum(variant == row["variant"] for variant, _ in grid)
+        done = int(row["runs"].split("/")[0])
+        row["runs"] = f"{done}/{max(declared, int(row['runs'].split('/')[1]))}"
     envs: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         envs.setdefault(row["env"], []).append(row)
@@ -106,6 +110,23 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     page = [f"<h1>Experiment <code>{html.escape(name)}</code></h1>"]
     if spec.get("description"):
         page.append(f"<p>{html.escape(spec['description'])}</p>")
+    notes = []
+    unfinished = sum(not r.done for r in runs)
+    if unfinished:
+        notes.append(
+            f"{unfinished} of {len(runs)} runs are unfinished and left out of every column "
+            "(see 'runs done'); `erc-gym experiment` resumes them."
+        )
+    stale = stale_runs(experiment_dir)
+    if stale:
+        shown = ", ".join(p.relative_to(experiment_dir).as_posix() for p in stale[:6])
+        notes.append(
+            f"{len(stale)} run folders are not in the current config and are not reported: "
+            f"{shown}{', ...' if len(stale) > 6 else ''}."
+        )
+    for note in notes:
+        md += [f"**Note:** {note}", ""]
+        page.append(f"<p><b>Note:</b> {html.escape(note)}</p>")
     for env, env_rows in envs.items():
         kind = env_rows[0]["kind"]
         md += [f"## {env}", "", f"Score: {SCORE_LABELS.get(kind, 'score')}.", ""]
@@ -121,12 +142,20 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
                 md += [f"![{fig.stem}]({rel.as_posix()})", ""]
                 page.append(f"<p><img src='{rel.as_posix()}' style='max-width:100%'></p>")
     out = experiment_dir / "report.md"
-    out.write_text("\n".join(md))
-    (experiment_dir / "report.html").write_text(
+    _write_atomic(out, "\n".join(md))
+    _write_atomic(
+        experiment_dir / "report.html",
         "<!doctype html><html><head><meta charset='utf-8'><title>"
         + html.escape(name)
         + "</title></head><body>"
         + "\n".join(page)
-        + "</body></html>\n"
+        + "</body></html>\n",
     )
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename, so two processes reporting at once never leave a mixed file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -23,8 +23,13 @@ BANDIT = {
 }
 
 
+def _strict(constant):
+    raise AssertionError(f"metrics.jsonl is not strict JSON: {constant}")
+
+
 def _lines(path):
-    return [json.loads(x) for x in path.read_text().splitlines()]
+    """Every line, parsed as strict JSON (``NaN`` / ``Infinity`` fail: issue #12 item 6)."""
+    return [json.loads(x, parse_constant=_strict) for x in path.read_text().splitlines()]
 
 
 def test_grid_and_variant_names():

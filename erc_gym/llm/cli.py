@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings, applied first")
     parser.add_argument(
         "--restart",
+        "--overwrite",
         "--no-resume",
         dest="restart",
         action="store_true",

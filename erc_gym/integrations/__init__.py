@@ -1,0 +1,1 @@
+"""Optional integrations of erc_gym with other training frameworks (TRL, verl)."""
