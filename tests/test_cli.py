@@ -65,8 +65,11 @@ def test_experiment_plot_and_report_commands(tmp_path, capsys):
     assert "V32_curves.png" in capsys.readouterr().out
     main(["report", str(runs / "mini"), "--no-plots"])
     assert "| V32-ppo-erc0.9-1.1 | 2/2 | " in (runs / "mini" / "report.md").read_text()
-    with pytest.raises(SystemExit, match="no runs"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "runs" / "mini" / "V32-ppo")])
+    assert exc.value.code == 2
+    assert "no runs" in capsys.readouterr().err
 
 
 def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
