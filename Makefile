@@ -1,16 +1,47 @@
 # One-command set-up and jobs. `make demo` runs the main job, `make test` the test suite;
-# both create .venv and install the project (CPU torch via constraints-cpu.txt) on first use.
+# both create .venv and install the project on first use.
+#
+# torch: on a machine without nvidia-smi (TORCH=cpu) the CPU-only wheel torch==X+cpu comes from
+# PyTorch's CPU index, so pip does not pull PyPI's CUDA build (GBs of nvidia-* packages); where
+# that index is not reachable (offline CI with a local wheel folder or mirror) pip takes torch==X
+# from the configured indexes. With nvidia-smi (TORCH=cuda) PyPI's default CUDA build is used.
+# Override with `make setup TORCH=cpu` or `make setup TORCH=cuda`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' constraints-cpu.txt)
 
-.PHONY: setup demo test test-slow test-gpu test-trl test-verl lint format bench clean
+comma := ,
+
+.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations ci lint format bench clean
 
 setup: $(VENV)/.installed
 
+# $(call make_venv,DIR,EXTRAS): a virtualenv in DIR with the project installed editable with
+# EXTRAS, torch chosen as described at the top (shared by .venv, .venv-trl and .venv-verl).
+ifeq ($(TORCH),cpu)
+define make_venv
+	python3 -m venv $(1)
+	@if $(1)/bin/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+		echo "torch: CPU build torch==$(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX)"; \
+		$(1)/bin/python -m pip install $(PIP_FLAGS) "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
+	else \
+		echo "torch: $(TORCH_CPU_INDEX) not reachable; torch==$(TORCH_VERSION) from the configured indexes"; \
+	fi
+	$(1)/bin/python -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[$(2)]" 2>&1 | grep -v "^WARNING: Location" || true
+endef
+else
+define make_venv
+	python3 -m venv $(1)
+	@echo "torch: TORCH=cuda (nvidia-smi found, or set by hand): PyPI's default CUDA build"
+	$(1)/bin/python -m pip install $(PIP_FLAGS) -e ".[$(2)]" 2>&1 | grep -v "^WARNING: Location" || true
+endef
+endif
+
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
-	python3 -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(call make_venv,$(VENV),dev)
 	$(PY) -c "import erc_gym, torch; print('erc_gym', erc_gym.__version__, 'torch', torch.__version__)"
 	touch $@
 
@@ -31,8 +62,7 @@ test-gpu: setup
 VENV_TRL ?= .venv-trl
 
 $(VENV_TRL)/.installed: pyproject.toml constraints-cpu.txt
-	python3 -m venv $(VENV_TRL)
-	$(VENV_TRL)/bin/python -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev,trl]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(call make_venv,$(VENV_TRL),dev$(comma)trl)
 	$(VENV_TRL)/bin/python -c "import trl, torch; print('trl', trl.__version__, 'torch', torch.__version__)"
 	touch $@
 
@@ -42,12 +72,20 @@ test-trl: $(VENV_TRL)/.installed
 # verl pins transformers < 5.11, so its tests run in their own environment, built from scratch
 # (13 min wall on a loaded 2-core machine, 2.7 min of it CPU; docs/scale_out.md).
 VERL_VENV ?= .venv-verl
-test-verl:
-	rm -rf $(VERL_VENV)
-	python3 -m venv $(VERL_VENV)
-	$(VERL_VENV)/bin/python -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev,verl]" 2>&1 | grep -v "^WARNING: Location" || true
+
+$(VERL_VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(call make_venv,$(VERL_VENV),dev$(comma)verl)
 	$(VERL_VENV)/bin/python -c "import verl, erc_gym.integrations.verl; print('verl', verl.__version__)"
+	touch $@
+
+test-verl: $(VERL_VENV)/.installed
 	$(VERL_VENV)/bin/python -m pytest tests/integrations/test_verl.py
+
+# Both integration suites (each in its own environment).
+test-integrations: test-trl test-verl
+
+# What CI runs (.ci/run): lint, the default suite, the TRL and verl suites.
+ci: lint test test-integrations
 
 lint: setup
 	$(VENV)/bin/ruff check .

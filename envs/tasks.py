@@ -54,15 +54,18 @@ def load_jsonl(path: str | Path) -> list[Problem]:
     """Read ``{"prompt": ..., "answer": ...}`` rows from a JSONL file.
 
     Raises:
-        ValueError: on an empty file or a row without string ``prompt`` and ``answer`` (the
-            message gives the line number).
+        ValueError: on an empty file, a line that is not JSON or a row without string ``prompt``
+            and ``answer`` (the message gives the line number).
     """
     rows: list[Problem] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not all(
                 isinstance(row.get(k), str) for k in ("prompt", "answer")
             ):

@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 from erc_gym.envs.rewards import Verifier, numeric_match, score_completions
 from erc_gym.envs.tasks import Problem, make_arithmetic_problems
+from erc_gym.envs.tokenizer import prepare_tokenizer
 
 __all__ = ["TokenArithmetic", "TokenEnv"]
 
@@ -53,7 +54,8 @@ class TokenEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     * ``prompts``: a non-empty sequence of ``{"prompt": str, "answer": str}``.
     * ``verifier``: ``(completion, answer) -> float``, e.g.
       :func:`~erc_gym.envs.rewards.numeric_match`.
-    * ``tokenizer``: a Hugging Face tokenizer with an EOS and a pad token.
+    * ``tokenizer``: a Hugging Face tokenizer with an EOS token (EOS also pads if it has no pad
+      token, see :func:`~erc_gym.envs.tokenizer.prepare_tokenizer`).
     * ``max_new_tokens`` (int): token limit of the completion.
     * ``max_prompt_tokens`` (int or None): limit of the prompt; None takes the longest prompt.
     * ``render_mode``: ``None`` or ``"ansi"``.
@@ -78,9 +80,7 @@ class TokenEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             raise ValueError("prompts is empty: the env needs at least one prompt")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got max_new_tokens={max_new_tokens}")
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs an eos_token and a pad_token")
-        self.tokenizer = tokenizer
+        self.tokenizer = prepare_tokenizer(tokenizer)
         self.verifier = verifier
         self.problems = [dict(p) for p in prompts]
         self.max_new_tokens = max_new_tokens

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "CharTokenizer"]
+__all__ = ["SPECIAL_TOKENS", "CharTokenizer", "prepare_tokenizer"]
 
 #: Special tokens, in id order: padding, beginning of sequence, end of sequence, unknown.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -80,3 +80,23 @@ class CharTokenizer:
             unk_token="<unk>",
             clean_up_tokenization_spaces=False,
         )
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Check that ``tokenizer`` can end and pad sequences; pad with EOS when it has no pad token.
+
+    Generation stops at EOS and batches are right-padded, so both ids are needed. Many causal-LM
+    tokenizers (GPT-2, Llama) define EOS but no pad token: EOS then doubles as padding (padded
+    positions are masked out everywhere), as in TRL and verl. Returns the same tokenizer.
+
+    Raises:
+        ValueError: if the tokenizer has no EOS token.
+    """
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no EOS token, so responses cannot "
+            "end; set one (tokenizer.eos_token = '...', or eos_token in tokenizer_config.json)"
+        )
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -10,11 +10,20 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from erc_gym.cli_args import (
+    CliParser,
+    fail,
+    positive_float,
+    positive_int,
+    writable_dir,
+    writable_file,
+)
 
 COMMANDS = {
     "train": ("erc_gym.cli:train_main", "train an SB3 algorithm (ERCPPO/PPO/A2C) on a Gym id"),
@@ -29,7 +38,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``erc-gym <command> ...`` to the command's own argument parser."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="erc-gym",
         description="Entropy Ratio Clipping (ERC) testbed.",
         epilog="Run 'erc-gym <command> --help' for the options of a command.",
@@ -47,18 +56,18 @@ def main(argv: list[str] | None = None) -> None:
     getattr(importlib.import_module(module), func)(argv[1:])
 
 
-def _experiment_dirs(path: Path) -> list[Path]:
+def _experiment_dirs(path: Path, prog: str) -> list[Path]:
     """``path`` itself if it is an experiment folder, else its sub-folders that are."""
     from erc_gym.analysis import find_experiments
 
     try:
         found, notes = find_experiments(path)
     except FileNotFoundError:
-        raise SystemExit(f"error: no folder {path}") from None
+        fail(prog, f"no folder {path}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if not found:
-        raise SystemExit(f"error: no runs below {path} (expected <variant>/<seed>/config.json)")
+        fail(prog, f"no runs below {path} (expected <variant>/<seed>/config.json)")
     return found
 
 
@@ -71,7 +80,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     shipped = list_experiments()
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="erc-gym experiment",
         description="Run an experiment grid (algorithm x ERC band x env x seed) in parallel "
         "processes; finished runs are skipped, unfinished ones resumed. Writes "
@@ -83,10 +92,10 @@ def experiment_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the shipped experiments")
     parser.add_argument("--runs", default="runs", help="runs folder (default: runs)")
     parser.add_argument(
-        "--workers", type=_at_least_one, default=None, help="processes (default: cores)"
+        "--workers", type=positive_int, default=None, help="processes (default: cores)"
     )
     parser.add_argument(
-        "--seeds", type=_at_least_one, default=None, help="override the number of seeds"
+        "--seeds", type=positive_int, default=None, help="override the number of seeds"
     )
     parser.add_argument("--restart", action="store_true", help="restart unfinished runs")
     parser.add_argument(
@@ -145,38 +154,27 @@ def experiment_main(argv: list[str] | None = None) -> None:
         print(f"report: {report}")
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def plot_main(argv: list[str] | None = None) -> None:
     """``erc-gym plot RUNS_DIR``: PNG and SVG figures of every experiment below a folder."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="erc-gym plot",
-        description="Curves (mean over seeds, 95%% bootstrap band) and entropy-ratio heat maps, "
+        description="Curves (mean over seeds, 95% bootstrap band) and entropy-ratio heat maps, "
         "written to <experiment>/figures/ as PNG and SVG.",
     )
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     args = parser.parse_args(argv)
     from erc_gym.plots import plot_experiment
 
-    for folder in _experiment_dirs(args.runs_dir):
+    for folder in _experiment_dirs(args.runs_dir, parser.prog):
         for path in plot_experiment(folder):
             print(path)
 
 
 def report_main(argv: list[str] | None = None) -> None:
     """``erc-gym report RUNS_DIR``: report.md and report.html of every experiment below it."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="erc-gym report",
-        description="Final-score table (IQM, 95%% bootstrap CI), entropy diagnostics and figures, "
+        description="Final-score table (IQM, 95% bootstrap CI), entropy diagnostics and figures, "
         "written to <experiment>/report.md and report.html.",
     )
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
@@ -184,80 +182,158 @@ def report_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from erc_gym.report import write_report
 
-    for folder in _experiment_dirs(args.runs_dir):
+    for folder in _experiment_dirs(args.runs_dir, parser.prog):
         print(write_report(folder, plots=not args.no_plots))
+
+
+def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, float]:
+    """Both bounds or neither (the paper's 0.95/1.05): the same rule as ``erc-gym llm``."""
+    if (low is None) != (high is None):
+        given = f"--erc-low {low}" if low is not None else f"--erc-high {high}"
+        fail(prog, f"--erc-low and --erc-high go together: got only {given}")
+    return (0.95, 1.05) if low is None or high is None else (low, high)
 
 
 def train_main(argv: list[str] | None = None) -> None:
     """``erc-gym train ENV_ID``: an SB3 algorithm with ERC options and entropy diagnostics."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="erc-gym train",
         description="Train ERCPPO (or SB3's PPO / A2C) on a Gymnasium id with discrete actions. "
         "Zoo hyperparameters are used when erc_gym.sb3.presets has the id. Logs SB3's keys and "
-        "the diagnostics/* keys of EntropyDynamicsCallback to LOG_DIR/progress.json.",
+        "the diagnostics/* keys of EntropyDynamicsCallback to LOG_DIR/progress.json; prints a "
+        "progress bar and a short summary (SB3's tables with --verbose).",
     )
     parser.add_argument("env_id", help="Gymnasium id, e.g. CartPole-v1 or erc_gym/VocabBandit-v0")
     parser.add_argument("--algo", choices=["ercppo", "ppo", "a2c"], default="ercppo")
-    parser.add_argument("--steps", type=int, default=None, help="default: preset or 100000")
-    parser.add_argument("--erc-low", type=float, default=0.95, help="ERCPPO band, lower bound")
-    parser.add_argument("--erc-high", type=float, default=1.05, help="ERCPPO band, upper bound")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="default: preset or 100000"
+    )
+    parser.add_argument(
+        "--erc-low",
+        type=positive_float,
+        default=None,
+        help="ERCPPO band, lower bound (give both bounds or neither; default 0.95)",
+    )
+    parser.add_argument(
+        "--erc-high",
+        type=positive_float,
+        default=None,
+        help="ERCPPO band, upper bound (default 1.05)",
+    )
     parser.add_argument("--no-erc", action="store_true", help="ERCPPO with ERC off (= SB3 PPO)")
-    parser.add_argument("--clip-range-high", type=float, default=None, help="DAPO clip-higher")
+    parser.add_argument(
+        "--clip-range-high", type=positive_float, default=None, help="DAPO clip-higher"
+    )
     parser.add_argument("--clip-variant", choices=["ppo", "gppo"], default="ppo")
-    parser.add_argument("--dual-clip", type=float, default=None, help="dual-clip constant c > 1")
-    parser.add_argument("--n-envs", type=int, default=None, help="default: preset or 8")
+    parser.add_argument(
+        "--dual-clip", type=positive_float, default=None, help="dual-clip constant c > 1"
+    )
+    parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
-    parser.add_argument("--log-interval", type=int, default=1, help="updates between log dumps")
+    parser.add_argument(
+        "--log-interval", type=positive_int, default=1, help="updates between log dumps"
+    )
     parser.add_argument("--save", default=None, help="save the model to this .zip path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print SB3's log table after every update"
+    )
     args = parser.parse_args(argv)
+    prog = parser.prog
+    band = _erc_band(prog, args.erc_low, args.erc_high)
+    writable_dir(prog, "--log-dir", args.log_dir)
+    if args.save:
+        writable_file(prog, "--save", args.save)
 
+    import gymnasium as gym
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.logger import configure
 
+    import erc_gym.envs  # noqa: F401  (registers the erc_gym/* ids)
     from erc_gym.diagnostics import EntropyDynamicsCallback
     from erc_gym.sb3 import ERCPPO
     from erc_gym.sb3.presets import PRESETS, make_env_kwargs, ppo_kwargs
 
+    try:
+        gym.spec(args.env_id)
+    except gym.error.Error as err:
+        fail(prog, f"unknown environment id {args.env_id!r}: {err}")
+    verbose = int(args.verbose)
     preset = args.env_id in PRESETS and args.algo != "a2c"
-    kwargs = ppo_kwargs(args.env_id, seed=args.seed, verbose=0) if preset else {"seed": args.seed}
+    kwargs: dict[str, Any] = (
+        ppo_kwargs(args.env_id, seed=args.seed, verbose=verbose)
+        if preset
+        else {"seed": args.seed, "verbose": verbose}
+    )
     kwargs.pop("policy", None)
     n_envs = args.n_envs or (make_env_kwargs(args.env_id)["n_envs"] if preset else 8)
     steps = args.steps or (PRESETS[args.env_id]["n_timesteps"] if preset else 100_000)
-    env = make_vec_env(args.env_id, n_envs=n_envs, seed=args.seed)
     model: Any
-    if args.algo == "ercppo":
-        erc = (None, None) if args.no_erc else (args.erc_low, args.erc_high)
-        model = ERCPPO(
-            "MlpPolicy",
-            env,
-            erc_low=erc[0],
-            erc_high=erc[1],
-            clip_range_high=args.clip_range_high,
-            clip_variant=args.clip_variant,
-            dual_clip=args.dual_clip,
-            **kwargs,
-        )
-    else:
-        cls = PPO if args.algo == "ppo" else A2C
-        model = cls("MlpPolicy", env, **kwargs)
-    formats = ["stdout", "json"] + (["tensorboard"] if args.tensorboard else [])
+    try:
+        env = make_vec_env(args.env_id, n_envs=n_envs, seed=args.seed)
+        if args.algo == "ercppo":
+            erc = (None, None) if args.no_erc else band
+            model = ERCPPO(
+                "MlpPolicy",
+                env,
+                erc_low=erc[0],
+                erc_high=erc[1],
+                clip_range_high=args.clip_range_high,
+                clip_variant=args.clip_variant,
+                dual_clip=args.dual_clip,
+                **kwargs,
+            )
+        else:
+            cls = PPO if args.algo == "ppo" else A2C
+            model = cls("MlpPolicy", env, **kwargs)
+    except (ValueError, AssertionError, gym.error.Error) as err:
+        fail(prog, f"{args.env_id} with --algo {args.algo}: {err}")
+    formats = (["stdout"] if args.verbose else []) + ["json"]
+    formats += ["tensorboard"] if args.tensorboard else []
     model.set_logger(configure(args.log_dir, formats))
-    band = (args.erc_low, args.erc_high)
+    start = time.perf_counter()
     model.learn(
         steps,
         callback=EntropyDynamicsCallback(band=band),
         log_interval=args.log_interval,
         progress_bar=not args.no_progress,
     )
+    last = dict(model.logger.name_to_value)
     model.logger.dump(model.num_timesteps)  # the last update's keys
+    seconds = time.perf_counter() - start
+    print(_train_summary(args, model, last, seconds))
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")
     print(f"logs: {Path(args.log_dir) / 'progress.json'}")
+
+
+def _train_summary(args: Any, model: Any, last: dict[str, Any], seconds: float) -> str:
+    """Three lines: what ran, the recent episodes, the last update's ERC figures."""
+    import numpy as np
+
+    erc = "ERC off" if args.algo != "ercppo" or args.no_erc else "ERC on"
+    lines = [f"{args.env_id}: {args.algo} ({erc}), {model.num_timesteps} steps in {seconds:.1f} s"]
+    episodes = list(model.ep_info_buffer or [])
+    if episodes:
+        ret = float(np.mean([e["r"] for e in episodes]))
+        length = float(np.mean([e["l"] for e in episodes]))
+        lines.append(
+            f"mean episode return over the last {len(episodes)} episodes: {ret:.2f} "
+            f"(length {length:.1f})"
+        )
+    keys = [
+        ("train/erc_clip_fraction", "ERC clip fraction"),
+        ("train/clip_fraction", "PPO clip fraction"),
+        ("train/entropy_loss", "entropy loss"),
+    ]
+    figures = [f"{name} {last[k]:.4f}" for k, name in keys if k in last]
+    if figures:
+        lines.append("last update: " + ", ".join(figures))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

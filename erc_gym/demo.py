@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from erc_gym.cli_args import CliParser, positive_float, positive_int
 from erc_gym.entropy import logprob_and_entropy
 from erc_gym.losses import ERCConfig, LossConfig, policy_loss
 
@@ -49,13 +50,24 @@ def run(
     return history
 
 
+def _vocab(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 actions per state, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: ``erc-gym demo`` / ``python -m erc_gym.demo``."""
-    parser = argparse.ArgumentParser(prog="erc-gym demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=64, help="states in the toy batch")
-    parser.add_argument("--vocab", type=int, default=4096, help="actions per state")
-    parser.add_argument("--steps", type=int, default=8, help="off-policy steps on one batch")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on logits")
+    parser = CliParser(prog="erc-gym demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=positive_int, default=64, help="states in the toy batch")
+    parser.add_argument("--vocab", type=_vocab, default=4096, help="actions per state (>= 2)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=8, help="off-policy steps on one batch"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=0.05, help="Adam learning rate on logits"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     kw = {

@@ -65,11 +65,14 @@ def test_experiment_plot_and_report_commands(tmp_path, capsys):
     assert "V32_curves.png" in capsys.readouterr().out
     main(["report", str(runs / "mini"), "--no-plots"])
     assert "| V32-ppo-erc0.9-1.1 | 2/2 | " in (runs / "mini" / "report.md").read_text()
-    with pytest.raises(SystemExit, match="no runs"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "runs" / "mini" / "V32-ppo")])
+    assert exc.value.code == 2
+    assert "no runs" in capsys.readouterr().err
 
 
-def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path):
+def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
     log_dir = tmp_path / "log"
     main(
         [
@@ -87,9 +90,121 @@ def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path):
         ]
     )
     rows = [json.loads(x) for x in (log_dir / "progress.json").read_text().splitlines()]
+    assert len(rows) >= 4  # one row per update is still logged to the file
     assert any("train/erc_clip_fraction" in r for r in rows)
     assert any("diagnostics/entropy_volatility" in r for r in rows)
     assert (tmp_path / "model.zip").exists()
+    # #12 item 13: a short summary on stdout, not SB3's table after every update
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) <= 6, out
+    assert "CartPole-v1: ercppo (ERC on), 512 steps" in out
+    assert "mean episode return over the last" in out
+    assert "rollout/" not in out
+
+
+def test_train_verbose_prints_sb3_tables(tmp_path, capsys):
+    args = ["train", "CartPole-v1", "--steps", "256", "--n-envs", "2", "--no-progress"]
+    main([*args, "--log-dir", str(tmp_path), "--verbose"])
+    out = capsys.readouterr().out
+    assert out.count("| rollout/") >= 2  # one table per update
+
+
+def _file(tmp_path: Path) -> str:
+    """A path below a regular file: no folder can be created there (even as root)."""
+    (tmp_path / "file").write_text("")
+    return str(tmp_path / "file")
+
+
+# #12 item 8: every bad value is one line on stderr and exit 2, never a traceback.
+BAD_INPUTS = [
+    (["nope"], "invalid choice: 'nope'"),
+    (["train", "Nope-v0"], "unknown environment id 'Nope-v0'"),
+    (["train", "CartPole-v1", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["train", "CartPole-v1", "--steps", "-5"], "--steps: must be >= 1, got -5"),
+    (["train", "CartPole-v1", "--n-envs", "0"], "--n-envs: must be >= 1"),
+    (["train", "CartPole-v1", "--log-interval", "0"], "--log-interval: must be >= 1"),
+    (["train", "CartPole-v1", "--algo", "trpo"], "invalid choice: 'trpo'"),
+    (["train", "CartPole-v1", "--erc-low", "0.9"], "go together: got only --erc-low 0.9"),
+    (["train", "CartPole-v1", "--erc-high", "1.1"], "go together: got only --erc-high 1.1"),
+    (["train", "CartPole-v1", "--erc-low", "1.1", "--erc-high", "0.9"], "low must satisfy"),
+    (["train", "CartPole-v1", "--erc-low", "x", "--erc-high", "1"], "--erc-low: expected a number"),
+    (["train", "Pendulum-v1"], "discrete action space"),
+    (["train", "CartPole-v1", "--save", "{file}/m.zip"], "is a file, not a folder"),
+    (["train", "CartPole-v1", "--log-dir", "{file}/log"], "--log-dir"),
+    (["llm", "--steps", "0"], "steps must be >= 1, got steps=0"),
+    (["llm", "--eval-every", "0"], "eval_every must be >= 1, got eval_every=0"),
+    (["llm", "--erc-low", "0.9"], "erc_low and erc_high must both be set"),
+    (["llm", "--filter-groups", "ture"], "--filter-groups: expected true or false, got 'ture'"),
+    (["llm", "--progress", "maybe"], "expected true or false"),
+    (["llm", "--model", "Qwen/Qwen2.5-0.5B"], "nor a local folder"),
+    (["llm", "--dataset", "{file}/x.jsonl"], "no such file"),
+    (["llm", "--loss", "trpo"], "got loss='trpo'"),
+    (["llm", "--lr", "abc"], "--lr: expected float or none, got 'abc'"),
+    (["llm", "--lr", "0"], "lr must be a finite number > 0"),
+    (["llm", "--device", "tpu"], "device='tpu'"),
+    (["llm", "--preset", "nope"], "invalid choice: 'nope'"),
+    (["llm", "--name", "a/b"], "plain folder name"),
+    (["llm", "--run-dir", "{file}/runs"], "--run-dir"),
+    (["llm", "--dataset", "{bad_jsonl}"], "bad.jsonl:2: not JSON"),
+    (["plot", "{file}/missing"], "no folder"),
+    (["plot", "{tmp}"], "no runs below"),
+    (["report", "{file}/missing"], "no folder"),
+    (["report", "{tmp}"], "no runs below"),
+    (["demo", "--vocab", "1"], "--vocab: needs at least 2"),
+    (["demo", "--batch", "0"], "--batch: must be >= 1"),
+    (["demo", "--lr", "0"], "--lr: must be a finite number > 0"),
+    (["demo", "--lr", "nan"], "--lr: must be a finite number > 0"),
+    (["demo", "--steps", "two"], "--steps: expected a whole number"),
+    (["experiment", "quick", "--workers", "0"], "--workers: must be >= 1"),
+    (["experiment", "quick", "--seeds", "-1"], "--seeds: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
+    file = _file(tmp_path)
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')
+    argv = [a.format(file=file, tmp=tmp_path, bad_jsonl=bad_jsonl) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("erc-gym"), lines[0]
+    assert needle in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_unwritable_save_fails_before_training(tmp_path):
+    """A subprocess: exit 2, one line, no traceback, and nothing trained or logged."""
+    train = [sys.executable, "-m", "erc_gym", "train", "CartPole-v1", "--steps", "100000"]
+    proc = subprocess.run(
+        [*train, "--log-dir", str(tmp_path / "log"), "--save", _file(tmp_path) + "/m.zip"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"erc-gym train: error: --save {tmp_path}/file/m.zip: {tmp_path}/file is a file, "
+        "not a folder"
+    ]
+    assert not (tmp_path / "log" / "progress.json").exists()
+
+
+def test_help_texts_print_each_default_once_and_plain_percent(capsys):
+    from erc_gym.llm.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "(default: " not in text  # argparse's own "(default: X)" after ours
+    assert text.count("(default 30)") == 1  # --steps
+    for command in ("plot", "report"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "95%" in out and "%%" not in out
 
 
 def test_demo_help(capsys):

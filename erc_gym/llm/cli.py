@@ -11,11 +11,13 @@ import ast
 import dataclasses
 import inspect
 import itertools
-import json
 import math
+from pathlib import Path
 from typing import Any
 
-from erc_gym.llm.trainer import PRESETS, ERCTrainer, TrainerConfig
+from erc_gym.cli_args import CliParser, boolean, fail, writable_dir
+from erc_gym.jsonl import dumps_strict
+from erc_gym.llm.trainer import PRESETS, ERCTrainer, TrainerConfig, check_resume
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -35,26 +37,40 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _parse_optional(kind: type) -> Any:
+def _parse_optional(kind: type, flag: str) -> Any:
     def parse(text: str) -> Any:
-        return None if text.lower() == "none" else kind(text)
+        if text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__} or none, got {text!r}"
+            ) from None
 
+    parse.__name__ = flag  # argparse names the converter in some messages
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one flag per TrainerConfig field."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="erc-gym llm",
         description="GRPO / DAPO / GPPO (+ERC) for a transformers causal LM. Presets: "
-        + ", ".join(f"{k} ({v})" for k, v in PRESETS.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        + ", ".join(f"{k} ({v})" for k, v in PRESETS.items())
+        + ". The run lives in RUN_DIR/NAME; running the same command again resumes it from its "
+        "last checkpoint, and a changed setting (other than --steps or logging) is refused "
+        "unless --restart is given.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings, applied first")
     parser.add_argument(
+        "--restart",
+        "--overwrite",
         "--no-resume",
+        dest="restart",
         action="store_true",
-        help="start over even if a checkpoint exists in the run folder",
+        help="start over: delete the run folder's checkpoint and metrics (a run is otherwise "
+        "resumed, and refused if its recorded settings differ)",
     )
     docs = field_docs(TrainerConfig)
     for f in dataclasses.fields(TrainerConfig):
@@ -64,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(
                 flag,
-                type=lambda s: s.lower() in ("1", "true", "yes"),
+                type=boolean,
                 default=None,
-                help=f"{help_text} (true/false; default {default})",
+                metavar="{true,false}",
+                help=f"{help_text} (default {str(default).lower()})",
             )
             continue
         kind: Any = (
@@ -75,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
             else (float if f.name.startswith("erc_") else int if f.name == "vocab_size" else str)
         )
         parser.add_argument(
-            flag, type=_parse_optional(kind), default=None, help=f"{help_text} (default {default})"
+            flag,
+            type=_parse_optional(kind, flag),
+            default=None,
+            help=f"{help_text} (default {default})",
         )
     return parser
 
@@ -94,11 +114,23 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``erc-gym llm`` / ``python -m erc_gym.llm``."""
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    trainer = ERCTrainer(config)
-    lines = trainer.train(resume=not args.no_resume)
+    """Entry point of ``erc-gym llm`` / ``python -m erc_gym.llm``.
+
+    Bad settings, a missing model or dataset and a run folder made with other settings end with
+    one line on stderr and exit status 2.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        config.validate()
+        if not args.restart:
+            check_resume(config)
+        writable_dir(parser.prog, "--run-dir", str(Path(config.run_dir) / config.name))
+        trainer = ERCTrainer(config)
+    except (ValueError, OSError) as err:
+        fail(parser.prog, str(err))
+    lines = trainer.train(resume=not args.restart)
     evals = [ln["eval_accuracy"] for ln in lines if "eval_accuracy" in ln]
     summary = {
         "run": str(trainer.run_path),
@@ -106,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_accuracy_first": evals[0] if evals else math.nan,
         "eval_accuracy_last": evals[-1] if evals else math.nan,
     }
-    print(json.dumps(summary))
+    print(dumps_strict(summary))
 
 
 if __name__ == "__main__":

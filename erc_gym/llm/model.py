@@ -10,8 +10,17 @@ from typing import Any
 import torch
 
 from erc_gym.envs.tasks import Problem
+from erc_gym.envs.tokenizer import prepare_tokenizer
 
-__all__ = ["TINY_PRESETS", "load_model_and_tokenizer", "make_tiny_lm", "sft_warmstart"]
+__all__ = [
+    "TINY_PRESETS",
+    "check_vocab",
+    "load_causal_lm",
+    "load_model_and_tokenizer",
+    "make_tiny_lm",
+    "output_vocab_size",
+    "sft_warmstart",
+]
 
 #: nanoGPT-style "baby" presets: small enough to train on a laptop CPU in minutes.
 TINY_PRESETS: dict[str, dict[str, Any]] = {
@@ -59,36 +68,67 @@ def make_tiny_lm(vocab_size: int, preset: str = "tiny", seed: int = 0, **overrid
         return AutoModelForCausalLM.from_config(config)
 
 
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+    """A transformers causal LM from a local folder, never from the model hub.
+
+    Args:
+        path: a folder written by ``save_pretrained``.
+        dtype: parameter dtype after loading (e.g. ``torch.float32`` to train a bf16 checkpoint
+            on a CPU); ``None`` keeps the checkpoint's.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a local folder (a hub name such as
+            ``Qwen/Qwen2.5-0.5B`` is one: download it first, then pass its folder).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"model {str(path)!r} is not a local folder: erc_gym loads models from local folders "
+            "only and never downloads (download it yourself and pass its folder, or save one "
+            "with save_pretrained)"
+        )
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+
+
 def load_model_and_tokenizer(
     path: str | Path, *, dtype: torch.dtype | None = None
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local Hugging Face directory (offline).
 
+    The tokenizer is checked with :func:`~erc_gym.envs.tokenizer.prepare_tokenizer` (EOS
+    required; EOS pads when there is no pad token) and against the model's output layer.
+
     Raises:
         FileNotFoundError: if ``path`` is not a directory.
-        ValueError: if the tokenizer's vocabulary does not fit the model's embedding.
+        ValueError: if the tokenizer's vocabulary does not fit the model's embedding, or the
+            tokenizer has no EOS token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model directory {str(path)!r} does not exist (models are loaded from local "
-            "directories only; save one with save_pretrained or use the built-in 'tiny' preset)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
-    check_vocab(model, tokenizer)
+    model = load_causal_lm(path, dtype=dtype)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    check_vocab(model, len(tokenizer))
     return model, tokenizer
 
 
+def output_vocab_size(model: Any) -> int:
+    """Rows of the model's output layer (padded checkpoints have more than their tokenizer)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
 def check_vocab(model: Any, tokenizer: Any) -> None:
-    """Raise ``ValueError`` if the tokenizer emits ids the model cannot score."""
-    model_vocab = model.get_output_embeddings().weight.shape[0]
-    if len(tokenizer) > model_vocab:
+    """Raise ``ValueError`` if token ids (``len(tokenizer)``, or an int) exceed the model's head.
+
+    A head larger than the tokenizer is fine: real checkpoints (Qwen) pad the embedding to a
+    multiple of 64 or 128; those rows are never sampled by a token env and cost only entropy mass.
+    """
+    n_tokens = tokenizer if isinstance(tokenizer, int) else len(tokenizer)
+    model_vocab = output_vocab_size(model)
+    if n_tokens > model_vocab:
         raise ValueError(
-            f"tokenizer/model vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but "
+            f"tokenizer/model vocabulary mismatch: the tokenizer has {n_tokens} tokens but "
             f"the model's output layer has {model_vocab}"
         )
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,20 @@ from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
-from erc_gym.jsonl import append_jsonl
-from erc_gym.llm.model import TINY_PRESETS, check_vocab, load_model_and_tokenizer, make_tiny_lm
+from erc_gym.jsonl import append_jsonl, repair_jsonl
+from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 
-__all__ = ["METRIC_KEYS", "ERCTrainer", "TrainerConfig"]
+__all__ = [
+    "METRIC_KEYS",
+    "RESUMABLE_CHANGES",
+    "ERCTrainer",
+    "TrainerConfig",
+    "check_resume",
+    "config_changes",
+    "split_held_out",
+]
 
 #: Keys written to every line of ``metrics.jsonl`` (loss keys: see docs/metrics.md).
 METRIC_KEYS = (
@@ -75,7 +84,9 @@ class TrainerConfig:
     dataset: str = "arithmetic"
     """``arithmetic`` (generated) or a JSONL file of ``{"prompt", "answer"}`` rows."""
     eval_dataset: str | None = None
-    """JSONL file for held-out evaluation; ``None`` with ``arithmetic`` generates a disjoint set."""
+    """JSONL file for held-out evaluation. ``None``: a held-out set disjoint from training, of
+    num_eval distinct prompts (at most a quarter of them): generated for ``arithmetic``, and for
+    a dataset file split off it by a seeded shuffle and removed from the training rows."""
     digits: int = 1
     """Arithmetic: maximum digits per operand."""
     ops: str = "+"
@@ -83,7 +94,7 @@ class TrainerConfig:
     num_train: int = 2000
     """Arithmetic: training problems."""
     num_eval: int = 100
-    """Arithmetic: held-out problems."""
+    """Held-out problems (generated, or split off a dataset file without eval_dataset)."""
     loss: str = "dapo"
     """``ppo``, ``dapo`` (clip-higher 0.2/0.28, dual-clip 10) or ``gppo``."""
     erc_low: float | None = None
@@ -150,8 +161,11 @@ class TrainerConfig:
     """Compute log-probs and entropies from the last hidden states and the LM-head weight chunk by
     chunk (same values; no (tokens x vocabulary) logits in memory, which dominate for large
     vocabularies). Off: the model's own logits are computed first."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0: only at the end)."""
+    save_every: int = 10
+    """Checkpoint every this many steps (0: no step-based checkpoints); always at the end. The
+    same command resumes from the last checkpoint."""
+    save_minutes: float = 10.0
+    """Also checkpoint when this many minutes passed since the last one (0: off)."""
     run_dir: str = "runs"
     """Parent folder of runs."""
     name: str = "llm"
@@ -172,14 +186,67 @@ class TrainerConfig:
             raise ValueError(
                 f"group_size must be >= 2 for group advantages, got group_size={self.group_size}"
             )
+        for name, low in _MIN_VALUES.items():
+            value = getattr(self, name)
+            if value is not None and not value >= low:
+                raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+        for name in ("lr", "max_grad_norm", "temperature", "sft_lr"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"{name} must be a finite number > 0, got {name}={getattr(self, name)}"
+                )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got top_p={self.top_p}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, got dtype={self.dtype!r}"
+            )
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got device={self.device!r}")
+        for name in ("dataset", "eval_dataset"):
+            value = getattr(self, name)
+            if value not in (None, "arithmetic") and not Path(value).is_file():
+                raise ValueError(f"{name}={value!r}: no such file (a JSONL file of prompt/answer)")
+        if self.model not in TINY_PRESETS and not Path(self.model).is_dir():
+            raise ValueError(
+                f"model={self.model!r} is neither a built-in preset ({', '.join(TINY_PRESETS)}) "
+                "nor a local folder (models are never downloaded; save one with save_pretrained)"
+            )
+        if not self.name or Path(self.name).name != self.name:
+            raise ValueError(f"name must be a plain folder name, got name={self.name!r}")
         if self.prompts_per_step % self.mini_batch_prompts:
             raise ValueError(
                 f"prompts_per_step={self.prompts_per_step} must be a multiple of "
                 f"mini_batch_prompts={self.mini_batch_prompts}"
             )
-        if self.steps < 1 or self.max_new_tokens < 1 or self.epochs < 1:
-            raise ValueError("steps, max_new_tokens and epochs must be >= 1")
 
+
+#: Lower bounds of the numeric settings (``validate`` names the setting and the value).
+_MIN_VALUES: dict[str, float] = {
+    "vocab_size": 1,
+    "digits": 1,
+    "num_train": 1,
+    "num_eval": 1,
+    "prompts_per_step": 1,
+    "mini_batch_prompts": 1,
+    "epochs": 1,
+    "weight_decay": 0,
+    "warmup_steps": 0,
+    "max_gen_batches": 1,
+    "overlong_buffer": 0,
+    "max_new_tokens": 1,
+    "steps": 1,
+    "eval_every": 1,
+    "sft_steps": 0,
+    "score_micro_batch": 1,
+    "save_every": 0,
+    "save_minutes": 0,
+}
+
+#: Settings that may change when a run resumes: how long it runs and how it logs and saves.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "progress", "tensorboard", "save_every", "save_minutes", "run_dir", "name"}
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-arith-dapo": {"loss": "dapo"},
@@ -189,11 +256,75 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def split_held_out(
+    rows: list[Problem], num_eval: int, seed: int
+) -> tuple[list[Problem], list[Problem]]:
+    """Split a dataset into training rows and held-out problems that share no prompt.
+
+    ``min(num_eval, distinct prompts // 4)`` distinct prompts are drawn by a shuffle seeded with
+    ``seed`` (the same split every run); every row with one of them leaves the training set.
+
+    Raises:
+        ValueError: if the rows have fewer than 4 distinct prompts.
+    """
+    distinct = list({p["prompt"]: p for p in rows}.values())
+    n_eval = min(num_eval, len(distinct) // 4)
+    if n_eval < 1:
+        raise ValueError(
+            f"the dataset has {len(distinct)} distinct prompts, too few to hold out a quarter "
+            "for evaluation; pass eval_dataset (--eval-dataset FILE)"
+        )
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    held_out = [distinct[i] for i in order[:n_eval]]
+    excluded = {p["prompt"] for p in held_out}
+    return [p for p in rows if p["prompt"] not in excluded], held_out
+
+
 @dataclass
 class _StepLog:
     stats: list[LossStats] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     skipped: int = 0
+
+
+def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ from the run folder's ``config.json``: ``{key: (saved, now)}``.
+
+    Keys in :data:`RESUMABLE_CHANGES` (``steps``, logging, checkpoint cadence) may differ on
+    resume and are not reported. Empty if the folder has no ``config.json``.
+    """
+    path = Path(config.run_dir) / config.name / "config.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    now = dataclasses.asdict(config)
+    missing = "(absent)"
+    return {
+        k: (saved.get(k, missing), now.get(k, missing))
+        for k in sorted(set(saved) | set(now))
+        if k not in RESUMABLE_CHANGES and saved.get(k, missing) != now.get(k, missing)
+    }
+
+
+def check_resume(config: TrainerConfig) -> None:
+    """Refuse to continue a run whose recorded settings differ from ``config``.
+
+    A run folder with a checkpoint or metrics and a ``config.json`` whose settings differ (other
+    than :data:`RESUMABLE_CHANGES`) would mix two runs under one name.
+
+    Raises:
+        ValueError: naming every differing setting, old and new value.
+    """
+    run_path = Path(config.run_dir) / config.name
+    has_run = (run_path / "checkpoint.pt").exists() or (run_path / "metrics.jsonl").exists()
+    changes = config_changes(config) if has_run else {}
+    if changes:
+        diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ValueError(
+            f"run folder {run_path} holds a run with other settings ({diff}); start over with "
+            "--restart (train(resume=False)), which deletes its checkpoint and metrics, or "
+            "choose another --name"
+        )
 
 
 class ERCTrainer:
@@ -264,10 +395,12 @@ class ERCTrainer:
                 )
                 if p["prompt"] not in excluded
             ][: c.num_train]
+        elif c.eval_dataset:
+            train, held_out = load_jsonl(c.dataset), []
         else:
-            train = load_jsonl(c.dataset)
-            held_out = load_jsonl(c.eval_dataset) if c.eval_dataset else train[: c.num_eval]
-        if c.eval_dataset and c.dataset == "arithmetic":
+            # Never evaluate on training rows: hold out a seeded share of the file's prompts.
+            train, held_out = split_held_out(load_jsonl(c.dataset), c.num_eval, c.seed)
+        if c.eval_dataset:
             held_out = load_jsonl(c.eval_dataset)
         return train, held_out
 
@@ -299,9 +432,6 @@ class ERCTrainer:
                 )
             return model, tokenizer
         model, tokenizer = load_model_and_tokenizer(c.model, dtype=self.dtype)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        check_vocab(model, tokenizer)
         return model.to(self.device), tokenizer
 
     # ------------------------------------------------------------------ one step
@@ -528,8 +658,13 @@ class ERCTrainer:
     def _checkpoint_path(self) -> Path:
         return self.run_path / "checkpoint.pt"
 
-    def save_checkpoint(self) -> None:
-        """Model, optimiser, scheduler, RNG states and step, to ``run_dir/name/checkpoint.pt``."""
+    def save_checkpoint(self, export: bool = True) -> None:
+        """Model, optimiser, scheduler, RNG states and step, to ``run_dir/name/checkpoint.pt``.
+
+        Args:
+            export: also write the model and tokenizer with ``save_pretrained`` to
+                ``run_dir/name/model`` (done at the end of a run, not at periodic checkpoints).
+        """
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -543,11 +678,13 @@ class ERCTrainer:
             "skipped_steps": self.skipped_steps,
             "nan_rewards": self.nan_rewards,
         }
+        # write-then-rename: a kill mid-save leaves the previous checkpoint intact
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._checkpoint_path())
-        self.model.save_pretrained(self.run_path / "model")
-        self.tokenizer.save_pretrained(self.run_path / "model")
+        if export:
+            self.model.save_pretrained(self.run_path / "model")
+            self.tokenizer.save_pretrained(self.run_path / "model")
 
     def load_checkpoint(self) -> bool:
         """Restore the last checkpoint if there is one; returns whether it did."""
@@ -576,31 +713,73 @@ class ERCTrainer:
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, self.step)
 
+    def check_resume(self) -> None:
+        """Refuse to continue a run folder made with other settings (see :func:`check_resume`).
+
+        Raises:
+            ValueError: naming every differing setting, old and new value.
+        """
+        check_resume(self.config)
+
+    def _clear_run(self) -> None:
+        """Delete a previous run's checkpoint, metrics, exported model and TensorBoard files."""
+        for name in ("checkpoint.pt", "checkpoint.tmp", "metrics.jsonl"):
+            (self.run_path / name).unlink(missing_ok=True)
+        for name in ("model", "tb"):
+            shutil.rmtree(self.run_path / name, ignore_errors=True)
+
+    def _truncate_metrics(self) -> None:
+        """Keep the metrics lines up to the restored checkpoint; the rest is recomputed.
+
+        A partial last line (a kill mid-write) is dropped first, so it never blocks a resume.
+        """
+        path = self.run_path / "metrics.jsonl"
+        if not path.exists():
+            return
+        if self.step == 0:  # nothing restored: every line will be written again
+            path.unlink()
+            return
+        repair_jsonl(path)
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+
     def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
         """Run (or continue) training; returns the metrics lines written by this call.
 
+        A checkpoint is written every ``save_every`` steps, every ``save_minutes`` minutes and
+        at the end. Resuming restores the last one and recomputes only the steps after it, with
+        the same results as an uninterrupted run.
+
         Args:
-            resume: continue from ``checkpoint.pt`` in the run folder if it exists.
+            resume: continue from ``checkpoint.pt`` in the run folder if it exists (the run's
+                recorded settings must match, see :meth:`check_resume`); ``False`` starts over
+                and deletes the folder's previous checkpoint and metrics.
             max_steps: stop after this many steps in total (for tests / stop-and-resume);
                 defaults to ``config.steps``.
+
+        Raises:
+            ValueError: ``resume`` with a run folder made with other settings.
         """
         c = self.config
+        if resume:
+            self.check_resume()
         self.run_path.mkdir(parents=True, exist_ok=True)
-        (self.run_path / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        if not resume:
+            self._clear_run()
+        config_path = self.run_path / "config.json"
+        tmp = config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        tmp.replace(config_path)
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)
-        resumed = resume and self.load_checkpoint()
-        metrics_path = self.run_path / "metrics.jsonl"
-        if resumed and metrics_path.exists():  # drop lines written after the checkpoint
-            keep = [
-                ln
-                for ln in metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= self.step
-            ]
-            metrics_path.write_text("".join(k + "\n" for k in keep))
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        if resume:
+            self.load_checkpoint()
+        self._truncate_metrics()
         if c.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -616,6 +795,7 @@ class ERCTrainer:
             from tqdm import tqdm
 
             bar = tqdm(total=last, initial=self.step, desc=c.name)
+        saved_at = time.monotonic()
         while self.step < last:
             line = self.train_step()
             if self.step % c.eval_every == 0 or self.step == c.steps:
@@ -628,8 +808,11 @@ class ERCTrainer:
                     reward=f"{line.get('reward', math.nan):.2f}",
                     erc=f"{line.get('erc_clip_fraction', math.nan):.2f}",
                 )
-            if c.save_every and self.step % c.save_every == 0:
-                self.save_checkpoint()
+            due_steps = c.save_every and self.step % c.save_every == 0
+            due_time = c.save_minutes and time.monotonic() - saved_at >= 60 * c.save_minutes
+            if (due_steps or due_time) and self.step < last:
+                self.save_checkpoint(export=False)
+                saved_at = time.monotonic()
         if bar is not None:
             bar.close()
         self.save_checkpoint()

@@ -78,21 +78,43 @@ class TokenFeaturesExtractor(BaseFeaturesExtractor):
 def build_causal_lm(
     model_name_or_path: str | None = None, config: dict[str, Any] | None = None
 ) -> Any:
-    """A transformers causal LM from a local directory or from a config dict (random init).
+    """A float32 transformers causal LM from a local directory or a config dict (random init).
 
     ``config`` needs ``model_type`` (e.g. ``"llama"``, ``"qwen2"``) and that architecture's
-    fields. Nothing is downloaded: a name that is not a local directory fails.
+    fields. Nothing is downloaded: a name that is not a local directory fails with
+    ``FileNotFoundError``. Checkpoints stored in bf16/fp16 are loaded as float32, the dtype of
+    SB3's observations, value head and optimiser (loading is shared with the LLM trainer:
+    :func:`erc_gym.llm.model.load_causal_lm`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from erc_gym.llm.model import load_causal_lm
 
     if (model_name_or_path is None) == (config is None):
         raise ValueError("pass exactly one of model_name_or_path and config")
     if model_name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, local_files_only=True)
+        return load_causal_lm(model_name_or_path, dtype=th.float32)
     assert config is not None
     cfg = dict(config)
     model_type = cfg.pop("model_type")
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+
+
+class _VocabSlice(nn.Module):
+    """The LM head restricted to the first ``n`` logits (the env's tokens).
+
+    Padded checkpoints (Qwen pads its embedding to a multiple of 64/128) have more output rows
+    than the tokenizer has tokens; the env's ``Discrete(len(tokenizer))`` actions are the first
+    ``n`` ids, and the padding rows are never sampled.
+    """
+
+    def __init__(self, head: nn.Module, n: int) -> None:
+        super().__init__()
+        self.head = head
+        self.n = n
+
+    def forward(self, hidden: th.Tensor) -> th.Tensor:
+        return self.head(hidden)[..., : self.n]
 
 
 class CausalLMFeaturesExtractor(BaseFeaturesExtractor):
@@ -112,17 +134,21 @@ class CausalLMFeaturesExtractor(BaseFeaturesExtractor):
         model_name_or_path: str | None = None,
         lm_config: dict[str, Any] | None = None,
     ) -> None:
+        from erc_gym.llm.model import check_vocab
+
         vocab, _ = _check_token_space(observation_space)
         lm = build_causal_lm(model_name_or_path, lm_config)
-        lm_vocab = lm.get_output_embeddings().weight.shape[0]
-        if lm_vocab != vocab:
+        try:
+            check_vocab(lm, vocab)
+        except ValueError:
             raise ValueError(
-                f"the language model's vocabulary ({lm_vocab}) does not match the environment's "
-                f"action space ({vocab}); build the env's tokenizer with vocab_size={lm_vocab} or "
-                "resize the model"
-            )
+                f"the language model's vocabulary ({lm.get_output_embeddings().weight.shape[0]}) "
+                f"is smaller than the environment's action space ({vocab}); build the env's "
+                "tokenizer to fit the model or resize the model"
+            ) from None
         super().__init__(observation_space, features_dim=int(lm.config.hidden_size))
         self.lm: Any = lm
+        self.vocab_size = vocab
 
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         ids, last = _ids_and_last(observations)
@@ -141,7 +167,9 @@ class TokenLMPolicy(ActorCriticPolicy):
     :param observation_space: a token Dict space (``input_ids``, ``length``).
     :param action_space: ``Discrete(vocab_size)``.
     :param lr_schedule: learning-rate schedule (given by the algorithm).
-    :param model_name_or_path: local model directory, or
+    :param model_name_or_path: local model directory (loaded as float32; its output layer may be
+        larger than the env's vocabulary, as padded checkpoints are: the policy then uses the
+        first ``vocab_size`` logits), or
     :param lm_config: a transformers config dict with ``model_type`` (random init).
     :param kwargs: other ``ActorCriticPolicy`` arguments (``optimizer_kwargs``, ...).
 
@@ -185,7 +213,11 @@ class TokenLMPolicy(ActorCriticPolicy):
         assert isinstance(extractor, CausalLMFeaturesExtractor)
         if self.mlp_extractor.latent_dim_pi != extractor.features_dim:
             raise ValueError("TokenLMPolicy needs net_arch=[] so the LM head sees hidden states")
-        self.action_net = extractor.lm.get_output_embeddings()
+        head = extractor.lm.get_output_embeddings()
+        n_rows = head.weight.shape[0]
+        self.action_net = (
+            head if n_rows == extractor.vocab_size else _VocabSlice(head, extractor.vocab_size)
+        )
         self.optimizer = self.optimizer_class(
             self.parameters(),
             lr=lr_schedule(1),  # type: ignore[call-arg]

@@ -186,7 +186,13 @@ def test_nan_reward_is_excluded_and_counted(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "error", "needle"),
     [
-        ({"model": "/nonexistent/model"}, FileNotFoundError, "does not exist"),
+        ({"model": "/nonexistent/model"}, ValueError, "nor a local folder"),
+        ({"eval_every": 0}, ValueError, "eval_every must be >= 1, got eval_every=0"),
+        ({"steps": 0}, ValueError, "steps must be >= 1, got steps=0"),
+        ({"top_p": 0.0}, ValueError, "top_p must be in"),
+        ({"dtype": "fp8"}, ValueError, "dtype='fp8'"),
+        ({"dataset": "/nonexistent.jsonl"}, ValueError, "no such file"),
+        ({"mini_batch_prompts": 0}, ValueError, "mini_batch_prompts must be >= 1"),
         ({"group_size": 1}, ValueError, "group_size must be >= 2"),
         ({"erc_low": 0.9, "erc_high": None}, ValueError, "both be set"),
         ({"loss": "trpo"}, ValueError, "'trpo'"),
@@ -211,7 +217,8 @@ def test_vocab_mismatch(tmp_path):
 def test_prompt_longer_than_context(tmp_path):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "1+" * 40 + "1=", "answer": "41"}) + "\n")
-    trainer = ERCTrainer(small_config(tmp_path, dataset=str(data)), verifier=odd_length)
+    cfg = small_config(tmp_path, dataset=str(data), eval_dataset=str(data))
+    trainer = ERCTrainer(cfg, verifier=odd_length)
     with pytest.raises(ValueError, match="more than the context allows"):
         trainer.train_step()
 

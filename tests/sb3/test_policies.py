@@ -69,8 +69,8 @@ def test_arithmetic_env_by_id_and_model_directory(tmp_path: Path):
 
 def test_vocabulary_mismatch_is_reported():
     env = make_vec_env("erc_gym/TokenSequence-v0", n_envs=1, env_kwargs=SEQ)
-    with pytest.raises(ValueError, match=r"vocabulary \(9\) does not match .* \(6\)"):
-        ERCPPO("TokenLMPolicy", env, policy_kwargs=_lm_kwargs(9), **SMALL)
+    with pytest.raises(ValueError, match=r"vocabulary \(4\) is smaller than .* \(6\)"):
+        ERCPPO("TokenLMPolicy", env, policy_kwargs=_lm_kwargs(4), **SMALL)
 
 
 def test_missing_model_directory(tmp_path: Path):
@@ -104,3 +104,69 @@ def test_token_lm_learns_above_chance():
     res = train(steps=12_000, seed=0, erc=True, episodes=200)
     assert res["before"] < res["random"] + 0.1
     assert res["after"] > res["random"] + 0.25
+
+
+# #12 item 10: real checkpoints -- bf16 weights, padded embeddings, hub names, odd tokenizers.
+
+
+def test_bf16_checkpoint_trains_in_float32(tmp_path: Path):
+    lm = build_causal_lm(config={**TINY_LLAMA, "vocab_size": 18}).to(torch.bfloat16)
+    lm.save_pretrained(tmp_path / "lm")
+    model = ERCPPO(
+        "TokenLMPolicy",
+        "erc_gym/TokenArithmetic-v0",
+        policy_kwargs={"model_name_or_path": str(tmp_path / "lm")},
+        **SMALL,
+    )
+    loaded = model.policy.features_extractor.lm
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    torch.testing.assert_close(
+        loaded.get_output_embeddings().weight, lm.get_output_embeddings().weight.float()
+    )
+    model.learn(32)
+
+
+def test_padded_checkpoint_uses_the_env_vocabulary(tmp_path: Path):
+    lm = build_causal_lm(config={**TINY_LLAMA, "vocab_size": 32})  # env has 18 tokens
+    lm.save_pretrained(tmp_path / "lm")
+    model = ERCPPO(
+        "TokenLMPolicy",
+        "erc_gym/TokenArithmetic-v0",
+        policy_kwargs={"model_name_or_path": str(tmp_path / "lm")},
+        **SMALL,
+    )
+    obs = model.env.reset()
+    obs_t, _ = model.policy.obs_to_tensor(obs)
+    dist = model.policy.get_distribution(obs_t)
+    assert dist.distribution.logits.shape[-1] == 18
+    head = model.policy.features_extractor.lm.get_output_embeddings()
+    before = head.weight.detach().clone()
+    model.learn(32)
+    assert not torch.equal(head.weight[:18], before[:18])  # the LM's own head is trained
+
+
+def test_hub_name_is_refused_without_network():
+    env = make_vec_env("erc_gym/TokenSequence-v0", n_envs=1, env_kwargs=SEQ)
+    with pytest.raises(FileNotFoundError, match=r"is not a local folder.*never downloads"):
+        ERCPPO("TokenLMPolicy", env, policy_kwargs={"model_name_or_path": "Qwen/Qwen2.5-0.5B"})
+
+
+def test_tokenizer_without_pad_pads_with_eos_and_without_eos_is_refused():
+    from erc_gym.envs.rewards import numeric_match
+    from erc_gym.envs.tasks import make_arithmetic_problems
+    from erc_gym.envs.token_env import TokenEnv
+    from erc_gym.envs.tokenizer import CharTokenizer
+
+    problems = make_arithmetic_problems(16, seed=0)
+    tok = CharTokenizer.build("0123456789+=")
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    env = TokenEnv(problems, numeric_match, tok, max_new_tokens=3)
+    assert env.pad_id == env.eos_id == tok.eos_token_id
+    model = ERCPPO(
+        "TokenLMPolicy", env, policy_kwargs=_lm_kwargs(len(tok)), n_steps=16, batch_size=16
+    )
+    model.learn(16)
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="has no EOS token"):
+        TokenEnv(problems, numeric_match, tok, max_new_tokens=3)
