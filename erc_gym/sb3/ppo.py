@@ -202,7 +202,8 @@ class ERCPPO(PPO):
                 sl = slice(start, start + _ENTROPY_PASS_ROWS)
                 part = {k: v[sl] for k, v in flat.items()} if isinstance(flat, dict) else flat[sl]
                 obs_t = obs_as_tensor(part, self.device)
-                act_t = self._train_actions(th.as_tensor(actions[sl], device=self.device))
+                # float32, as RolloutBuffer._get_samples hands actions to train()
+                act_t = self._train_actions(buffer.to_torch(actions[sl].astype(np.float32)))
                 # The distribution train() evaluates (not get_distribution, which a policy may
                 # override for prediction only), so an on-policy mini-batch has rho = 1.
                 if fused:
