@@ -655,14 +655,16 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
             if config.erc is not None:
                 # The same mask the loss applied: a NaN ratio fails both strict comparisons, so
                 # its gradient was stopped and it counts as clipped (on neither side).
-                if all(s.keep is not None for s in stats):
-                    keep = torch.cat([s.keep.reshape(-1) for s in stats if s.keep is not None])
+                keeps = [s.keep for s in stats if s.keep is not None]
+                if len(keeps) == len(stats):
+                    keep = _cat(keeps, torch.bool) if len(keeps) > 1 else keeps[0].reshape(-1)
                 else:
                     keep = erc_keep_mask(rho, valid, config.erc)
-                clipped = valid & ~keep
+                clipped = valid ^ keep  # keep is a subset of valid
                 below = (rho <= config.erc.low) & valid
                 above = (rho >= config.erc.high) & valid
             else:
+                keep = valid
                 clipped = below = above = torch.zeros_like(valid)
             indicators |= {
                 "erc_clip_fraction": clipped,
@@ -676,9 +678,9 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
             entropy_sums = rho_h_h_old.sum(-1)
             h_old_valid = rho_h_h_old[2]
             clipped_w = clipped.to(dtype)
-            kept_w = v - clipped_w
             big = torch.finfo(dtype).max
-            c_clip, c_kept = clipped_w.sum(), kept_w.sum()
+            c_clip = clipped_w.sum()
+            c_kept = n - c_clip
             extra = {
                 "entropy_ratio_min": torch.where(n > 0, torch.where(valid, rho, big).min(), nan),
                 "entropy_ratio_max": torch.where(n > 0, torch.where(valid, rho, -big).max(), nan),
@@ -688,7 +690,7 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
                 # kept tokens have finite entropies; a NaN one is clipped and must not leak here
                 "erc_kept_entropy_old_mean": torch.where(
                     c_kept > 0,
-                    torch.where(kept_w > 0, h_old_valid, 0.0).sum() / c_kept.clamp(min=1.0),
+                    torch.where(keep, h_old_valid, 0.0).sum() / c_kept.clamp(min=1.0),
                     nan,
                 ),
             }

@@ -155,6 +155,16 @@ def run_mode(root: Path, mode: str, keyword: str, extra: list[str]) -> dict[str,
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
+    outcomes = read_report(report)
+    counts: dict[str, int] = {}
+    for outcome, _ in outcomes.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    return {"counts": counts, "outcomes": outcomes, "seconds": round(seconds), "tail": tail}
+
+
+def read_report(report: Path) -> dict[str, tuple[str, str]]:
+    """``{test id: (outcome, first line of the message)}`` from a JUnit XML report."""
     outcomes: dict[str, tuple[str, str]] = {}
     if report.exists():
         for case in ET.parse(report).getroot().iter("testcase"):
@@ -170,11 +180,7 @@ def run_mode(root: Path, mode: str, keyword: str, extra: list[str]) -> dict[str,
                     message = text.strip().splitlines()[0][:200] if text.strip() else ""
                     break
             outcomes[name] = (outcome, message)
-    counts: dict[str, int] = {}
-    for outcome, _ in outcomes.values():
-        counts[outcome] = counts.get(outcome, 0) + 1
-    tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-    return {"counts": counts, "outcomes": outcomes, "seconds": round(seconds), "tail": tail}
+    return outcomes
 
 
 def main() -> None:
@@ -196,7 +202,8 @@ def main() -> None:
         counts = results[mode]["counts"]
         print(f"[{mode}] {json.dumps(counts, sort_keys=True)} in {results[mode]['seconds']} s")
 
-    base = results.get("sb3", {}).get("outcomes", {})
+    # the baseline of this invocation, or of an earlier one (runs of one mode each can overlap)
+    base = results.get("sb3", {}).get("outcomes") or read_report(root.parent / "junit-sb3.xml")
     for mode in ("off", "on"):
         if mode not in results:
             continue
@@ -218,7 +225,7 @@ def main() -> None:
     summary = {
         mode: {k: v for k, v in res.items() if k != "outcomes"} for mode, res in results.items()
     }
-    out = args.dest / "summary.json"
+    out = args.dest / f"summary-{'-'.join(args.modes)}.json"
     out.write_text(json.dumps(summary, indent=2, sort_keys=True))
     print(f"\nwrote {out}")
 
