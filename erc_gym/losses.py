@@ -215,6 +215,7 @@ class LossStats:
         old_entropy: old entropy ``(B, T)`` or None.
         config: the :class:`LossConfig` used.
         rho: the entropy ratio ``(B, T)`` if the loss already computed it (ERC on), else None.
+        keep: ERC's keep-mask ``(B, T)`` as the loss applied it (ERC on), else None.
     """
 
     loss: Tensor
@@ -225,6 +226,7 @@ class LossStats:
     old_entropy: Tensor | None
     config: LossConfig
     rho: Tensor | None = None
+    keep: Tensor | None = None
 
 
 @dataclass
@@ -371,13 +373,16 @@ def aggregate(token_loss: Tensor, mask: Tensor | None, mode: AggregationMode) ->
       a constant normaliser, so the weight of a token does not depend on the batch's contents.
 
     Sequence means run over sequences with at least one valid token. Empty denominators are
-    clamped to 1 so an all-masked batch gives a loss of 0 and zero gradients, never NaN. Because
+    clamped to 1 so an all-masked batch gives a loss of 0 and zero gradients, never NaN. Masked
+    positions are selected out (``where``), so a NaN or inf there changes neither the loss nor
+    the gradient of any token. Because
     the normalisers depend on the whole batch, compute the loss over the same tokens you would
     average over; verl documents the same point for data-parallel sharding.
 
     Args:
         token_loss: ``(B, T)`` per-token loss.
-        mask: ``(B, T)`` boolean or 0/1 mask of valid tokens, or None (all valid).
+        mask: ``(B, T)`` boolean or 0/1 mask of valid tokens (nonzero = valid), or None (all
+            valid).
         mode: one of the four names above.
 
     Returns:
@@ -385,6 +390,14 @@ def aggregate(token_loss: Tensor, mask: Tensor | None, mode: AggregationMode) ->
     """
     if mode not in _AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {_AGGREGATIONS}, got loss_agg_mode={mode!r}")
+    return _aggregate(token_loss, mask, mode, finite_outside=False)
+
+
+def _aggregate(
+    token_loss: Tensor, mask: Tensor | None, mode: AggregationMode, *, finite_outside: bool
+) -> Tensor:
+    """:func:`aggregate`; ``finite_outside`` promises finite values and gradients at masked
+    positions (as :func:`policy_loss` makes them), so the cheaper ``* mask`` can remove them."""
     if mask is None:
         if mode == "token-mean":
             return token_loss.mean()
@@ -392,8 +405,10 @@ def aggregate(token_loss: Tensor, mask: Tensor | None, mode: AggregationMode) ->
             return token_loss.sum() / token_loss.shape[-1]
         per_seq = token_loss.mean(-1) if mode == "seq-mean-token-mean" else token_loss.sum(-1)
         return per_seq.mean()
-    m = mask.to(token_loss.dtype)
-    masked = token_loss * m
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    m = valid.to(token_loss.dtype)
+    # where, not token_loss * m: a NaN / inf at a masked position must not reach the sum.
+    masked = token_loss * m if finite_outside else torch.where(valid, token_loss, 0.0)
     if mode == "token-mean":
         return masked.sum() / m.sum().clamp(min=1.0)
     if mode == "seq-mean-token-sum-norm":
@@ -502,10 +517,23 @@ def policy_loss(
     compute = torch.promote_types(log_prob.dtype, torch.float32)
     lp = _as_2d(log_prob).to(compute)
     old_lp = _as_2d(old_log_prob).detach().to(compute)
-    adv = _as_2d(advantages.detach().to(compute)).expand_as(lp)
+    adv = _as_2d(advantages.detach().to(compute))
     valid = None if mask is None else _as_2d(mask).bool()
 
-    log_ratio = (lp - old_lp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = lp - old_lp
+    if valid is not None:
+        # Select, never multiply: a NaN or inf at a masked-out position (a padded token whose
+        # logits were all -inf, a stale old log-prob, the NaN advantage of an empty sequence)
+        # would survive ``x * 0`` and poison the loss and, through ``0 * NaN`` in the backward
+        # pass, the gradient. Selected to 0 here, every masked token's loss and gradient are
+        # finite whatever it held, and the mask multiplication in the aggregation removes them.
+        log_ratio = torch.where(valid, log_ratio, 0.0)
+        # A per-sequence advantage only reaches masked tokens of its own row, so only rows
+        # without any valid token need it replaced (cheaper than a (B, T) select).
+        row_valid = valid if adv.shape == valid.shape else valid.any(-1, keepdim=True)
+        adv = torch.where(row_valid, adv, 0.0)
+    adv = adv.expand_as(lp)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     token_loss = clipped_objective(
         torch.exp(log_ratio),
         adv,
@@ -523,7 +551,8 @@ def policy_loss(
         keep = erc_keep_mask(rho, valid, config.erc)
         token_loss = _stop_gradient_outside(token_loss, keep)
 
-    loss = aggregate(token_loss, valid, config.aggregation)
+    # Masked tokens' losses are finite here (see above): multiplying by the mask is enough.
+    loss = _aggregate(token_loss, valid, config.aggregation, finite_outside=True)
     stats = LossStats(
         loss=loss.detach(),
         log_ratio=log_ratio.detach(),
@@ -533,6 +562,7 @@ def policy_loss(
         old_entropy=h_old,
         config=config,
         rho=rho,
+        keep=keep,
     )
     return LossOutput(
         loss=loss,
@@ -613,6 +643,8 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
             "ratio_mean": ratio,
         }
         extra: dict[str, Tensor] = {}
+        entropy_names: list[str] = []
+        entropy_sums: Tensor | None = None
         if with_entropy:
             h = _cat([s.entropy for s in stats if s.entropy is not None], dtype)
             h_old = _cat([s.old_entropy for s in stats if s.old_entropy is not None], dtype)
@@ -621,33 +653,51 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
             else:
                 rho = entropy_ratio(h, h_old)
             if config.erc is not None:
+                # The same mask the loss applied: a NaN ratio fails both strict comparisons, so
+                # its gradient was stopped and it counts as clipped (on neither side).
+                keeps = [s.keep for s in stats if s.keep is not None]
+                if len(keeps) == len(stats):
+                    keep = _cat(keeps, torch.bool) if len(keeps) > 1 else keeps[0].reshape(-1)
+                else:
+                    keep = erc_keep_mask(rho, valid, config.erc)
+                clipped = valid ^ keep  # keep is a subset of valid
                 below = (rho <= config.erc.low) & valid
                 above = (rho >= config.erc.high) & valid
             else:
-                below = above = torch.zeros_like(valid)
-            clipped = below | above
+                keep = valid
+                clipped = below = above = torch.zeros_like(valid)
             indicators |= {
                 "erc_clip_fraction": clipped,
                 "erc_clip_fraction_low": below,
                 "erc_clip_fraction_high": above,
             }
-            sums |= {"entropy_ratio_mean": rho, "entropy_mean": h, "entropy_old_mean": h_old}
-            clipped_w = clipped.to(dtype) * v
-            kept_w = v - clipped_w
+            entropy_names = ["entropy_ratio_mean", "entropy_mean", "entropy_old_mean"]
+            # Selected, not multiplied by the mask: the loss never sanitises entropies, so a NaN
+            # at a masked position must be kept out here (log-ratios and advantages are 0 there).
+            rho_h_h_old = torch.where(valid, torch.stack([rho, h, h_old]), 0.0)
+            entropy_sums = rho_h_h_old.sum(-1)
+            h_old_valid = rho_h_h_old[2]
+            clipped_w = clipped.to(dtype)
             big = torch.finfo(dtype).max
-            c_clip, c_kept = clipped_w.sum(), kept_w.sum()
+            c_clip = clipped_w.sum()
+            c_kept = n - c_clip
             extra = {
                 "entropy_ratio_min": torch.where(n > 0, torch.where(valid, rho, big).min(), nan),
                 "entropy_ratio_max": torch.where(n > 0, torch.where(valid, rho, -big).max(), nan),
                 "erc_clipped_entropy_old_mean": torch.where(
-                    c_clip > 0, (h_old * clipped_w).sum() / c_clip.clamp(min=1.0), nan
+                    c_clip > 0, (h_old_valid * clipped_w).sum() / c_clip.clamp(min=1.0), nan
                 ),
+                # kept tokens have finite entropies; a NaN one is clipped and must not leak here
                 "erc_kept_entropy_old_mean": torch.where(
-                    c_kept > 0, (h_old * kept_w).sum() / c_kept.clamp(min=1.0), nan
+                    c_kept > 0,
+                    torch.where(keep, h_old_valid, 0.0).sum() / c_kept.clamp(min=1.0),
+                    nan,
                 ),
             }
-        fractions = (torch.stack(list(indicators.values())).to(dtype) * v).sum(-1) / n1
+        fractions = (torch.stack(list(indicators.values())) & valid).to(dtype).sum(-1) / n1
         means = (torch.stack(list(sums.values())) * v).sum(-1) / n1
+        if entropy_sums is not None:
+            means = torch.cat([means, entropy_sums / n1])
         pg_loss = torch.stack([s.loss.reshape(()).to(dtype) for s in stats]).mean()
         flat = torch.cat(
             [
@@ -657,5 +707,5 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
                 torch.stack(list(extra.values())) if extra else fractions[:0],
             ]
         )
-        names = ["pg_loss", *indicators, *sums, *extra]
+        names = ["pg_loss", *indicators, *sums, *entropy_names, *extra]
         return dict(zip(names, flat.to(torch.float64).cpu().tolist(), strict=True))

@@ -222,6 +222,68 @@ def test_zero_entropies_give_no_nan():
     assert out2.metrics["erc_clip_fraction"] == 1.0
 
 
+_POISON = st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -1e30])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=shapes,
+    seed=seeds,
+    base=configs,
+    agg=st.sampled_from(AGGS),
+    erc_on=st.booleans(),
+    poison=_POISON,
+)
+def test_masked_positions_do_not_leak_into_loss_gradients_or_metrics(
+    shape, seed, base, agg, erc_on, poison
+):
+    # issue #11 item 1: NaN / inf at masked-out positions (a padded token whose logits were all
+    # -inf, a stale old log-prob, the NaN advantage of an empty sequence, a NaN entropy) must
+    # change neither the valid tokens' loss nor their gradients nor the metrics.
+    lp, old, adv, h, h_old, mask = random_batch(seed, *shape)
+    adv = adv.expand_as(lp).contiguous()
+    cfg = LossConfig(
+        **{**base.__dict__, "aggregation": agg, "erc": ERCConfig(0.95, 1.05) if erc_on else None}
+    )
+    clean, g_clean = _loss_and_grad(cfg, lp, old, adv, h, h_old, mask)
+    dirty = [x.masked_fill(~mask, poison) for x in (lp, old, adv, h, h_old)]
+    out, g = _loss_and_grad(cfg, *dirty, mask)
+    assert torch.isfinite(out.loss)
+    assert out.loss.item() == clean.loss.item()
+    assert torch.isfinite(g).all()
+    assert torch.equal(g[mask], g_clean[mask])
+    assert torch.all(g[~mask] == 0)
+    assert out.metrics == pytest.approx(clean.metrics, nan_ok=True)
+
+
+def test_aggregate_selects_masked_positions_out():
+    loss = torch.tensor([[1.0, math.nan], [math.inf, 2.0]], requires_grad=True)
+    mask = torch.tensor([[True, False], [False, True]])
+    for agg in AGGS:
+        out = aggregate(loss, mask, agg)  # type: ignore[arg-type]
+        assert torch.isfinite(out), agg
+        (g,) = torch.autograd.grad(out, loss)
+        assert torch.all(g[~mask] == 0) and torch.all(g[mask] > 0), agg
+
+
+def test_nan_entropy_on_a_valid_token_counts_as_erc_clipped():
+    # issue #11 item 2: a NaN entropy fails both strict band comparisons, so ERC stops its
+    # gradient; the metrics must count it as clipped, as the applied keep-mask does.
+    lp, old, adv, h, h_old, _ = random_batch(8, 2, 4)
+    h = h_old.clone()  # every ratio is 1: in band
+    h[0, 1] = math.nan
+    h_old[1, 2] = math.nan
+    out, g = _loss_and_grad(LossConfig.dapo(erc=ERCConfig()), lp, old, adv, h, h_old, None)
+    assert out.erc_keep is not None
+    assert int((~out.erc_keep).sum()) == 2
+    assert g[0, 1] == 0 and g[1, 2] == 0
+    m = out.metrics
+    assert m["erc_clip_fraction"] == pytest.approx(2 / 8)
+    assert m["erc_clip_fraction"] == pytest.approx(1 - out.erc_keep.double().mean().item())
+    # a NaN ratio lies on neither side of the band
+    assert m["erc_clip_fraction_low"] == 0.0 and m["erc_clip_fraction_high"] == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
     lp, old, adv, h, h_old, mask = random_batch(5, 6, 8)

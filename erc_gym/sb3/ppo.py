@@ -8,7 +8,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
@@ -45,6 +45,9 @@ _ERC_LOG_KEYS = {
 
 # Rows per no-grad pass when scoring a rollout's old entropies (bounds memory on big buffers).
 _ENTROPY_PASS_ROWS = 4096
+
+# rollout_buffer_class values that mean "SB3's default buffer" (see ERCPPO._setup_model).
+_SB3_DEFAULT_BUFFERS = (None, RolloutBuffer, DictRolloutBuffer)
 
 
 class ERCPPO(PPO):
@@ -128,7 +131,13 @@ class ERCPPO(PPO):
     def _setup_model(self) -> None:
         if self.erc_enabled:
             check_erc_action_space(self.action_space)
-        if self.rollout_buffer_class is None and isinstance(self.action_space, ERC_ACTION_SPACES):
+        # None is "SB3 chooses"; SB3's own RolloutBuffer / DictRolloutBuffer is what a plain PPO
+        # checkpoint stores after that choice, so ERCPPO.load() of a PPO model would otherwise
+        # get a buffer without old_entropy (issue #11 item 5). The ERC buffers are drop-in
+        # subclasses of exactly those two; any other class is the user's and is kept.
+        if self.rollout_buffer_class in _SB3_DEFAULT_BUFFERS and isinstance(
+            self.action_space, ERC_ACTION_SPACES
+        ):
             dict_obs = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = ERCDictRolloutBuffer if dict_obs else ERCRolloutBuffer
         super()._setup_model()
@@ -144,6 +153,18 @@ class ERCPPO(PPO):
             self.erc_high = FloatSchedule(self.erc_high)  # type: ignore[arg-type]
         if self.clip_range_high is not None:
             self.clip_range_high = FloatSchedule(self.clip_range_high)
+
+    def _update_current_progress_remaining(self, num_timesteps: int, total_timesteps: int) -> None:
+        """SB3's progress (1 -> 0), clamped at 0.
+
+        SB3 collects whole rollouts, so when ``total_timesteps`` is not a multiple of
+        ``n_steps * n_envs`` the last rollout overshoots and SB3's progress goes below 0: a linear
+        schedule then gives a negative learning rate and clip range for the last update (which
+        ascends the loss with every ratio "clipped"). Every schedule of ERCPPO (learning rate,
+        clip ranges, ERC band) sees progress in [0, 1] instead (issue #11 item 7).
+        """
+        super()._update_current_progress_remaining(num_timesteps, total_timesteps)
+        self._current_progress_remaining = max(0.0, self._current_progress_remaining)
 
     @property
     def _tracks_entropy(self) -> bool:
@@ -173,40 +194,92 @@ class ERCPPO(PPO):
             flat: Any = {k: v.reshape(n, *v.shape[2:]) for k, v in obs.items()}
         else:
             flat = obs.reshape(n, *obs.shape[2:])
+        actions = buffer.actions.reshape(n, *buffer.actions.shape[2:])
+        fused = self._fused_discrete()
         out = np.empty(n, dtype=np.float32)
         with th.no_grad():
             for start in range(0, n, _ENTROPY_PASS_ROWS):
                 sl = slice(start, start + _ENTROPY_PASS_ROWS)
                 part = {k: v[sl] for k, v in flat.items()} if isinstance(flat, dict) else flat[sl]
-                dist = self.policy.get_distribution(obs_as_tensor(part, self.device))
-                out[sl] = state_entropy(dist).cpu().numpy()
+                obs_t = obs_as_tensor(part, self.device)
+                # float32, as RolloutBuffer._get_samples hands actions to train()
+                act_t = self._train_actions(buffer.to_torch(actions[sl].astype(np.float32)))
+                # The distribution train() evaluates (not get_distribution, which a policy may
+                # override for prediction only), so an on-policy mini-batch has rho = 1.
+                if fused:
+                    entropy = self._evaluate_discrete(obs_t, act_t)[3]
+                else:
+                    entropy = state_entropy(self._evaluate(obs_t, act_t)[3])
+                out[sl] = entropy.cpu().numpy()
         return out.reshape(buffer.buffer_size, buffer.n_envs)
+
+    def _train_actions(self, actions: th.Tensor) -> th.Tensor:
+        """Buffer actions in the form ``train()`` passes them to the policy (as SB3 PPO)."""
+        if isinstance(self.action_space, spaces.Discrete):
+            return actions.long().flatten()
+        return actions
+
+    def _latents(self, observations: Any) -> tuple[th.Tensor, th.Tensor]:
+        """``(latent_pi, latent_vf)`` as ``ActorCriticPolicy.evaluate_actions`` computes them."""
+        policy = self.policy
+        features = policy.extract_features(observations)
+        if policy.share_features_extractor:
+            return policy.mlp_extractor(features)
+        pi_features, vf_features = features
+        return (
+            policy.mlp_extractor.forward_actor(pi_features),
+            policy.mlp_extractor.forward_critic(vf_features),
+        )
 
     def _evaluate(
         self, observations: Any, actions: th.Tensor
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, Distribution]:
         """``policy.evaluate_actions`` plus the distribution it built, without a second forward.
 
-        SB3 policies build the distribution in place on ``policy.action_dist``; policies that
-        build it elsewhere can expose ``evaluate_actions_with_distribution``.
+        A policy with ``evaluate_actions_with_distribution`` is asked for it. Where
+        ``evaluate_actions`` is SB3's, its steps run here and the distribution is the object that
+        ``_get_action_dist_from_latent`` returned (an override may build a new one rather than
+        update ``policy.action_dist``). Otherwise ``policy.action_dist`` is taken, where SB3
+        policies build their distribution.
         """
-        custom = getattr(self.policy, "evaluate_actions_with_distribution", None)
+        policy = self.policy
+        custom = getattr(policy, "evaluate_actions_with_distribution", None)
         if custom is not None:
             return custom(observations, actions)
-        values, log_prob, entropy = self.policy.evaluate_actions(observations, actions)
-        return values, log_prob, entropy, self.policy.action_dist
+        if (
+            isinstance(policy, ActorCriticPolicy)
+            and type(policy).evaluate_actions is ActorCriticPolicy.evaluate_actions
+        ):
+            latent_pi, latent_vf = self._latents(observations)
+            distribution = policy._get_action_dist_from_latent(latent_pi)
+            log_prob = distribution.log_prob(actions)
+            values = policy.value_net(latent_vf)
+            return values, log_prob, distribution.entropy(), distribution
+        values, log_prob, entropy = policy.evaluate_actions(observations, actions)
+        return values, log_prob, entropy, policy.action_dist
 
     def _fused_discrete(self) -> bool:
-        """Whether ERC-on mini-batches can use :meth:`_evaluate_discrete` (plain SB3 MLP/CNN
-        actor-critic, ``Discrete`` with at most ``SMALL_VOCAB`` actions, ``evaluate_actions`` not
-        overridden)."""
+        """Whether ERC-on mini-batches can use :meth:`_evaluate_discrete`.
+
+        Only where it provably builds the policy's own distribution,
+        ``Categorical(logits=action_net(latent_pi))``: ``Discrete`` with at most ``SMALL_VOCAB``
+        actions, an ``ActorCriticPolicy`` whose ``evaluate_actions``,
+        ``_get_action_dist_from_latent`` and ``get_distribution`` are SB3's own (an override may
+        change the logits, e.g. a temperature or an action mask), and an action distribution that
+        is exactly ``CategoricalDistribution``. Feature extractors and networks may be anything:
+        the fused path calls them. Every other policy takes the general path (issue #11 item 6).
+        """
+        policy = self.policy
+        cls = type(policy)
         return (
             isinstance(self.action_space, spaces.Discrete)
             and int(self.action_space.n) <= SMALL_VOCAB
-            and isinstance(self.policy, ActorCriticPolicy)
-            and type(self.policy).evaluate_actions is ActorCriticPolicy.evaluate_actions
-            and isinstance(self.policy.action_dist, CategoricalDistribution)
-            and getattr(self.policy, "evaluate_actions_with_distribution", None) is None
+            and isinstance(policy, ActorCriticPolicy)
+            and cls.evaluate_actions is ActorCriticPolicy.evaluate_actions
+            and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
+            and cls.get_distribution is ActorCriticPolicy.get_distribution
+            and type(policy.action_dist) is CategoricalDistribution
+            and getattr(policy, "evaluate_actions_with_distribution", None) is None
         )
 
     def _evaluate_discrete(
@@ -223,13 +296,7 @@ class ERCPPO(PPO):
         distribution object, its separate log-prob and entropy, and a second entropy pass for ERC.
         """
         policy = self.policy
-        features = policy.extract_features(observations)
-        if policy.share_features_extractor:
-            latent_pi, latent_vf = policy.mlp_extractor(features)
-        else:
-            pi_features, vf_features = features
-            latent_pi = policy.mlp_extractor.forward_actor(pi_features)
-            latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+        latent_pi, latent_vf = self._latents(observations)
         logits = policy.action_net(latent_pi)
         values = policy.value_net(latent_vf)
         log_prob, entropy = small_action_logprob_and_entropy(logits, actions.long().reshape(-1))
@@ -242,8 +309,8 @@ class ERCPPO(PPO):
 
     def _loss_config(self) -> LossConfig:
         progress = self._current_progress_remaining
-        # SB3's progress goes slightly below 0 in the last rollout, so a linear schedule can give
-        # a tiny negative clip range there; the loss requires eps >= 0.
+        # Progress is clamped at 0 (see _update_current_progress_remaining), but a user's schedule
+        # may still return a negative clip range; the loss requires eps >= 0.
         eps_low = max(0.0, float(self.clip_range(progress)))  # type: ignore[operator]
         eps_high = (
             max(0.0, float(self.clip_range_high(progress)))  # type: ignore[operator]
@@ -295,9 +362,7 @@ class ERCPPO(PPO):
         for epoch in range(self.n_epochs):
             log.start_epoch()
             for rollout_data in self.rollout_buffer.get(self.batch_size):
-                actions = rollout_data.actions
-                if isinstance(self.action_space, spaces.Discrete):
-                    actions = rollout_data.actions.long().flatten()
+                actions = self._train_actions(rollout_data.actions)
 
                 new_entropy: th.Tensor | None = None
                 old_entropy: th.Tensor | None = None
@@ -306,8 +371,12 @@ class ERCPPO(PPO):
                     values, log_prob, entropy, new_entropy = self._evaluate_discrete(
                         rollout_data.observations, actions
                     )
-                else:
+                elif track_entropy:
                     values, log_prob, entropy, dist = self._evaluate(
+                        rollout_data.observations, actions
+                    )
+                else:  # ERC off: SB3's own call
+                    values, log_prob, entropy = self.policy.evaluate_actions(
                         rollout_data.observations, actions
                     )
                 values = values.flatten()

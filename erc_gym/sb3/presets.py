@@ -75,10 +75,15 @@ _NON_ALGO_KEYS = {"n_envs", "n_timesteps", "policy", "normalize", "reference"}
 
 
 def linear_schedule(initial: float) -> Callable[[float], float]:
-    """``progress_remaining * initial`` (progress goes from 1 to 0), as the zoo's ``lin_X``."""
+    """``progress_remaining * initial`` (progress goes from 1 to 0), as the zoo's ``lin_X``.
+
+    Progress is clamped at 0: SB3 collects whole rollouts, so when the total step count is not a
+    multiple of the rollout size its progress ends below 0, and the zoo's schedule would give the
+    last update a negative learning rate or clip range (issue #11 item 7).
+    """
 
     def schedule(progress_remaining: float) -> float:
-        return progress_remaining * initial
+        return max(progress_remaining, 0.0) * initial
 
     return schedule
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
+from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
     IdentityEnv,
@@ -21,6 +22,7 @@ from stable_baselines3.common.envs import (
 )
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
@@ -411,8 +413,101 @@ def test_fused_path_is_used_only_where_it_applies(monkeypatch):
         return real(self, *args)
 
     monkeypatch.setattr(ERCPPO, "_evaluate_discrete", counting)
-    _collected_model(n_epochs=1, batch_size=64).train()
-    assert len(fused_calls) == SMALL["n_steps"] // 64
+    model = _collected_model(n_epochs=1, batch_size=64)
+    assert fused_calls  # the old-entropy pass evaluates as train() will
     fused_calls.clear()
-    _collected_model(n_epochs=1, batch_size=64, erc_low=None, erc_high=None).train()
+    model.train()
+    assert len(fused_calls) == SMALL["n_steps"] // 64
+    model = _collected_model(n_epochs=1, batch_size=64, erc_low=None, erc_high=None)
+    fused_calls.clear()
+    model.train()
     assert not fused_calls  # ERC off: SB3's own evaluation, bit-identical to PPO
+
+
+def test_load_of_a_plain_sb3_ppo_checkpoint_with_erc_on(tmp_path: Path):
+    # issue #11 item 5: a PPO checkpoint stores rollout_buffer_class=RolloutBuffer, which used to
+    # win over the ERC buffer and make ERCPPO.load() raise with ERC on.
+    ppo = PPO("MlpPolicy", "CartPole-v1", seed=0, **SMALL).learn(64)
+    ppo.save(tmp_path / "ppo.zip")
+    loaded = ERCPPO.load(tmp_path / "ppo.zip", env=make_vec_env("CartPole-v1", n_envs=1))
+    assert loaded.erc_enabled
+    assert isinstance(loaded.rollout_buffer, ERCRolloutBuffer)
+    assert _params_equal(ppo, loaded)
+    loaded.learn(128, reset_num_timesteps=False)
+    assert loaded.logger.name_to_value["train/erc_low"] == 0.95
+    assert 0.0 <= loaded.logger.name_to_value["train/erc_clip_fraction"] <= 1.0
+
+
+def test_load_of_a_dict_observation_ppo_checkpoint_gets_the_dict_erc_buffer(tmp_path: Path):
+    env = DummyVecEnv([lambda: SimpleMultiObsEnv(random_start=False)])
+    PPO("MultiInputPolicy", env, seed=0, **SMALL).save(tmp_path / "ppo.zip")
+    loaded = ERCPPO.load(tmp_path / "ppo.zip", env=env)
+    assert isinstance(loaded.rollout_buffer, ERCDictRolloutBuffer)
+
+
+class _TemperaturePolicy(ActorCriticPolicy):
+    """Overrides the distribution (logits / 0.25), as action masks or temperatures do."""
+
+    def _get_action_dist_from_latent(self, latent_pi: torch.Tensor) -> Distribution:
+        logits = self.action_net(latent_pi) / 0.25
+        # a new object, not policy.action_dist updated in place
+        return CategoricalDistribution(int(self.action_space.n)).proba_distribution(logits)
+
+
+class _PredictOnlyPolicy(ActorCriticPolicy):
+    """Overrides get_distribution only (what predict() uses); training is SB3's."""
+
+    def get_distribution(self, obs: torch.Tensor) -> Distribution:
+        dist = super().get_distribution(obs)
+        assert isinstance(dist, CategoricalDistribution)
+        return dist.proba_distribution(dist.distribution.logits * 3.0)
+
+
+@pytest.mark.parametrize("policy_cls", [_TemperaturePolicy, _PredictOnlyPolicy])
+def test_custom_distribution_policies_train_on_their_own_distribution(policy_cls, monkeypatch):
+    # issue #11 item 6: the fused Discrete path rebuilt the logits from action_net, ignoring the
+    # override. One epoch on one mini-batch is on-policy: ratio 1 and entropy ratio 1 exactly,
+    # so nothing may be clipped and the k3 KL is 0.
+    fused = []
+    real = ERCPPO._evaluate_discrete
+    monkeypatch.setattr(
+        ERCPPO, "_evaluate_discrete", lambda self, *a: fused.append(1) or real(self, *a)
+    )
+    model = ERCPPO(policy_cls, "CartPole-v1", seed=0, **{**SMALL, "n_epochs": 1, "batch_size": 64})
+    assert not model._fused_discrete()
+    model.learn(64)
+    logged = model.logger.name_to_value
+    assert not fused
+    assert logged["train/clip_fraction"] == 0.0
+    assert abs(logged["train/approx_kl"]) < 1e-6
+    assert logged["train/erc_clip_fraction"] == 0.0
+    assert logged["train/entropy_ratio_min"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("algo", [ERCPPO, PPO])
+def test_schedules_never_go_below_zero_on_an_overshooting_last_rollout(algo):
+    # issue #11 item 7: 100 steps with rollouts of 64 -> the second rollout ends at 128 and SB3's
+    # progress at -0.28; the zoo's lin_ schedules gave the last update a negative lr and clip.
+    seen = []
+    kwargs = ppo_kwargs("CartPole-v1", n_steps=64, batch_size=64, n_epochs=1, device="cpu")
+    if algo is ERCPPO:
+        model = ERCPPO("MlpPolicy", "CartPole-v1", seed=0, **kwargs)
+    else:
+        model = PPO("MlpPolicy", "CartPole-v1", seed=0, **kwargs)
+    train = model.train
+
+    def recording_train():
+        train()
+        seen.append(
+            (
+                model.policy.optimizer.param_groups[0]["lr"],
+                model.logger.name_to_value["train/clip_range"],
+            )
+        )
+
+    model.train = recording_train  # type: ignore[method-assign]
+    model.learn(100)
+    assert model.num_timesteps == 128 and len(seen) == 2
+    lr, clip = seen[-1]
+    assert lr >= 0.0 and clip >= 0.0
+    assert seen[0][0] > 0.0 and seen[0][1] > 0.0
