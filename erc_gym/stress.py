@@ -181,6 +181,20 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return x[np.isfinite(x)]
 
 
+def _resampled(
+    x: Sequence[float], y: Sequence[float], reps: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The finite values of ``x`` and ``y`` and ``reps`` bootstrap resamples of each (drawn
+    separately, so the groups may differ in size); None when a group has no finite value."""
+    a, b = _finite(x), _finite(y)
+    if a.size == 0 or b.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    sa = a[rng.integers(0, a.size, size=(reps, a.size))]
+    sb = b[rng.integers(0, b.size, size=(reps, b.size))]
+    return a, b, sa, sb
+
+
 def diff_ci(
     x: Sequence[float],
     y: Sequence[float],
@@ -203,12 +217,10 @@ def diff_ci(
     """
     if statistic not in ("iqm", "mean"):
         raise ValueError(f"statistic must be 'iqm' or 'mean', got {statistic!r}")
-    a, b = _finite(x), _finite(y)
-    if a.size == 0 or b.size == 0:
+    pair = _resampled(x, y, reps, seed)
+    if pair is None:
         return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    sa = a[rng.integers(0, a.size, size=(reps, a.size))]
-    sb = b[rng.integers(0, b.size, size=(reps, b.size))]
+    a, b, sa, sb = pair
     if statistic == "iqm":
         point = iqm(a.tolist()) - iqm(b.tolist())
         boot = _iqm_rows(sa) - _iqm_rows(sb)
@@ -236,12 +248,10 @@ def probability_of_improvement(
     Returns:
         ``(poi, ci_low, ci_high)``; NaNs when a group has no finite value.
     """
-    a, b = _finite(x), _finite(y)
-    if a.size == 0 or b.size == 0:
+    pair = _resampled(x, y, reps, seed)
+    if pair is None:
         return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    sa = a[rng.integers(0, a.size, size=(reps, a.size))]
-    sb = b[rng.integers(0, b.size, size=(reps, b.size))]
+    a, b, sa, sb = pair
     boot = _poi(sa, sb)
     point = float(_poi(a[None], b[None])[0])
     return point, float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
