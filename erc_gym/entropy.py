@@ -260,10 +260,13 @@ def _get_triton_kernel() -> Any:
         labels_ptr,
         lp_ptr,
         h_ptr,
+        m_ptr,
+        ls_ptr,
         vocab,
         inv_t,
         big,
         HAS_LABELS: tl.constexpr,
+        HAS_NORM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -301,6 +304,9 @@ def _get_triton_kernel() -> Any:
         w = 1.0 + s
         log_s = tl.where(w == 1.0, s, tl.log(w) * (s / (w - 1.0)))
         tl.store(h_ptr + row, log_s + u / (1.0 + s))
+        if HAS_NORM:
+            tl.store(m_ptr + row, m)
+            tl.store(ls_ptr + row, log_s)
         if HAS_LABELS:
             y = tl.load(labels_ptr + row)
             zy = tl.load(base + y).to(tl.float32)
@@ -310,9 +316,12 @@ def _get_triton_kernel() -> Any:
     return kernel
 
 
-def _triton_available(x: Tensor) -> bool:
-    if not (USE_TRITON and x.is_cuda and x.shape[-1] > 0 and x.stride(-1) == 1):
-        return False
+def _triton_device(x: Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under its interpreter (tests only)."""
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -320,9 +329,22 @@ def _triton_available(x: Tensor) -> bool:
     return True
 
 
+def _triton_available(x: Tensor) -> bool:
+    if not (USE_TRITON and _triton_device(x) and x.shape[-1] > 0 and x.stride(-1) == 1):
+        return False
+    return _triton_importable()
+
+
 def _triton_forward(
-    view: Tensor, labels: Tensor | None, temperature: float, lp_out: Tensor | None, h_out: Tensor
+    view: Tensor,
+    labels: Tensor | None,
+    temperature: float,
+    lp_out: Tensor | None,
+    h_out: Tensor,
+    norm_out: tuple[Tensor, Tensor] | None = None,
 ) -> None:
+    """One kernel launch over ``view``'s rows: entropy, label log-prob, and ``(m, log1p s')``
+    into ``norm_out`` when given (the fused head's backward rebuilds ``log p`` from them)."""
     rows, vocab = view.shape
     if rows == 0:
         return
@@ -334,11 +356,110 @@ def _triton_forward(
         labels if has_labels else h_out,
         lp_out if has_labels else h_out,
         h_out,
+        h_out if norm_out is None else norm_out[0],
+        h_out if norm_out is None else norm_out[1],
         vocab,
         1.0 / temperature,
         _FP32_MAX,
         HAS_LABELS=has_labels,
+        HAS_NORM=norm_out is not None,
         BLOCK=4096,
+    )
+
+
+_triton_grad_kernel: Any = None
+
+#: Vocabulary columns per program of the Triton logits-gradient kernel.
+_GRAD_BLOCK = 2048
+
+
+def _get_triton_grad_kernel() -> Any:
+    """Kernel writing the logits' gradient over the logits, in place, in their dtype.
+
+    Program ``(row, block)``: ``log p = (z - m) / T - log1p(s')`` from the forward's row
+    statistics, then ``g = g_lp (onehot - p) - g_h p (log p + H)``, divided by ``T``. The label's
+    ``1 - p_y`` is ``-expm1(log p_y)`` (exact when ``p_y`` is within 1e-7 of 1), as in
+    :func:`_logits_grad`, whose formula this is.
+    """
+    global _triton_grad_kernel
+    if _triton_grad_kernel is not None:
+        return _triton_grad_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grad_kernel(
+        z_ptr,
+        row_stride,
+        labels_ptr,
+        m_ptr,
+        ls_ptr,
+        h_ptr,
+        glp_ptr,
+        gh_ptr,
+        vocab,
+        inv_t,
+        big,
+        HAS_LP: tl.constexpr,
+        HAS_H: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < vocab
+        ptrs = z_ptr + row * row_stride + offs
+        z = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + row)
+        # -inf logits (masked actions): log p clamps to -big, so p = 0 and p * (log p + H) = 0
+        d = tl.minimum((m - z) * inv_t, big)
+        d = tl.where(d == d, d, big)
+        logp = tl.maximum(-d - tl.load(ls_ptr + row), -big)
+        p = tl.exp(logp)
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+        if HAS_LP:
+            g_lp = tl.load(glp_ptr + row)
+            # -expm1(logp) to full accuracy (Kahan's trick; expm1 is not in triton.language)
+            em1 = tl.where(p == 1.0, logp, (p - 1.0) * logp / tl.log(p))
+            em1 = tl.where(p == 0.0, -1.0, em1)
+            y = tl.load(labels_ptr + row)
+            g = tl.where(offs == y, -em1 * g_lp, -p * g_lp)
+        if HAS_H:
+            g = g - tl.load(gh_ptr + row) * p * (logp + tl.load(h_ptr + row))
+        tl.store(ptrs, (g * inv_t).to(z_ptr.dtype.element_ty), mask=valid)
+
+    _triton_grad_kernel = grad_kernel
+    return grad_kernel
+
+
+def _triton_logits_grad(
+    z: Tensor,
+    labels: Tensor,
+    norm: tuple[Tensor, Tensor],
+    entropy: Tensor,
+    grad_lp: Tensor | None,
+    grad_h: Tensor | None,
+    temperature: float,
+) -> None:
+    """Overwrite the ``(rows, V)`` logits ``z`` with their gradient (see the kernel)."""
+    rows, vocab = z.shape
+    if rows == 0:
+        return
+    kernel = _get_triton_grad_kernel()
+    kernel[(rows, -(-vocab // _GRAD_BLOCK))](
+        z,
+        z.stride(0),
+        labels,
+        norm[0],
+        norm[1],
+        entropy,
+        norm[0] if grad_lp is None else grad_lp,
+        norm[0] if grad_h is None else grad_h,
+        vocab,
+        1.0 / temperature,
+        _FP32_MAX,
+        HAS_LP=grad_lp is not None,
+        HAS_H=grad_h is not None,
+        BLOCK=_GRAD_BLOCK,
     )
 
 
@@ -777,6 +898,70 @@ def _split_rows(n: int, device: torch.device) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in fp32 without first rounding the product to bf16/fp16 (CUDA: one GEMM)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+            pass
+    return a.float() @ b.float()
+
+
+def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` into the fp32 ``acc`` (see :func:`_mm_f32`)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.addmm_(a.float(), b.float())
+
+
+def _head_triton_ok(hidden: Tensor, logit_scale: float, softcap: float | None) -> bool:
+    """The Triton fused head: CUDA (or Triton's interpreter), plain logits (no scale or cap)."""
+    return (
+        USE_TRITON
+        and _triton_device(hidden)
+        and logit_scale == 1.0
+        and softcap is None
+        and _triton_importable()
+    )
+
+
+def _head_gemm(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """One chunk's logits ``hidden @ weight.T (+ bias)`` into ``out``, in the inputs' dtype."""
+    if bias is None:
+        torch.mm(hidden, weight.T, out=out)
+    else:
+        torch.addmm(bias, hidden, weight.T, out=out)
+
+
+def _triton_head_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    rows: int,
+    outs: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> None:
+    """Forward of the Triton fused head: per chunk, one GEMM into one logits buffer of the
+    inputs' dtype, reduced by one kernel that reads it once; fills ``(log_prob, entropy, m,
+    log1p s')``."""
+    log_prob, entropy, row_max, log_s = outs
+    n = hidden.shape[0]
+    tile = hidden.new_empty(min(rows, n), weight.shape[0])
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        t = tile[: sl.stop - sl.start]
+        _head_gemm(t, hidden[sl], weight, bias)
+        _triton_forward(
+            t, labels[sl], temperature, log_prob[sl], entropy[sl], (row_max[sl], log_s[sl])
+        )
+
+
 class _LinearLogProbEntropy(torch.autograd.Function):
     """Fused head: forward and backward both compute each chunk's logits from ``hidden @ W.T``.
 
@@ -795,13 +980,24 @@ class _LinearLogProbEntropy(torch.autograd.Function):
         softcap: float | None,
         chunk_rows: int,
         entropy_grad: bool,
+        use_triton: bool,
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # see _LogProbEntropy.forward
         n = hidden.shape[0]
         log_prob, entropy, row_max, log_s = (
             torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4)
         )
-        for start in range(0, n, chunk_rows):
+        if use_triton:
+            _triton_head_forward(
+                hidden,
+                weight,
+                bias,
+                labels,
+                temperature,
+                chunk_rows,
+                (log_prob, entropy, row_max, log_s),
+            )
+        for start in range(0, 0 if use_triton else n, chunk_rows):
             sl = slice(start, min(start + chunk_rows, n))
             z, _ = _head_logits(hidden[sl], weight, bias, logit_scale, softcap, False)
 
@@ -814,7 +1010,7 @@ class _LinearLogProbEntropy(torch.autograd.Function):
             _run_chunks(reduce, _split_rows(z.shape[0], z.device), z.device)
             del z, reduce  # the closure holds the chunk too: free it before the next GEMM
         ctx.save_for_backward(hidden, weight, bias, labels, entropy, row_max, log_s)  # type: ignore[arg-type]
-        ctx.options = (temperature, logit_scale, softcap, chunk_rows)  # type: ignore[attr-defined]
+        ctx.options = (temperature, logit_scale, softcap, chunk_rows, use_triton)  # type: ignore[attr-defined]
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return log_prob, entropy
@@ -826,8 +1022,23 @@ class _LinearLogProbEntropy(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
         hidden, weight, bias, labels, entropy, row_max, log_s = saved
-        temperature, logit_scale, softcap, rows = ctx.options  # type: ignore[attr-defined]
+        temperature, logit_scale, softcap, rows, use_triton = ctx.options  # type: ignore[attr-defined]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        if use_triton:
+            grads = _triton_head_backward(
+                hidden,
+                weight,
+                bias,
+                labels,
+                entropy,
+                (row_max, log_s),
+                grad_lp,
+                grad_h,
+                temperature,
+                rows,
+                (need_h, need_w, need_b),
+            )
+            return (*grads, None, None, None, None, None, None, None)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         # fp32 accumulators across chunks (a bf16 sum over many chunks would lose digits)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -882,7 +1093,66 @@ class _LinearLogProbEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _triton_head_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    entropy: Tensor,
+    norm: tuple[Tensor, Tensor],
+    grad_lp: Tensor | None,
+    grad_h: Tensor | None,
+    temperature: float,
+    rows: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of the Triton fused head: per chunk, recompute the logits into one buffer of the
+    inputs' dtype, overwrite them with their gradient (one kernel), then the two GEMMs with fp32
+    output (fp32 inputs: the hidden-state GEMM summed over vocabulary blocks in fp64, as the
+    PyTorch path does)."""
+    need_h, need_w, need_b = needs
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if grad_lp is None and grad_h is None:
+        return None, None, None
+    g_lp = None if grad_lp is None else grad_lp.float().contiguous()
+    g_h = None if grad_h is None else grad_h.float().contiguous()
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_w = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    )
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    tile = hidden.new_empty(min(rows, n), vocab)
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        t, h_c = tile[: sl.stop - sl.start], hidden[sl]
+        _head_gemm(t, h_c, weight, bias)
+        _triton_logits_grad(
+            t,
+            labels[sl],
+            (norm[0][sl], norm[1][sl]),
+            entropy[sl],
+            None if g_lp is None else g_lp[sl],
+            None if g_h is None else g_h[sl],
+            temperature,
+        )
+        if grad_hidden is not None:
+            if t.dtype == torch.float32:
+                grad_hidden[sl] = _vocab_blocked_mm(t, weight)
+            else:
+                grad_hidden[sl] = _mm_f32(t, weight).to(hidden.dtype)
+        if grad_w is not None:
+            _addmm_f32(grad_w, t.T, h_c)
+        if grad_b is not None:
+            grad_b.add_(t.sum(dim=0, dtype=torch.float32))
+    return (
+        grad_hidden,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None or bias is None else grad_b.to(bias.dtype),
+    )
 
 
 def _check_head_inputs(
@@ -1028,5 +1298,6 @@ def linear_logprob_and_entropy(
         None if softcap is None else float(softcap),
         rows,
         entropy_grad,
+        _head_triton_ok(hidden, float(logit_scale), softcap),
     )
     return log_prob.reshape(lead), entropy.reshape(lead)

@@ -27,6 +27,11 @@ Usage::
     python experiments/bench_fused_head.py --tokens 8192 --hidden 256 --vocab 151936 \\
         --modes fwd+bwd --no-time                             # memory only
     python experiments/bench_fused_head.py --trainer --vocab 32768
+    python experiments/bench_fused_head.py --device cuda --dtype bfloat16   # GPU grid
+
+On CUDA the methods add ``fused_torch`` (the fused head with ``USE_TRITON = False``: cuBLAS GEMMs
+and PyTorch element-wise ops, no Triton kernels); time is the median of synchronised calls and
+memory is ``torch.cuda.max_memory_allocated`` over the inputs, in the same process.
 """
 
 from __future__ import annotations
@@ -80,8 +85,20 @@ def _trl_head() -> Head | None:
     return trl
 
 
-def methods() -> dict[str, Head]:
+def fused_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+    import erc_gym.entropy as entropy_module
+
+    entropy_module.USE_TRITON = False
+    try:
+        return linear_logprob_and_entropy(hidden, weight, labels)
+    finally:
+        entropy_module.USE_TRITON = True
+
+
+def methods(device: str = "cpu") -> dict[str, Head]:
     found: dict[str, Head] = {"fused": fused, "materialised": materialised}
+    if device == "cuda":
+        found["fused_torch"] = fused_torch
     trl = _trl_head()
     if trl is not None:
         found["trl"] = trl
@@ -89,12 +106,12 @@ def methods() -> dict[str, Head]:
     return found
 
 
-def inputs(n: int, h: int, v: int, dtype: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
+def inputs(n: int, h: int, v: int, dtype: str, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
     dt = getattr(torch, dtype)
-    hidden = torch.randn(n, h, generator=g).to(dt)
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(dt)
-    labels = torch.randint(0, v, (n,), generator=g)
+    hidden = torch.randn(n, h, generator=g, device=device).to(dt)
+    weight = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dt)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
     return hidden, weight, labels
 
 
@@ -107,6 +124,25 @@ def call(fn: Head, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     weight = weight.detach().requires_grad_(True)
     log_prob, _ = fn(hidden, weight, labels)
     log_prob.sum().backward()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_peak_extra_memory(name: str, mode: str, n: int, h: int, v: int, dtype: str) -> int:
+    """Peak CUDA memory of one call above what its inputs hold (in this process)."""
+    fn = methods("cuda")[name]
+    hidden, weight, labels = inputs(n, h, v, dtype, device="cuda")
+    call(fn, hidden[:64], weight, labels[:64], mode)  # warm-up: kernels compiled, handles made
+    _sync("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    call(fn, hidden, weight, labels, mode)
+    _sync("cuda")
+    return torch.cuda.max_memory_allocated() - base
 
 
 def _memory_child(name: str, mode: str, n: int, h: int, v: int, dtype: str) -> None:
@@ -147,17 +183,28 @@ def peak_extra_memory(name: str, mode: str, n: int, h: int, v: int, dtype: str) 
 
 
 def time_all(
-    names: list[str], n: int, h: int, v: int, dtype: str, mode: str, repeats: int
+    names: list[str],
+    n: int,
+    h: int,
+    v: int,
+    dtype: str,
+    mode: str,
+    repeats: int,
+    device: str = "cpu",
 ) -> dict[str, float]:
-    hidden, weight, labels = inputs(n, h, v, dtype)
-    found = {k: f for k, f in methods().items() if k in names}
+    hidden, weight, labels = inputs(n, h, v, dtype, device=device)
+    found = {k: f for k, f in methods(device).items() if k in names}
     times: dict[str, list[float]] = {k: [] for k in found}
     for fn in found.values():  # warm-up
         call(fn, hidden[:256], weight, labels[:256], mode)
+        if device == "cuda":
+            call(fn, hidden, weight, labels, mode)
     for _ in range(repeats):
         for name, fn in found.items():
+            _sync(device)
             t0 = time.perf_counter()
             call(fn, hidden, weight, labels, mode)
+            _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(t) for k, t in times.items()}
 
@@ -210,11 +257,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048], help="H values")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936], help="V values")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"]
     )
     parser.add_argument(
-        "--conditions", nargs="+", default=["idle", "busy"], choices=["idle", "busy"]
+        "--conditions",
+        nargs="+",
+        default=["idle", "busy"],
+        choices=["idle", "busy"],
+        help="CPU only (a GPU run has one condition)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
     parser.add_argument(
@@ -231,10 +283,17 @@ def main() -> None:
         return
     if args.quick:
         args.tokens, args.hidden, args.vocab = [2048], [1024], [32768]
-    names = [k for k in methods() if args.methods is None or k in args.methods]
+    names = [k for k in methods(args.device) if args.methods is None or k in args.methods]
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at start"
+    )
+    if args.device == "cuda":
+        args.conditions = ["gpu"]
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
+        f"torch {torch.__version__}, {where}, dtype {args.dtype}; "
         + ("TRL found" if "trl" in names else "TRL not importable: its column is skipped")
     )
     mib = 1024 * 1024
@@ -245,7 +304,10 @@ def main() -> None:
                 for mode in args.modes:
                     head = f"N={n} H={h} V={v} {mode} (fp32 logits {logits_mib:.0f} MiB)"
                     if not args.no_memory:
-                        mem = {k: peak_extra_memory(k, mode, n, h, v, args.dtype) for k in names}
+                        measure = (
+                            cuda_peak_extra_memory if args.device == "cuda" else peak_extra_memory
+                        )
+                        mem = {k: measure(k, mode, n, h, v, args.dtype) for k in names}
                         cells = "  ".join(f"{k} {mem[k] / mib:.0f}" for k in names)
                         ratio = mem["materialised"] / max(mem["fused"], 1)
                         print(
@@ -256,13 +318,18 @@ def main() -> None:
                         continue
                     for condition in args.conditions:
                         with busy_core(condition == "busy"):
-                            t = time_all(names, n, h, v, args.dtype, mode, args.repeats)
-                        cells = "  ".join(f"{k} {t[k] * 1e3:.0f}" for k in names)
+                            t = time_all(
+                                names, n, h, v, args.dtype, mode, args.repeats, args.device
+                            )
+                        digits = 2 if args.device == "cuda" else 0
+                        cells = "  ".join(f"{k} {t[k] * 1e3:.{digits}f}" for k in names)
                         rel = ""
                         if "fused" in t and "materialised" in t:
                             rel = f"fused / materialised {t['fused'] / t['materialised']:.2f}x"
                         if "trl" in t and "fused" in t:
                             rel += f", fused / trl {t['fused'] / t['trl']:.2f}x"
+                        if "fused_torch" in t:
+                            rel += f", fused / fused_torch {t['fused'] / t['fused_torch']:.2f}x"
                         print(f"{head} {condition:>4} | ms: {cells} | {rel}", flush=True)
 
 

@@ -120,3 +120,105 @@ def test_triton_forward_matches_pytorch_path(dtype, monkeypatch):
     torch.testing.assert_close(lp_t, lp_p, rtol=1e-6, atol=2e-6)
     torch.testing.assert_close(h_s, h_t, rtol=0, atol=0)
     torch.testing.assert_close(lp_s, lp_t, rtol=0, atol=0)
+
+
+# --- fused LM head (issue #13) on CUDA: the Triton path and the PyTorch path --------------------
+
+
+@pytest.fixture(params=["triton", "torch"])
+def head_path(request, monkeypatch):
+    """Run a test once through the Triton fused head and once through the PyTorch one."""
+    import erc_gym.entropy as entropy_module
+
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(entropy_module, "USE_TRITON", request.param == "triton")
+    return request.param
+
+
+@pytest.mark.parametrize("v", [32768, 151936])
+@pytest.mark.parametrize("offset", [0.0, 100.0, -100.0])
+def test_fused_head_cuda_matches_fp64(head_path, v, offset):
+    """fp32 on CUDA: values (H >= 1e-6) and gradients of hidden, weight, bias within 1e-5
+    relative of the fp64 reference, with entropy gradients, on the exact-logit inputs of
+    test_fused_head (so the comparison measures the head, not a GEMM's rounding)."""
+    from test_fused_head import _leaf, _q, _rel, head_case, reference
+
+    import erc_gym.entropy as entropy_module
+
+    hidden, weight, labels = head_case(v, 0.0, rows=40)
+    bias = _q(torch.randn(v, generator=torch.Generator().manual_seed(1))) + offset
+    grad_lp = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
+    grad_h = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
+    leaves = [
+        _leaf(x, torch.float32).cuda().detach().requires_grad_(True) for x in (hidden, weight, bias)
+    ]
+    assert entropy_module._head_triton_ok(leaves[0], 1.0, None) == (head_path == "triton")
+    lp, ent = entropy_module.linear_logprob_and_entropy(
+        leaves[0], leaves[1], labels.cuda(), bias=leaves[2], chunk_tokens=7, entropy_grad=True
+    )
+    ((lp * grad_lp.cuda()).sum() + (ent * grad_h.cuda()).sum()).backward()
+    refs = [_leaf(x, torch.float64) for x in (hidden, weight, bias)]
+    lp_ref, ent_ref = reference(*refs[:2], labels, refs[2])
+    ((lp_ref * grad_lp.double()).sum() + (ent_ref * grad_h.double()).sum()).backward()
+    assessed = ent_ref >= 1e-6
+    assert ent_ref[assessed].min() < 1e-4  # the low-entropy rows are covered
+    assert ((ent.cpu().double() - ent_ref).abs() / ent_ref)[assessed].max() <= 1e-5
+    assert ((lp.cpu().double() - lp_ref).abs() / lp_ref.abs().clamp(min=1e-3)).max() <= 1e-5
+    for name, got, want in zip(("hidden", "weight", "bias"), leaves, refs, strict=True):
+        assert _rel(got.grad.cpu(), want.grad) <= 1e-5, (name, _rel(got.grad.cpu(), want.grad))
+
+
+def test_fused_head_cuda_bf16_within_its_rounding(head_path):
+    """bf16 on CUDA: values within 1e-5 of the fp64 reduction of the GEMM's bf16 logits,
+    gradients within 2 bf16 ulps (norm-wise 7.8e-3) of the fp64 gradients."""
+    from test_fused_head import _leaf, _rel, head_case, reference
+
+    from erc_gym.entropy import linear_logprob_and_entropy
+
+    hidden, weight, labels = head_case(151936, 0.0, rows=24, dominance=30.0)
+    hl = _leaf(hidden, torch.bfloat16).cuda().detach().requires_grad_(True)
+    wl = _leaf(weight, torch.bfloat16).cuda().detach().requires_grad_(True)
+    lp, ent = linear_logprob_and_entropy(hl, wl, labels.cuda(), chunk_tokens=5)
+    lp.sum().backward()
+    with torch.no_grad():  # the logits as this device's bf16 GEMM rounds them
+        rounded = (hl @ wl.T).cpu().double()
+    lp64 = torch.log_softmax(rounded, -1)
+    ent64 = -(lp64.exp() * lp64).sum(-1)
+    assessed = ent64 >= 1e-6
+    assert ((ent.cpu().double() - ent64).abs() / ent64)[assessed].max() <= 1e-5
+    lp_ref = lp64.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert ((lp.cpu().double() - lp_ref).abs() / lp_ref.abs().clamp(min=1e-3)).max() <= 1e-5
+    h64, w64 = _leaf(hidden, torch.float64), _leaf(weight, torch.float64)
+    reference(h64, w64, labels)[0].sum().backward()
+    eps = torch.finfo(torch.bfloat16).eps
+    assert _rel(hl.grad.cpu(), h64.grad) <= 2 * eps
+    assert _rel(wl.grad.cpu(), w64.grad) <= 2 * eps
+
+
+def test_fused_head_cuda_memory_two_chunks_plus_outputs(head_path):
+    """Forward + backward at N = 8192, H = 1024, V = 151,936 in bf16: peak extra CUDA memory
+    (max_memory_allocated over the inputs) <= 2 chunks of fp32 logits + the gradients + the fp32
+    weight-gradient accumulator, and >= 5x below the materialised-logits path."""
+    from erc_gym.entropy import linear_logprob_and_entropy
+
+    n, h, v, chunk = 8192, 1024, 151936, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(v, h, device="cuda", generator=g) / 32).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+
+    def peak(fn) -> int:
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()[0].sum().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    fused = peak(lambda: linear_logprob_and_entropy(hidden, weight, labels, chunk_tokens=chunk))
+    materialised = peak(lambda: logprob_and_entropy(hidden @ weight.T, labels))
+    outputs = (n * h + v * h) * 2 + v * h * 4 + 8 * n * 4  # grads, fp32 accumulator, per-row
+    assert fused <= 2 * chunk * v * 4 + outputs + (64 << 20), fused / 2**20
+    assert materialised >= 5 * fused, (materialised / 2**20, fused / 2**20)
