@@ -243,77 +243,17 @@ def _row_block_stats(
 #: Use the Triton forward on CUDA when Triton is installed (set False to force the PyTorch path).
 USE_TRITON = True
 
-_triton_kernel: Any = None
+_kernels: Any = None
 
 
-def _get_triton_kernel() -> Any:
-    global _triton_kernel
-    if _triton_kernel is not None:
-        return _triton_kernel
-    import triton
-    import triton.language as tl
+def _get_kernels() -> Any:
+    """The Triton kernels (``erc_gym._entropy_triton``), imported on first use."""
+    global _kernels
+    if _kernels is None:
+        from erc_gym import _entropy_triton
 
-    @triton.jit
-    def kernel(
-        z_ptr,
-        row_stride,
-        labels_ptr,
-        lp_ptr,
-        h_ptr,
-        m_ptr,
-        ls_ptr,
-        vocab,
-        inv_t,
-        big,
-        HAS_LABELS: tl.constexpr,
-        HAS_NORM: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        base = z_ptr + row * row_stride
-        m = -float("inf")
-        s = 0.0
-        u = 0.0
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < vocab
-            z = tl.load(base + offs, mask=valid, other=-float("inf")).to(tl.float32)
-            mb = tl.max(z, axis=0)
-            ib = tl.argmax(z, axis=0)
-            d = tl.minimum((mb - z) * inv_t, big)
-            d = tl.where(d == d, d, big)  # NaN (all -inf block) -> big
-            e = tl.where(valid & (offs != start + ib), tl.exp(-d), 0.0)
-            sb = tl.sum(e, axis=0)
-            ub = tl.sum(e * d, axis=0)
-            run_wins = m >= mb
-            delta = tl.minimum(tl.abs(m - mb) * inv_t, big)
-            delta = tl.where(delta == delta, delta, big)
-            sc = tl.exp(-delta)
-            s_w = tl.where(run_wins, s, sb)
-            u_w = tl.where(run_wins, u, ub)
-            s_l = tl.where(run_wins, sb, s)
-            u_l = tl.where(run_wins, ub, u)
-            total_l = 1.0 + s_l
-            add_u = tl.where(sc > 0.0, sc * (u_l + delta * total_l), 0.0)
-            # the very first block has no running state to merge with
-            first = m == -float("inf")
-            s = tl.where(first, sb, s_w + sc * total_l)
-            u = tl.where(first, ub, u_w + add_u)
-            m = tl.maximum(m, mb)
-        # log1p(s) to full fp32 accuracy (Goldberg's trick; log1p is not in triton.language)
-        w = 1.0 + s
-        log_s = tl.where(w == 1.0, s, tl.log(w) * (s / (w - 1.0)))
-        tl.store(h_ptr + row, log_s + u / (1.0 + s))
-        if HAS_NORM:
-            tl.store(m_ptr + row, m)
-            tl.store(ls_ptr + row, log_s)
-        if HAS_LABELS:
-            y = tl.load(labels_ptr + row)
-            zy = tl.load(base + y).to(tl.float32)
-            tl.store(lp_ptr + row, -tl.minimum((m - zy) * inv_t, big) - log_s)
-
-    _triton_kernel = kernel
-    return kernel
+        _kernels = _entropy_triton
+    return _kernels
 
 
 def _triton_device(x: Tensor) -> bool:
@@ -335,131 +275,29 @@ def _triton_available(x: Tensor) -> bool:
     return _triton_importable()
 
 
+#: Columns per block of the Triton kernels' inner loops / gradient programs.
+_ROW_BLOCK = 4096
+_GRAD_BLOCK = 2048
+
+
 def _triton_forward(
-    view: Tensor,
-    labels: Tensor | None,
-    temperature: float,
-    lp_out: Tensor | None,
-    h_out: Tensor,
-    norm_out: tuple[Tensor, Tensor] | None = None,
+    view: Tensor, labels: Tensor | None, temperature: float, lp_out: Tensor | None, h_out: Tensor
 ) -> None:
-    """One kernel launch over ``view``'s rows: entropy, label log-prob, and ``(m, log1p s')``
-    into ``norm_out`` when given (the fused head's backward rebuilds ``log p`` from them)."""
     rows, vocab = view.shape
     if rows == 0:
         return
-    kernel = _get_triton_kernel()
     has_labels = labels is not None and lp_out is not None
-    kernel[(rows,)](
+    _get_kernels().rows[(rows,)](
         view,
         view.stride(0),
         labels if has_labels else h_out,
         lp_out if has_labels else h_out,
         h_out,
-        h_out if norm_out is None else norm_out[0],
-        h_out if norm_out is None else norm_out[1],
         vocab,
         1.0 / temperature,
         _FP32_MAX,
         HAS_LABELS=has_labels,
-        HAS_NORM=norm_out is not None,
-        BLOCK=4096,
-    )
-
-
-_triton_grad_kernel: Any = None
-
-#: Vocabulary columns per program of the Triton logits-gradient kernel.
-_GRAD_BLOCK = 2048
-
-
-def _get_triton_grad_kernel() -> Any:
-    """Kernel writing the logits' gradient over the logits, in place, in their dtype.
-
-    Program ``(row, block)``: ``log p = (z - m) / T - log1p(s')`` from the forward's row
-    statistics, then ``g = g_lp (onehot - p) - g_h p (log p + H)``, divided by ``T``. The label's
-    ``1 - p_y`` is ``-expm1(log p_y)`` (exact when ``p_y`` is within 1e-7 of 1), as in
-    :func:`_logits_grad`, whose formula this is.
-    """
-    global _triton_grad_kernel
-    if _triton_grad_kernel is not None:
-        return _triton_grad_kernel
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def grad_kernel(
-        z_ptr,
-        row_stride,
-        labels_ptr,
-        m_ptr,
-        ls_ptr,
-        h_ptr,
-        glp_ptr,
-        gh_ptr,
-        vocab,
-        inv_t,
-        big,
-        HAS_LP: tl.constexpr,
-        HAS_H: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < vocab
-        ptrs = z_ptr + row * row_stride + offs
-        z = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + row)
-        # -inf logits (masked actions): log p clamps to -big, so p = 0 and p * (log p + H) = 0
-        d = tl.minimum((m - z) * inv_t, big)
-        d = tl.where(d == d, d, big)
-        logp = tl.maximum(-d - tl.load(ls_ptr + row), -big)
-        p = tl.exp(logp)
-        g = tl.zeros((BLOCK,), dtype=tl.float32)
-        if HAS_LP:
-            g_lp = tl.load(glp_ptr + row)
-            # -expm1(logp) to full accuracy (Kahan's trick; expm1 is not in triton.language)
-            em1 = tl.where(p == 1.0, logp, (p - 1.0) * logp / tl.log(p))
-            em1 = tl.where(p == 0.0, -1.0, em1)
-            y = tl.load(labels_ptr + row)
-            g = tl.where(offs == y, -em1 * g_lp, -p * g_lp)
-        if HAS_H:
-            g = g - tl.load(gh_ptr + row) * p * (logp + tl.load(h_ptr + row))
-        tl.store(ptrs, (g * inv_t).to(z_ptr.dtype.element_ty), mask=valid)
-
-    _triton_grad_kernel = grad_kernel
-    return grad_kernel
-
-
-def _triton_logits_grad(
-    z: Tensor,
-    labels: Tensor,
-    norm: tuple[Tensor, Tensor],
-    entropy: Tensor,
-    grad_lp: Tensor | None,
-    grad_h: Tensor | None,
-    temperature: float,
-) -> None:
-    """Overwrite the ``(rows, V)`` logits ``z`` with their gradient (see the kernel)."""
-    rows, vocab = z.shape
-    if rows == 0:
-        return
-    kernel = _get_triton_grad_kernel()
-    kernel[(rows, -(-vocab // _GRAD_BLOCK))](
-        z,
-        z.stride(0),
-        labels,
-        norm[0],
-        norm[1],
-        entropy,
-        norm[0] if grad_lp is None else grad_lp,
-        norm[0] if grad_h is None else grad_h,
-        vocab,
-        1.0 / temperature,
-        _FP32_MAX,
-        HAS_LP=grad_lp is not None,
-        HAS_H=grad_h is not None,
-        BLOCK=_GRAD_BLOCK,
+        BLOCK=_ROW_BLOCK,
     )
 
 
@@ -930,12 +768,48 @@ def _head_triton_ok(hidden: Tensor, logit_scale: float, softcap: float | None) -
     )
 
 
-def _head_gemm(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """One chunk's logits ``hidden @ weight.T (+ bias)`` into ``out``, in the inputs' dtype."""
+#: Logits elements per tile of the Triton fused head (``rows x columns`` of the inputs' dtype;
+#: 128 MiB in bf16). The tile spans as many tokens as fit next to at least
+#: ``_MIN_TILE_COLS`` vocabulary columns, so the three GEMMs per tile stay large and the weight
+#: gradient of a column block is summed over all tokens in one GEMM (no fp32 (V, H) accumulator
+#: read and written once per token chunk).
+_HEAD_TILE_ELEMENTS = 1 << 26
+_MIN_TILE_COLS = 4096
+
+
+def _head_tile_plan(
+    n: int, vocab: int, chunk_tokens: int | None, dtype: torch.dtype
+) -> tuple[int, int]:
+    """``(rows, cols)`` of the Triton fused head's tiles."""
+    rows = max(1, min(n, chunk_tokens or n))
+    cols = min(vocab, max(_MIN_TILE_COLS, _HEAD_TILE_ELEMENTS // rows))
+    if dtype == torch.float32:
+        # fp32: the hidden-state gradient is summed over column blocks in fp64 (see
+        # _vocab_blocked_mm), so a tile is at most one such block wide
+        cols = min(cols, _GRAD_VOCAB_BLOCK)
+    return max(1, min(rows, _HEAD_TILE_ELEMENTS // cols)), cols
+
+
+def _tiles(n: int, vocab: int, plan: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """``(row slice, column slice)`` of every tile, column blocks outermost."""
+    rows, cols = plan
+    return [
+        (slice(r, min(r + rows, n)), slice(c, min(c + cols, vocab)))
+        for c in range(0, vocab, cols)
+        for r in range(0, n, rows)
+    ]
+
+
+def _tile_gemm(
+    buf: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, rs: slice, cs: slice
+) -> Tensor:
+    """The logits of one tile, ``hidden[rs] @ weight[cs].T (+ bias[cs])``, into ``buf``."""
+    out = buf[: (rs.stop - rs.start) * (cs.stop - cs.start)].view(rs.stop - rs.start, -1)
     if bias is None:
-        torch.mm(hidden, weight.T, out=out)
+        torch.mm(hidden[rs], weight[cs].T, out=out)
     else:
-        torch.addmm(bias, hidden, weight.T, out=out)
+        torch.addmm(bias[cs], hidden[rs], weight[cs].T, out=out)
+    return out
 
 
 def _triton_head_forward(
@@ -944,22 +818,40 @@ def _triton_head_forward(
     bias: Tensor | None,
     labels: Tensor,
     temperature: float,
-    rows: int,
+    plan: tuple[int, int],
     outs: tuple[Tensor, Tensor, Tensor, Tensor],
 ) -> None:
-    """Forward of the Triton fused head: per chunk, one GEMM into one logits buffer of the
-    inputs' dtype, reduced by one kernel that reads it once; fills ``(log_prob, entropy, m,
-    log1p s')``."""
+    """Forward of the Triton fused head: per tile, one GEMM into one buffer of the inputs' dtype,
+    folded into per-row ``(m, s', u)`` by one kernel that reads it once; fills ``(log_prob,
+    entropy, m, log1p s')``."""
     log_prob, entropy, row_max, log_s = outs
-    n = hidden.shape[0]
-    tile = hidden.new_empty(min(rows, n), weight.shape[0])
-    for start in range(0, n, rows):
-        sl = slice(start, min(start + rows, n))
-        t = tile[: sl.stop - sl.start]
-        _head_gemm(t, hidden[sl], weight, bias)
-        _triton_forward(
-            t, labels[sl], temperature, log_prob[sl], entropy[sl], (row_max[sl], log_s[sl])
+    n, vocab = hidden.shape[0], weight.shape[0]
+    row_max.fill_(-float("inf"))
+    s = torch.zeros_like(row_max)
+    u = torch.zeros_like(row_max)
+    z_label = torch.empty_like(row_max)
+    buf = hidden.new_empty(plan[0] * plan[1])
+    kernels = _get_kernels()
+    for rs, cs in _tiles(n, vocab, plan):
+        tile = _tile_gemm(buf, hidden, weight, bias, rs, cs)
+        kernels.tile[(tile.shape[0],)](
+            tile,
+            tile.stride(0),
+            tile.shape[1],
+            cs.start,
+            labels[rs],
+            row_max[rs],
+            s[rs],
+            u[rs],
+            z_label[rs],
+            1.0 / temperature,
+            _FP32_MAX,
+            BLOCK=_ROW_BLOCK,
         )
+    torch.log1p(s, out=log_s)
+    torch.add(log_s, u / (1.0 + s), out=entropy)
+    gap = ((row_max - z_label) / temperature).clamp_(max=_FP32_MAX).nan_to_num_(nan=_FP32_MAX)
+    torch.sub(gap.neg_(), log_s, out=log_prob)
 
 
 class _LinearLogProbEntropy(torch.autograd.Function):
@@ -980,24 +872,18 @@ class _LinearLogProbEntropy(torch.autograd.Function):
         softcap: float | None,
         chunk_rows: int,
         entropy_grad: bool,
-        use_triton: bool,
+        plan: tuple[int, int] | None,
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # see _LogProbEntropy.forward
         n = hidden.shape[0]
         log_prob, entropy, row_max, log_s = (
             torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4)
         )
-        if use_triton:
+        if plan is not None:  # the Triton path (see _head_tile_plan)
             _triton_head_forward(
-                hidden,
-                weight,
-                bias,
-                labels,
-                temperature,
-                chunk_rows,
-                (log_prob, entropy, row_max, log_s),
+                hidden, weight, bias, labels, temperature, plan, (log_prob, entropy, row_max, log_s)
             )
-        for start in range(0, 0 if use_triton else n, chunk_rows):
+        for start in range(0, 0 if plan is not None else n, chunk_rows):
             sl = slice(start, min(start + chunk_rows, n))
             z, _ = _head_logits(hidden[sl], weight, bias, logit_scale, softcap, False)
 
@@ -1010,7 +896,7 @@ class _LinearLogProbEntropy(torch.autograd.Function):
             _run_chunks(reduce, _split_rows(z.shape[0], z.device), z.device)
             del z, reduce  # the closure holds the chunk too: free it before the next GEMM
         ctx.save_for_backward(hidden, weight, bias, labels, entropy, row_max, log_s)  # type: ignore[arg-type]
-        ctx.options = (temperature, logit_scale, softcap, chunk_rows, use_triton)  # type: ignore[attr-defined]
+        ctx.options = (temperature, logit_scale, softcap, chunk_rows, plan)  # type: ignore[attr-defined]
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return log_prob, entropy
@@ -1022,9 +908,9 @@ class _LinearLogProbEntropy(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
         hidden, weight, bias, labels, entropy, row_max, log_s = saved
-        temperature, logit_scale, softcap, rows, use_triton = ctx.options  # type: ignore[attr-defined]
+        temperature, logit_scale, softcap, rows, plan = ctx.options  # type: ignore[attr-defined]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
-        if use_triton:
+        if plan is not None:
             grads = _triton_head_backward(
                 hidden,
                 weight,
@@ -1035,7 +921,7 @@ class _LinearLogProbEntropy(torch.autograd.Function):
                 grad_lp,
                 grad_h,
                 temperature,
-                rows,
+                plan,
                 (need_h, need_w, need_b),
             )
             return (*grads, None, None, None, None, None, None, None)
@@ -1107,50 +993,65 @@ def _triton_head_backward(
     grad_lp: Tensor | None,
     grad_h: Tensor | None,
     temperature: float,
-    rows: int,
+    plan: tuple[int, int],
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Backward of the Triton fused head: per chunk, recompute the logits into one buffer of the
-    inputs' dtype, overwrite them with their gradient (one kernel), then the two GEMMs with fp32
-    output (fp32 inputs: the hidden-state GEMM summed over vocabulary blocks in fp64, as the
-    PyTorch path does)."""
+    """Backward of the Triton fused head: per tile, recompute the logits into one buffer of the
+    inputs' dtype, overwrite them with their gradient (one kernel), then the GEMMs with fp32
+    output. Column blocks are outermost, so each block's weight gradient is complete after its
+    tiles and is written once in the weight's dtype; the hidden-state gradient is accumulated
+    over blocks in fp32 (fp64 for fp32 inputs, as the PyTorch path does)."""
     need_h, need_w, need_b = needs
     n, vocab = hidden.shape[0], weight.shape[0]
     if grad_lp is None and grad_h is None:
         return None, None, None
     g_lp = None if grad_lp is None else grad_lp.float().contiguous()
     g_h = None if grad_h is None else grad_h.float().contiguous()
-    grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_w = (
-        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    )
+    wide = torch.float64 if hidden.dtype == torch.float32 else torch.float32
+    acc_h = torch.zeros(hidden.shape, dtype=wide, device=hidden.device) if need_h else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    acc_w = None
+    if need_w and plan[0] < n:  # a column block spans several row tiles: sum them in fp32
+        acc_w = torch.zeros(plan[1], weight.shape[1], dtype=torch.float32, device=weight.device)
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
-    tile = hidden.new_empty(min(rows, n), vocab)
-    for start in range(0, n, rows):
-        sl = slice(start, min(start + rows, n))
-        t, h_c = tile[: sl.stop - sl.start], hidden[sl]
-        _head_gemm(t, h_c, weight, bias)
-        _triton_logits_grad(
-            t,
-            labels[sl],
-            (norm[0][sl], norm[1][sl]),
-            entropy[sl],
-            None if g_lp is None else g_lp[sl],
-            None if g_h is None else g_h[sl],
-            temperature,
+    buf = hidden.new_empty(plan[0] * plan[1])
+    kernel = _get_kernels().grad
+    for rs, cs in _tiles(n, vocab, plan):
+        tile = _tile_gemm(buf, hidden, weight, bias, rs, cs)
+        kernel[(tile.shape[0], -(-tile.shape[1] // _GRAD_BLOCK))](
+            tile,
+            tile.stride(0),
+            tile.shape[1],
+            cs.start,
+            labels[rs],
+            norm[0][rs],
+            norm[1][rs],
+            entropy[rs],
+            norm[0][rs] if g_lp is None else g_lp[rs],
+            norm[0][rs] if g_h is None else g_h[rs],
+            1.0 / temperature,
+            _FP32_MAX,
+            HAS_LP=g_lp is not None,
+            HAS_H=g_h is not None,
+            BLOCK=_GRAD_BLOCK,
         )
-        if grad_hidden is not None:
-            if t.dtype == torch.float32:
-                grad_hidden[sl] = _vocab_blocked_mm(t, weight)
-            else:
-                grad_hidden[sl] = _mm_f32(t, weight).to(hidden.dtype)
+        if acc_h is not None:
+            acc_h[rs] += _mm_f32(tile, weight[cs])
         if grad_w is not None:
-            _addmm_f32(grad_w, t.T, h_c)
+            if acc_w is None:
+                grad_w[cs] = _mm_f32(tile.T, hidden[rs]).to(weight.dtype)
+            else:
+                block = acc_w[: cs.stop - cs.start]
+                if rs.start == 0:
+                    block.zero_()
+                _addmm_f32(block, tile.T, hidden[rs])
+                if rs.stop == n:
+                    grad_w[cs] = block.to(weight.dtype)
         if grad_b is not None:
-            grad_b.add_(t.sum(dim=0, dtype=torch.float32))
+            grad_b[cs] += tile.sum(dim=0, dtype=torch.float32)
     return (
-        grad_hidden,
-        None if grad_w is None else grad_w.to(weight.dtype),
+        None if acc_h is None else acc_h.to(hidden.dtype),
+        grad_w,
         None if grad_b is None or bias is None else grad_b.to(bias.dtype),
     )
 
@@ -1251,7 +1152,11 @@ def linear_logprob_and_entropy(
         bias: optional ``(V,)`` head bias.
         temperature: sampling temperature (> 0).
         chunk_tokens: tokens per chunk; ``None`` picks ``DEFAULT_HEAD_CHUNK_ELEMENTS // V`` on the
-            CPU (``DEFAULT_HEAD_CHUNK_ELEMENTS_GPU // V`` on a GPU), at least 1.
+            CPU (``DEFAULT_HEAD_CHUNK_ELEMENTS_GPU // V`` for the PyTorch path on a GPU), at
+            least 1. The Triton path (CUDA with Triton installed, no ``logit_scale`` or
+            ``softcap``) cuts the logits into tiles of tokens x vocabulary columns instead
+            (``_HEAD_TILE_ELEMENTS`` elements, all tokens if they fit); ``chunk_tokens`` then caps
+            the tokens per tile.
         entropy_grad: let gradient flow into the entropy (needed only for an entropy bonus).
         logit_scale: multiplies the head's output before soft-capping (> 0).
         softcap: final-logit soft-capping value, or ``None`` for none.
@@ -1298,6 +1203,8 @@ def linear_logprob_and_entropy(
         None if softcap is None else float(softcap),
         rows,
         entropy_grad,
-        _head_triton_ok(hidden, float(logit_scale), softcap),
+        _head_tile_plan(n, vocab, chunk_tokens, hidden.dtype)
+        if _head_triton_ok(hidden, float(logit_scale), softcap)
+        else None,
     )
     return log_prob.reshape(lead), entropy.reshape(lead)
