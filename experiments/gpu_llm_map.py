@@ -6,8 +6,9 @@ its own process on the one CUDA device, stops it when the budget runs out (finis
 kept; unfinished ones keep the metrics lines of the steps they did), writes ``erc-gym report``,
 and packs the small files of the runs -- ``metrics.jsonl``, ``config.json``, ``run.json``,
 ``done``, ``error.log``, the report and its figures, never checkpoints or exported models -- into
-``OUTDIR/gpu_llm_map.tar.gz``. ``OUTDIR`` also gets ``status.json`` (budget, elapsed, runs done,
-the device) and a copy of ``report.md``: three files in all.
+``OUTDIR/gpu_llm_map.tar.gz``; a default scratch runs folder is deleted afterwards. ``OUTDIR``
+also gets ``status.json`` (budget, elapsed, runs done, the device) and a copy of ``report.md``:
+three files in all.
 
 Usage (the device machine; erc_gym from the checkout, no install)::
 
@@ -75,8 +76,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--runs",
         type=Path,
         default=None,
-        help="runs folder (default: a fresh folder in /dev/shm when it has 40 GB free, else in "
-        "the temp dir; the end-of-run checkpoints, ~1.6 GB per run, stay there)",
+        help="runs folder, kept afterwards (default: a fresh scratch folder in /dev/shm when it "
+        "has 40 GB free, else in the temp dir, deleted after packing: the end-of-run checkpoints "
+        "take ~1.6 GB per run)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="parallel runs (default: all runs at once)"
@@ -226,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the metrics are what matters; a report can be redone from them
         status["report_error"] = f"{type(err).__name__}: {err}"
     status["files_packed"] = pack(experiment_dir, args.outdir / TARBALL)
+    if args.runs is None:
+        shutil.rmtree(runs, ignore_errors=True)
+        status["runs_dir"] += " (deleted after packing)"
     status["elapsed_s"] = round(time.monotonic() - t0, 1)
     (args.outdir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
     print(json.dumps(status, indent=2))

@@ -69,10 +69,10 @@ def test_script_rejects_a_budget_below_its_reserve(tmp_path, capsys):
     assert "--budget-s must be > 30, got 10.0" in capsys.readouterr().err
 
 
-def _run_script(out: Path, runs: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _run_script(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ERC_GYM_GPU_MAP_SHRINK": "1", "PYTHON": sys.executable}
     return subprocess.run(
-        ["bash", str(SCRIPT), str(out), "--runs", str(runs), *extra],
+        ["bash", str(SCRIPT), str(out), *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -91,7 +91,7 @@ def _run_script(out: Path, runs: Path, *extra: str) -> subprocess.CompletedProce
 )
 def test_shrunk_script_end_to_end_then_report_of_the_unpacked_runs(tmp_path, workers):
     out, runs = tmp_path / "out", tmp_path / "runs"
-    proc = _run_script(out, runs, "--workers", workers)
+    proc = _run_script(out, "--runs", str(runs), "--workers", workers)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu_llm_map.tar.gz",
@@ -123,10 +123,13 @@ def test_shrunk_script_end_to_end_then_report_of_the_unpacked_runs(tmp_path, wor
 
 
 def test_shrunk_script_stopped_by_its_budget_still_packs(tmp_path):
-    out, runs = tmp_path / "out", tmp_path / "runs"
+    out = tmp_path / "out"
     # 31 s minus the 30 s reserve: the grid is stopped (SIGTERM) within its first second
-    proc = _run_script(out, runs, "--budget-s", "31", "--workers", "1")
+    proc = _run_script(out, "--budget-s", "31", "--workers", "1")
     assert proc.returncode == 1, proc.stderr[-2000:]
     status = json.loads((out / "status.json").read_text())
     assert status["timed_out"] and status["runs_unfinished"]
     assert (out / "gpu_llm_map.tar.gz").exists()
+    # the default scratch runs folder (checkpoints of ~1.6 GB per run on the GPU) is removed
+    scratch = status["runs_dir"].removesuffix(" (deleted after packing)")
+    assert scratch != status["runs_dir"] and not Path(scratch).exists()
