@@ -154,7 +154,9 @@ def run_grid(config: Path, runs: Path, workers: int, timeout_s: float) -> dict[s
     cmd = [sys.executable, "-m", "erc_gym", "experiment", str(config), "--runs", str(runs)]
     cmd += ["--workers", str(workers), "--no-report", "--no-progress"]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd)
+    # cwd is not the checkout: ``python -m`` puts cwd first on sys.path, and the checkout's
+    # erc_gym/ (without envs/) would shadow the layout that the launcher puts on PYTHONPATH
+    proc = subprocess.Popen(cmd, cwd=runs)
     timed_out = False
     try:
         rc = proc.wait(timeout=timeout_s)
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from erc_gym.runner import expand
 
     args.outdir.mkdir(parents=True, exist_ok=True)
-    runs = args.runs or _default_runs_dir()
+    runs = (args.runs or _default_runs_dir()).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     spec = experiment_spec(args.shrink)
     config = runs / f"{EXPERIMENT}.json"
