@@ -84,6 +84,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=None, help="parallel runs (default: all runs at once)"
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per cell (default: the config's 1; 2 doubles the runs sharing the GPU)",
+    )
+    parser.add_argument(
         "--shrink",
         action="store_true",
         default=os.environ.get("ERC_GYM_GPU_MAP_SHRINK", "") not in ("", "0"),
@@ -94,25 +100,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.exit(
             2, f"gpu_llm_map: error: --budget-s must be > {RESERVE_S:g}, got {args.budget_s}\n"
         )
-    if args.workers is not None and args.workers < 1:
-        parser.exit(2, f"gpu_llm_map: error: --workers must be >= 1, got {args.workers}\n")
+    for name in ("workers", "seeds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.exit(2, f"gpu_llm_map: error: --{name} must be >= 1, got {value}\n")
     return args
 
 
-def experiment_spec(shrink: bool) -> dict[str, Any]:
+def experiment_spec(shrink: bool, seeds: int | None = None) -> dict[str, Any]:
     """The shipped ``stress_llm_gpu`` config, or its shrunk CPU version (``shrink``).
 
     The shrunk version keeps the grid's shape (DAPO, ERC off / on, a steps-per-rollout axis) on
     the ``tiny`` preset with 2 steps, so the whole path runs on a CPU in seconds.
+
+    Args:
+        shrink: the CPU smoke-test version.
+        seeds: seeds per cell instead of the config's.
     """
     from erc_gym.runner import load_experiment
 
     spec = load_experiment(EXPERIMENT)
+    if seeds is not None:
+        spec["seeds"] = seeds
     if shrink:
         spec["settings"] = {**spec["settings"], **SHRUNK_SETTINGS}
         spec["envs"] = [{**env, "model": "tiny"} for env in spec["envs"]]
         spec["axes"] = dict(SHRUNK_AXES)
-        spec["seeds"] = 1
+        spec["seeds"] = seeds or 1
         spec["description"] = "SHRUNK CPU smoke test of " + EXPERIMENT
     return spec
 
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
     runs = (args.runs or _default_runs_dir()).resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    spec = experiment_spec(args.shrink)
+    spec = experiment_spec(args.shrink, args.seeds)
     config = runs / f"{EXPERIMENT}.json"
     config.write_text(json.dumps(spec, indent=2))
     grid = expand(spec)

@@ -62,11 +62,24 @@ def test_runner_spawns_when_the_parent_has_cuda(monkeypatch):
     assert runner_module._mp_context().get_start_method() == "spawn"
 
 
-def test_script_rejects_a_budget_below_its_reserve(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget-s", "10"], "--budget-s must be > 30, got 10.0"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    ],
+)
+def test_script_rejects_bad_settings(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        gpu_llm_map.main([str(tmp_path), "--budget-s", "10"])
+        gpu_llm_map.main([str(tmp_path), *args])
     assert exit_info.value.code == 2
-    assert "--budget-s must be > 30, got 10.0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_script_seeds_override_doubles_the_grid():
+    assert len(expand(gpu_llm_map.experiment_spec(False, seeds=2))) == 24
+    assert len(expand(gpu_llm_map.experiment_spec(True, seeds=2))) == 8
 
 
 def _run_script(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
