@@ -719,6 +719,20 @@ def _handle_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _mp_context() -> Any:
+    """``fork`` (fast start), unless this process has initialised CUDA: then ``spawn``.
+
+    A forked child cannot use a CUDA context made by its parent ("Cannot re-initialize CUDA in
+    forked subprocess"). The runner itself never touches CUDA, so runs on a GPU (``device:
+    "cuda"``) each initialise their own context in their child process and share the device;
+    spawn covers callers that used CUDA before calling :func:`run_experiment`.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return mp.get_context("spawn")
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+
+
 def _run_in_processes(
     todo: list[RunSpec],
     root: Path,
@@ -728,7 +742,7 @@ def _run_in_processes(
     progress: _Progress | None,
 ) -> _Outcome:
     """Run ``todo`` in at most ``workers`` child processes; stop them all on SIGINT / SIGTERM."""
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    ctx = _mp_context()
     out = _Outcome()
     pending = list(todo)
     active: dict[Any, tuple[RunSpec, Any]] = {}  # process -> (run, receiving end)

@@ -22,7 +22,9 @@ __all__ = [
     "sft_warmstart",
 ]
 
-#: nanoGPT-style "baby" presets: small enough to train on a laptop CPU in minutes.
+#: nanoGPT-style "baby" presets: ``tiny`` and ``small`` train on a laptop CPU in minutes;
+#: ``base100m`` (about 99M parameters, GPT-2-small shaped) is the GPU preset of the
+#: ``stress_llm_gpu`` map. All use the task's character tokenizer as vocabulary.
 TINY_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model_type": "qwen2",
@@ -44,6 +46,16 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 128,
         "tie_word_embeddings": True,
     },
+    "base100m": {
+        "model_type": "qwen2",
+        "hidden_size": 768,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -52,7 +64,8 @@ def make_tiny_lm(vocab_size: int, preset: str = "tiny", seed: int = 0, **overrid
 
     Args:
         vocab_size: the tokenizer's vocabulary size.
-        preset: ``"tiny"`` (about 0.1M parameters plus embeddings) or ``"small"``.
+        preset: ``"tiny"`` (about 0.1M parameters plus embeddings), ``"small"`` or
+            ``"base100m"`` (about 99M parameters; meant for a GPU).
         seed: seed of the random initialisation.
         overrides: any config field (``hidden_size=...``, ``model_type="llama"``, ...).
     """

@@ -76,8 +76,9 @@ class TrainerConfig:
     """Everything a run needs; saved as ``config.json`` next to ``metrics.jsonl``."""
 
     model: str = "tiny"
-    """A built-in preset (``tiny``, ``small``: random init + SFT warm start) or a local Hugging
-    Face model directory (its tokenizer is loaded from the same directory)."""
+    """A built-in preset (``tiny``, ``small``, ``base100m`` (~0.1B, for a GPU): random init + SFT
+    warm start) or a local Hugging Face model directory (its tokenizer is loaded from the same
+    directory)."""
     vocab_size: int | None = None
     """Presets only: pad the character tokenizer (and the model) to this many tokens, e.g. 32000,
     so entropies and memory behave like an LLM's. ``None``: the bare alphabet (18 tokens)."""
