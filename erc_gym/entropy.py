@@ -240,8 +240,9 @@ def _row_block_stats(
 # are read once. The backward pass is the chunked PyTorch code either way.
 # ---------------------------------------------------------------------------------------------
 
-#: Use the Triton forward on CUDA when Triton is installed (set False to force the PyTorch path).
-USE_TRITON = True
+#: Use the Triton kernels on CUDA when Triton is installed (set False, or the environment variable
+#: ``ERC_GYM_USE_TRITON=0`` before import, to force the PyTorch path).
+USE_TRITON = os.environ.get("ERC_GYM_USE_TRITON", "1") != "0"
 
 _kernels: Any = None
 
