@@ -66,7 +66,9 @@ def rows(
     """Whole rows of logits: entropy and (optionally) the label's log-prob."""
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * row_stride
-    m, s, u = stream(base, vocab, -float("inf"), 0.0, 0.0, inv_t, big, BLOCK)
+    # the running state must start as tensors: Triton rejects loop-carried constexprs
+    zero = tl.full([], 0.0, tl.float32)
+    m, s, u = stream(base, vocab, zero - float("inf"), zero, zero, inv_t, big, BLOCK)
     log_s = log1p(s)
     tl.store(h_ptr + row, log_s + u / (1.0 + s))
     if HAS_LABELS:

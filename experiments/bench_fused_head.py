@@ -88,11 +88,11 @@ def _trl_head() -> Head | None:
 def fused_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     import erc_gym.entropy as entropy_module
 
-    entropy_module.USE_TRITON = False
+    before, entropy_module.USE_TRITON = entropy_module.USE_TRITON, False
     try:
         return linear_logprob_and_entropy(hidden, weight, labels)
     finally:
-        entropy_module.USE_TRITON = True
+        entropy_module.USE_TRITON = before
 
 
 def methods(device: str = "cpu") -> dict[str, Head]:

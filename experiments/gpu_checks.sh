@@ -6,6 +6,7 @@
 #   bash experiments/gpu_checks.sh fused OUTDIR   # GPU tests + fused-head benchmark (~2 min)
 #   bash experiments/gpu_checks.sh llm OUTDIR     # ~0.1B LLM stress map + TRL step cost (~6 min)
 #   bash experiments/gpu_checks.sh all OUTDIR     # both (~8 min)
+#   bash experiments/gpu_checks.sh bench OUTDIR   # fused checks + TRL step cost, 3 rounds (~5 min)
 #
 # Python packages missing on the machine travel as wheels in .whl/ and are installed into
 # /tmp/site, with erc_gym itself (non-editable, from this checkout; no network needed). Each part
@@ -50,18 +51,22 @@ fp32_bench() {
     part bench_fused_fp32 60 python3 experiments/bench_fused_head.py --device cuda \
         --dtype float32 --tokens 8192 --hidden 2048 --vocab 151936 --repeats 3
 }
+trl_bench() {  # TRL step time and peak memory: GRPOTrainer vs ERCGRPOTrainer ("trl", "exact")
+    part bench_trl "$1" python3 experiments/bench_trl.py --device cuda --preset qwen-0.5b \
+        --bf16 --steps 8 --repeats "$2"
+}
 llm_checks() {
     part llm_map 280 bash experiments/gpu_llm_map.sh "$out" --budget-s 240
-    part bench_trl 100 python3 experiments/bench_trl.py --device cuda --preset qwen-0.5b \
-        --bf16 --steps 8 --repeats 1
+    trl_bench 100 1
 }
 
 case "$stage" in
 fused) fused_checks; fp32_bench ;;
 llm) llm_checks ;;
 all) fused_checks; llm_checks; fp32_bench ;;
+bench) fused_checks; fp32_bench; trl_bench 170 3 ;;
 *)
-    echo "unknown stage $stage (fused, llm or all)" >&2
+    echo "unknown stage $stage (fused, llm, all or bench)" >&2
     exit 2
     ;;
 esac
