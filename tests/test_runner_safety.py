@@ -452,3 +452,32 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path, monk
     (folder,) = run_experiment(spec, tmp_path, workers=1, progress=False)
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_an_interrupted_llm_grid_run_is_reported_and_resumes(tmp_path, monkeypatch):
+    """The LLM trainer rewrites config.json at start: it must keep the runner's record (variant,
+    kind), or a run stopped before its end is invisible to `erc-gym report` and its resume is
+    refused as "other settings" (both seen on the GPU map, whose runs were stopped at a budget)."""
+    from erc_gym.analysis import load_runs
+
+    spec = {
+        "name": "lm",
+        "kind": "llm",
+        "seeds": 1,
+        "algorithms": ["dapo"],
+        "erc": [None],
+        "envs": [{"label": "add1", "model": "tiny"}],
+        "settings": {"sft_steps": 2, "steps": 4, "eval_every": 2, "save_every": 1,
+                     "prompts_per_step": 4, "group_size": 4},
+    }  # fmt: skip
+    monkeypatch.setenv("ERC_GYM_STOP_AFTER", "2")
+    with pytest.raises(RuntimeError, match="stopped after 2"):
+        run_experiment(spec, tmp_path, workers=1, progress=False)
+    (run,) = load_runs(tmp_path / "lm")
+    assert run.variant == "add1-dapo" and not run.done and run.rows
+    monkeypatch.delenv("ERC_GYM_STOP_AFTER")
+    (folder,) = run_experiment(spec, tmp_path, workers=1, progress=False)
+    (run,) = load_runs(tmp_path / "lm")
+    assert run.done and (folder / "done").exists()
+    steps = [r["step"] for r in run.rows if "accuracy" in r]
+    assert steps == [1, 2, 3, 4]

@@ -297,8 +297,9 @@ def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     path = Path(config.run_dir) / config.name / "config.json"
     if not path.exists():
         return {}
-    saved = json.loads(path.read_text())
     now = dataclasses.asdict(config)
+    # keys that are not settings (an experiment runner's record of the run) are not compared
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in now}
     missing = "(absent)"
     return {
         k: (saved.get(k, missing), now.get(k, missing))
@@ -772,8 +773,18 @@ class ERCTrainer:
         if not resume:
             self._clear_run()
         config_path = self.run_path / "config.json"
+        settings = dataclasses.asdict(c)
+        # keep what others recorded beside the settings (the experiment runner's variant, kind,
+        # ...), so that a run stopped before its end is still found and reported as a grid run
+        try:
+            saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+        except ValueError:
+            saved = {}
+        extra = (
+            {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
+        )
         tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        tmp.write_text(json.dumps({**extra, **settings}, indent=2))
         tmp.replace(config_path)
         torch.manual_seed(c.seed)
         random.seed(c.seed)
