@@ -183,7 +183,10 @@ def report_main(argv: list[str] | None = None) -> None:
     from erc_gym.report import write_report
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
-        print(write_report(folder, plots=not args.no_plots))
+        try:
+            print(write_report(folder, plots=not args.no_plots))
+        except FileNotFoundError as err:  # e.g. run folders without the runner's record
+            parser.error(str(err))
 
 
 def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, float]:

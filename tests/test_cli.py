@@ -232,3 +232,16 @@ def test_doc_examples_run(doc):
         # the SB3 snippet trains for 50k steps; run it with a token budget instead
         block = block.replace("model.learn(50_000, progress_bar=True)", "model.learn(256)")
         exec(compile(block, doc, "exec"), {})
+
+
+def test_report_of_run_folders_without_the_runner_record_is_one_line(tmp_path, capsys):
+    """An experiment folder whose run folders lack the runner's record (variant, kind) was a
+    traceback; it is one line and exit 2."""
+    (tmp_path / "v" / "0").mkdir(parents=True)
+    (tmp_path / "experiment.json").write_text(json.dumps({"name": "x", "kind": "llm"}))
+    (tmp_path / "v" / "0" / "config.json").write_text(json.dumps({"model": "tiny"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no runs" in err[0] and str(tmp_path) in err[0]
