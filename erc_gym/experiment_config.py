@@ -101,9 +101,15 @@ class ExperimentConfig(BaseModel):
     axes: dict[str, Any] | None = None
     """Optional off-policy stress grid, e.g. ``{"steps_per_rollout": [1, 8], "lr": [...]}``
     (:mod:`erc_gym.stress`)."""
+    baseline: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+=-]+$")] | None = None
+    """Optional name of another experiment in the same runs folder whose stress-map runs the
+    report adds, e.g. the fixed band that an adaptive band (``erc_target_clip_fraction``) is
+    compared with (:func:`erc_gym.stress.band_rule_table`)."""
 
     @model_validator(mode="after")
     def _check_grid(self) -> ExperimentConfig:
+        if self.baseline == self.name:
+            raise ValueError(f"baseline = {self.baseline!r}: an experiment is not its own baseline")
         if self.axes is not None:
             from erc_gym.stress import check_axes
 
@@ -248,8 +254,9 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
     out["erc"] = [list(b) if b is not None else None for b in config.erc]
     if not out["description"]:
         out.pop("description")
-    if out["axes"] is None:
-        out.pop("axes")
+    for key in ("axes", "baseline"):
+        if out[key] is None:
+            out.pop(key)
     return out
 
 

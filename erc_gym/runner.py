@@ -101,6 +101,10 @@ _SB3_ALGO_KWARGS: dict[str, dict[str, Any]] = {
 }
 #: Keys of ``run.json`` that name the run (the rest is the trainer's resolved settings).
 _IDENTITY = ("experiment", "variant", "seed", "kind", "algorithm", "erc", "env_label")
+#: Trainer settings added after run folders were first recorded, with the default that
+#: reproduces the older runs: left out of ``run.json`` at that default, so those folders still
+#: match (and resume) instead of being refused as made with another config.
+_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None}
 #: Seconds that stopping workers get after SIGTERM before SIGKILL.
 _STOP_GRACE_S = 5.0
 
@@ -250,7 +254,9 @@ def expand(spec: dict[str, Any]) -> list[RunSpec]:
             for algo in spec["algorithms"]:
                 for band in spec.get("erc", [None]):
                     erc = None if band is None else (float(band[0]), float(band[1]))
-                    variant = f"{label}-{algo}{_band_label(erc)}{suffix}"
+                    target = {**settings, **env}.get("erc_target_clip_fraction")
+                    rule = "" if erc is None or target is None else f"-target{float(target):g}"
+                    variant = f"{label}-{algo}{_band_label(erc)}{rule}{suffix}"
                     runs.extend(
                         RunSpec(
                             experiment=spec["name"],
@@ -316,6 +322,9 @@ def resolved_config(run: RunSpec) -> dict[str, Any]:
         trainer = dataclasses.asdict(config)
         for key in ("run_dir", "name", "progress"):
             trainer.pop(key)
+    for key, default in _ADDED_SETTINGS.items():
+        if key in trainer and trainer[key] == default:
+            del trainer[key]
     return {**identity, "trainer": json.loads(json.dumps(trainer))}
 
 
