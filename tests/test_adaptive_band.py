@@ -25,7 +25,9 @@ from erc_gym.stress import band_rule_table, cell_table, stress_markdown
 
 
 def test_widens_above_target_and_narrows_below():
-    band = AdaptiveERCBand(target=0.2, low=0.9, high=1.1, tolerance=1.5, factor=2.0)
+    band = AdaptiveERCBand(
+        target=0.2, low=0.9, high=1.1, tolerance=1.5, factor=2.0, min_half_width=0.01
+    )
     wide = band.update(0.31)  # above 0.2 * 1.5
     assert (wide.low, wide.high) == pytest.approx((0.8, 1.2))
     narrow = band.update(0.13)  # below 0.2 / 1.5
@@ -54,6 +56,17 @@ def test_half_widths_are_clamped():
         band.update(1.0)
     assert (band.low, band.high) == pytest.approx((0.01, 1.99))
     assert band.low > 0  # still a valid ERCConfig
+
+
+def test_by_default_the_band_never_gets_narrower_than_its_start():
+    band = AdaptiveERCBand(target=0.2, low=0.9, high=1.2)
+    for _ in range(5):
+        assert band.update(0.0) == ERCConfig(0.9, 1.2)  # too little clipping: stays at start
+    band.update(0.9)
+    assert band.low < 0.9 and band.high > 1.2  # too much: widens
+    for _ in range(5):
+        band.update(0.0)
+    assert (band.low, band.high) == pytest.approx((0.9, 1.2))  # and narrows back to the start
 
 
 @pytest.mark.parametrize("measured", [None, math.nan])
@@ -117,6 +130,7 @@ def test_bad_target_names_the_setting(target):
         ({"tolerance": 1.0}, "tolerance"),
         ({"factor": 0.5}, "factor"),
         ({"min_half_width": 0.0}, "min_half_width"),
+        ({"min_half_width": 0.5, "max_half_width": 0.4}, "max_half_width"),
         ({"max_half_width": 1.0}, "max_half_width"),
         ({"low": 1.0}, "low"),
     ],
@@ -210,12 +224,17 @@ def test_bandit_band_moves_toward_the_target():
     clipped = {"fixed": sum(r["erc_clip_fraction"] for r in fixed)}
     clipped["wide"] = sum(r["erc_clip_fraction"] for r in wide)
     assert clipped["wide"] < clipped["fixed"]
-    # a target far above: the band narrows to the smallest half-width and clips more
-    narrow = train_bandit(BanditConfig(**BANDIT, erc_target_clip_fraction=0.95))[1:]
-    assert narrow[-1]["erc_low"] == pytest.approx(0.99)
+    # a target far above: the band stays at its start (its narrowest), so the run is the
+    # fixed-band run exactly
+    never = train_bandit(BanditConfig(**BANDIT, erc_target_clip_fraction=0.95))[1:]
+    assert json.dumps(never) == json.dumps(fixed)  # (NaN-safe comparison)
+    # started narrow, the band may narrow down to where it started: it clips more
+    narrow_start = {**BANDIT, "erc_low": 0.99, "erc_high": 1.01}
+    narrow = train_bandit(BanditConfig(**narrow_start, erc_target_clip_fraction=0.95))[1:]
+    assert {r["erc_low"] for r in narrow} == {0.99}
     assert sum(r["erc_clip_fraction"] for r in narrow) > clipped["fixed"]
     # each batch's band is the rule applied to the previous batch's logged off-policy clip
-    for rows, target in ((wide, 0.01), (narrow, 0.95)):
+    for rows, target in ((wide, 0.01), (never, 0.95)):
         replay = AdaptiveERCBand(target=target)
         for before, after in itertools.pairwise(rows):
             assert before["erc_clip_fraction_off_policy"] >= before["erc_clip_fraction"]
@@ -273,7 +292,7 @@ def test_llm_trainer_band_moves(tmp_path):
     from erc_gym.llm import ERCTrainer, TrainerConfig
 
     config = TrainerConfig(
-        sft_steps=0,
+        sft_steps=20,
         steps=3,
         group_size=4,
         prompts_per_step=4,
@@ -282,20 +301,21 @@ def test_llm_trainer_band_moves(tmp_path):
         num_train=32,
         num_eval=2,
         eval_every=10,
-        lr=3e-2,
+        lr=0.1,
         warmup_steps=0,
         filter_groups=False,
-        erc_low=0.9,
-        erc_high=1.1,
-        erc_target_clip_fraction=0.9,  # far above what this run clips: the band narrows
+        erc_low=0.99,
+        erc_high=1.01,
+        erc_target_clip_fraction=0.01,  # far below what this run clips: the band widens
         progress=False,
         run_dir=str(tmp_path),
         device="cpu",
     )
     trainer = ERCTrainer(config)
     lines = [ln for ln in trainer.train() if "erc_low" in ln]
-    assert lines[0]["erc_low"] == 0.9
-    assert 0.9 < lines[1]["erc_low"] < lines[-1]["erc_low"] < 1 < lines[-1]["erc_high"] < 1.1
+    assert lines[0]["erc_low"] == 0.99 and lines[0]["erc_clip_fraction_off_policy"] > 0.015
+    assert lines[1]["erc_low"] < 0.99 < 1.01 < lines[1]["erc_high"]
+    assert lines[-1]["erc_low"] < lines[1]["erc_low"]
     assert trainer.erc_band_control is not None
     saved = torch.load(tmp_path / "llm" / "checkpoint.pt", weights_only=False)
     assert saved["erc_band"] == trainer.erc_band_control.state_dict()
@@ -304,14 +324,21 @@ def test_llm_trainer_band_moves(tmp_path):
 # ------------------------------------------------------------------ runner, schema, report
 
 
-def test_shipped_adaptive_config_loads_and_names_its_variants():
-    spec = load_experiment("stress_bandit_adaptive")
+@pytest.mark.parametrize(
+    ("name", "band"),
+    [("stress_bandit_adaptive", "0.95-1.05"), ("stress_bandit_adaptive_narrow", "0.99-1.01")],
+)
+def test_shipped_adaptive_configs_load_and_name_their_variants(name, band):
+    spec = load_experiment(name)
     assert spec["settings"]["erc_target_clip_fraction"] == 0.2
     assert spec["baseline"] == "stress_bandit"
-    fixed = {(r.variant, r.seed) for r in expand(load_experiment("stress_bandit"))}
+    fixed = {
+        (r.variant.replace("0.95-1.05", band), r.seed)
+        for r in expand(load_experiment("stress_bandit"))
+    }
     runs = expand(spec)
     assert len(runs) == 2 * 2 * 2 * 10
-    assert all("-erc0.95-1.05-target0.2-" in r.variant for r in runs)
+    assert all(f"-erc{band}-target0.2-" in r.variant for r in runs)
     # the same points and seeds as the fixed-band map
     same = {(r.variant.replace("-target0.2", ""), r.seed) for r in runs}
     assert same <= fixed
@@ -380,7 +407,7 @@ def test_report_compares_adaptive_with_the_fixed_baseline(tmp_path):
     # the report finds the baseline through the config (experiment.json)
     report = write_report(tmp_path / "adaptive", plots=False).read_text()
     assert "## Adaptive band vs fixed band" in report
-    assert "| V64 | ppo | 0.01 | (0.95, 1.05) | 4 | 0.5 | 2 vs 2 |" in report
+    assert "| V64 | ppo | 0.01 | (0.95, 1.05) | (0.95, 1.05) | 4 | 0.5 | 2 vs 2 |" in report
     # without the baseline's runs, the report says how to get them
     missing = stress_markdown(tmp_path / "adaptive", plots=False, baseline=tmp_path / "nope")
     assert any("erc-gym experiment nope" in line for line in missing)
