@@ -18,10 +18,11 @@ rule here targets the share instead of the band, in the manner of PPO's adaptive
 The floor is the one change from PPO's symmetric rule, and it comes from a measurement
 (``docs/when_to_use_erc.md`` section 5): where the policy moves little per rollout, (0.95, 1.05)
 clips almost nothing, and a rule free to narrow the band forces ERC to clip the target share there,
-which cost 0.017 of final reward (0.680 -> 0.663) on VocabBandit at 2 steps x lr 0.05. With the
-floor, the rule only caps ERC's clip share: a band that clips too much (a small action space, a
-large update) is widened, and narrowed back toward its start when it clips too little. To let the
-band narrow freely, start narrow (e.g. ``low=0.99, high=1.01``) or pass ``min_half_width``.
+which cost 0.021 of final reward (0.680 -> 0.659) on VocabBandit at 2 steps x lr 0.05 (experiment
+``stress_bandit_adaptive_narrow``). With the floor, the rule only caps ERC's clip share: a band
+that clips too much (a small action space, a large update) is widened, and narrowed back toward
+its start when it clips too little. To let the band narrow freely, start narrow (e.g.
+``low=0.99, high=1.01``) or pass ``min_half_width``.
 
 A rollout without an off-policy step (one optimiser step per rollout) leaves the band as it is.
 The loss is unchanged: :func:`erc_gym.losses.policy_loss` takes the current band as an

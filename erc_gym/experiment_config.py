@@ -239,6 +239,7 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
             raise ConfigError(f"{source}: {text}") from None
         if config.kind == "sb3":
             _check_sb3_env(merged, source, where)
+            _check_sb3_target(merged, config.erc, f"{source}: {where}")
             continue
         cls = _trainer_class(config.kind)
         for algo in config.algorithms:
@@ -258,6 +259,18 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
         if out[key] is None:
             out.pop(key)
     return out
+
+
+def _check_sb3_target(merged: dict[str, Any], bands: list[Any], where: str) -> None:
+    """ERCPPO checks ``erc_target_clip_fraction`` only when a run starts: check it per band now."""
+    from erc_gym.adaptive_band import check_target_clip_fraction
+
+    for band in bands:
+        low, high = band if band is not None else (None, None)
+        try:
+            check_target_clip_fraction(merged.get("erc_target_clip_fraction"), low, high)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def _check_sb3_env(merged: dict[str, Any], source: str, where: str) -> None:

@@ -376,6 +376,28 @@ def test_experiment_config_errors(change, needle):
         validate_experiment(raw)
 
 
+@pytest.mark.parametrize(
+    ("erc", "needle"), [([None], "ERC is off"), ([[0.9, 1.1]], "in \\(0, 1\\)")]
+)
+def test_sb3_experiment_config_checks_the_target(erc, needle):
+    raw = {
+        "name": "mini",
+        "kind": "sb3",
+        "algorithms": ["ppo"],
+        "erc": erc,
+        "envs": [{"id": "CartPole-v1", "erc_target_clip_fraction": 0.2 if erc[0] is None else 2.0}],
+    }
+    with pytest.raises(ConfigError, match=needle):
+        validate_experiment(raw)
+    assert validate_experiment(
+        {
+            **raw,
+            "erc": [[0.9, 1.1]],
+            "envs": [{"id": "CartPole-v1", "erc_target_clip_fraction": 0.2}],
+        }
+    )
+
+
 def test_report_compares_adaptive_with_the_fixed_baseline(tmp_path):
     common = {
         "kind": "bandit",
