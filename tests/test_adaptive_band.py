@@ -185,17 +185,35 @@ def test_ercppo_refuses_bad_targets_and_band_schedules():
         ["llm", "--erc-low", "0.95", "--erc-high", "1.05", "--erc-target-clip-fraction", "3"],
     ],
 )
-def test_cli_bad_target_is_one_line_and_exit_2(argv, tmp_path):
+def test_cli_bad_target_is_one_line_and_exit_2(argv, tmp_path, monkeypatch, capsys):
+    from erc_gym.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "erc-target-clip-fraction" in err.replace("_", "-")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_is_one_line_in_a_real_process(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "erc_gym", *argv],
+        [
+            sys.executable,
+            "-m",
+            "erc_gym",
+            "train",
+            "CartPole-v1",
+            "--erc-target-clip-fraction",
+            "2",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=120,
     )
-    assert proc.returncode == 2
-    assert "erc-target-clip-fraction" in proc.stderr.replace("_", "-")
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ the trainers
