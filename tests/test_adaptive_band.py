@@ -3,6 +3,7 @@ option reaching each trainer, the experiment schema and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -451,3 +452,22 @@ def test_report_compares_adaptive_with_the_fixed_baseline(tmp_path):
     # without the baseline's runs, the report says how to get them
     missing = stress_markdown(tmp_path / "adaptive", plots=False, baseline=tmp_path / "nope")
     assert any("erc-gym experiment nope" in line for line in missing)
+
+
+def test_llm_run_folder_from_before_the_option_still_resumes(tmp_path):
+    from erc_gym.llm import TrainerConfig
+    from erc_gym.llm.trainer import check_resume, config_changes
+
+    config = TrainerConfig(run_dir=str(tmp_path), name="old", erc_low=0.95, erc_high=1.05)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    saved = dataclasses.asdict(config)
+    del saved["erc_target_clip_fraction"]  # what a folder written before the option holds
+    (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "metrics.jsonl").write_text("")
+    assert config_changes(config) == {}
+    check_resume(config)
+    adaptive = dataclasses.replace(config, erc_target_clip_fraction=0.2)
+    assert config_changes(adaptive) == {"erc_target_clip_fraction": (None, 0.2)}
+    with pytest.raises(ValueError, match=r"erc_target_clip_fraction None -> 0\.2"):
+        check_resume(adaptive)

@@ -300,6 +300,11 @@ class _StepLog:
     skipped: int = 0
 
 
+#: Settings added after run folders were first written, with the default that reproduces those
+#: runs (an older ``config.json`` without them still resumes).
+_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None}
+
+
 def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     """Settings that differ from the run folder's ``config.json``: ``{key: (saved, now)}``.
 
@@ -309,7 +314,8 @@ def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     path = Path(config.run_dir) / config.name / "config.json"
     if not path.exists():
         return {}
-    saved = json.loads(path.read_text())
+    # a setting added after the folder was written is recorded there as its default
+    saved = {**_ADDED_SETTINGS, **json.loads(path.read_text())}
     now = dataclasses.asdict(config)
     missing = "(absent)"
     return {
