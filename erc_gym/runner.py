@@ -11,12 +11,17 @@ listed by ``erc-gym experiment --list``)::
       "erc": [null, [0.95, 1.05]],           # null = ERC off, [low, high] = a band
       "envs": [{"label": "V4096", "vocab_size": 4096}],
       "settings": {"iterations": 40},        # shared by every run
-      "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]}   # optional stress grid
+      "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]},  # optional stress grid
+      "baseline": "stress_bandit"            # optional: an experiment the report compares with
     }
 
 The file is checked against a schema (:mod:`erc_gym.experiment_config`) before any run starts.
 ``axes`` (optional) repeats the grid on every point of an off-policy stress map; see
 :mod:`erc_gym.stress` for what each axis sets per kind. Variant names then end in ``-s<S>-lr<lr>``.
+``baseline`` (optional) names another experiment in the same runs folder whose stress-map runs the
+report adds (e.g. the fixed bands an adaptive band is compared with). A run with
+``erc_target_clip_fraction`` in its settings (:mod:`erc_gym.adaptive_band`) gets ``-target<f>``
+after its band in the variant name.
 
 Every run writes ``runs/<experiment>/<variant>/<seed>/{config.json, metrics.jsonl}`` (the
 variant name joins the env label, the algorithm and the band, e.g. ``V4096-ppo-erc0.95-1.05``),
