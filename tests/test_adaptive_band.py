@@ -471,3 +471,15 @@ def test_llm_run_folder_from_before_the_option_still_resumes(tmp_path):
     assert config_changes(adaptive) == {"erc_target_clip_fraction": (None, 0.2)}
     with pytest.raises(ValueError, match=r"erc_target_clip_fraction None -> 0\.2"):
         check_resume(adaptive)
+
+
+def test_shipped_classic_config_passes_the_target_to_ercppo():
+    runs = expand(load_experiment("adaptive_classic"))
+    assert [r.variant for r in runs[::3]] == [
+        "CartPole-gppo-erc0.95-1.05",
+        "CartPole-adaptive-gppo-erc0.95-1.05-target0.2",
+    ]
+    trainer = [resolved_config(r)["trainer"] for r in runs[::3]]
+    assert "erc_target_clip_fraction" not in trainer[0]
+    assert trainer[1]["erc_target_clip_fraction"] == 0.2
+    assert trainer[1]["n_epochs"] == 20  # the zoo preset's many epochs per rollout
