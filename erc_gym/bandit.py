@@ -29,6 +29,11 @@ from typing import Any
 
 import torch
 
+from erc_gym.adaptive_band import (
+    AdaptiveERCBand,
+    check_target_clip_fraction,
+    off_policy_clip_fraction,
+)
 from erc_gym.advantages import group_advantages
 from erc_gym.diagnostics import ratio_histogram, unsampled_drift
 from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
@@ -53,6 +58,9 @@ BANDIT_METRIC_KEYS = (
     "sampled_outside_clip",
     "clip_fraction",
     "erc_clip_fraction",
+    "erc_clip_fraction_off_policy",
+    "erc_low",
+    "erc_high",
     "erc_clipped_entropy_old_mean",
     "erc_kept_entropy_old_mean",
     "approx_kl",
@@ -89,6 +97,10 @@ class BanditConfig:
     """Lower ERC bound; None with ``erc_high=None`` turns ERC off."""
     erc_high: float | None = None
     """Upper ERC bound."""
+    erc_target_clip_fraction: float | None = None
+    """This project's adaptive band (not the paper's; :mod:`erc_gym.adaptive_band`): after each
+    batch, widen or narrow the band so that ERC clips about this share of the off-policy samples.
+    The band starts at (``erc_low``, ``erc_high``). None: the fixed band (the paper's)."""
     seed: int = 0
     """Seed of the task (prior, rewarded sets) and of the sampling."""
     save_every: int = 10
@@ -101,6 +113,7 @@ class BanditConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` on an inconsistent configuration."""
         self.loss_config()
+        check_target_clip_fraction(self.erc_target_clip_fraction, self.erc_low, self.erc_high)
         if self.policy not in ("tabular", "shared"):
             raise ValueError(f"policy must be 'tabular' or 'shared', got {self.policy!r}")
         for name in ("iterations", "group", "minibatches", "num_contexts"):
@@ -161,6 +174,11 @@ def train_bandit(
         task_seed=c.seed,
     )
     loss_config = c.loss_config()
+    adaptive = None
+    if c.erc_target_clip_fraction is not None and loss_config.erc is not None:
+        adaptive = AdaptiveERCBand(
+            c.erc_target_clip_fraction, low=loss_config.erc.low, high=loss_config.erc.high
+        )
     reward_mask = torch.as_tensor(env.reward_mask, dtype=torch.float32)
     gen = torch.Generator().manual_seed(c.seed)
     policy = _Policy(torch.as_tensor(env.prior_logits.copy()), c.policy, gen)
@@ -180,6 +198,8 @@ def train_bandit(
             policy.load_state_dict(state["policy"])
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["generator"])
+            if adaptive is not None:
+                adaptive.load_state_dict(state["erc_band"])
             start = state["iteration"]
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iteration"] <= start]
@@ -200,6 +220,8 @@ def train_bandit(
             "generator": gen.get_state(),
             "iteration": iteration,
         }
+        if adaptive is not None:
+            state["erc_band"] = adaptive.state_dict()
         torch.save(state, path / "checkpoint.tmp")
         (path / "checkpoint.tmp").replace(path / "checkpoint.pt")
 
@@ -222,7 +244,11 @@ def train_bandit(
 
         bar = tqdm(total=last, initial=start, desc=f"VocabBandit V={c.vocab_size}")
     for it in range(start, last):
+        if adaptive is not None:
+            loss_config = dataclasses.replace(loss_config, erc=adaptive.band)
         line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c)
+        if adaptive is not None:
+            adaptive.update(line["erc_clip_fraction_off_policy"])
         line = {"step": (it + 1) * batch, "iteration": it + 1, **line}
         write(line)
         out.append(line)
@@ -285,6 +311,8 @@ def _iteration(
         h_new = entropy_from_logits(new_logits)
         h_old = entropy_from_logits(old_logits)
         ratio = new_probs[ctx, actions] / old_probs[ctx, actions]
+    erc = loss_config.erc
+    off_policy = off_policy_clip_fraction(stats)
     return {
         "reward": float(rewards.mean()),
         "expected_reward": float((new_probs * reward_mask).sum(-1).mean()),
@@ -300,6 +328,9 @@ def _iteration(
         ),
         "clip_fraction": m["clip_fraction"],
         "erc_clip_fraction": m.get("erc_clip_fraction", 0.0),
+        "erc_clip_fraction_off_policy": math.nan if off_policy is None else off_policy,
+        "erc_low": math.nan if erc is None else erc.low,
+        "erc_high": math.nan if erc is None else erc.high,
         "erc_clipped_entropy_old_mean": m.get("erc_clipped_entropy_old_mean", math.nan),
         "erc_kept_entropy_old_mean": m.get("erc_kept_entropy_old_mean", math.nan),
         "approx_kl": m["approx_kl"],

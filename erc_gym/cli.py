@@ -225,6 +225,14 @@ def train_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-erc", action="store_true", help="ERCPPO with ERC off (= SB3 PPO)")
     parser.add_argument(
+        "--erc-target-clip-fraction",
+        type=positive_float,
+        default=None,
+        help="ERCPPO: this project's adaptive band (not the paper's): widen or narrow the band "
+        "after each update so that ERC clips about this share (0-1) of the off-policy samples, "
+        "starting from --erc-low/--erc-high (default: the fixed band)",
+    )
+    parser.add_argument(
         "--clip-range-high", type=positive_float, default=None, help="DAPO clip-higher"
     )
     parser.add_argument("--clip-variant", choices=["ppo", "gppo"], default="ppo")
@@ -246,6 +254,8 @@ def train_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     prog = parser.prog
     band = _erc_band(prog, args.erc_low, args.erc_high)
+    if args.erc_target_clip_fraction is not None and args.algo != "ercppo":
+        fail(prog, f"--erc-target-clip-fraction needs --algo ercppo, got --algo {args.algo}")
     writable_dir(prog, "--log-dir", args.log_dir)
     if args.save:
         writable_file(prog, "--save", args.save)
@@ -284,6 +294,7 @@ def train_main(argv: list[str] | None = None) -> None:
                 env,
                 erc_low=erc[0],
                 erc_high=erc[1],
+                erc_target_clip_fraction=args.erc_target_clip_fraction,
                 clip_range_high=args.clip_range_high,
                 clip_variant=args.clip_variant,
                 dual_clip=args.dual_clip,

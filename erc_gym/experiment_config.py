@@ -101,9 +101,15 @@ class ExperimentConfig(BaseModel):
     axes: dict[str, Any] | None = None
     """Optional off-policy stress grid, e.g. ``{"steps_per_rollout": [1, 8], "lr": [...]}``
     (:mod:`erc_gym.stress`)."""
+    baseline: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+=-]+$")] | None = None
+    """Optional name of another experiment in the same runs folder whose stress-map runs the
+    report adds, e.g. the fixed band that an adaptive band (``erc_target_clip_fraction``) is
+    compared with (:func:`erc_gym.stress.band_rule_table`)."""
 
     @model_validator(mode="after")
     def _check_grid(self) -> ExperimentConfig:
+        if self.baseline == self.name:
+            raise ValueError(f"baseline = {self.baseline!r}: an experiment is not its own baseline")
         if self.axes is not None:
             from erc_gym.stress import check_axes
 
@@ -233,6 +239,7 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
             raise ConfigError(f"{source}: {text}") from None
         if config.kind == "sb3":
             _check_sb3_env(merged, source, where)
+            _check_sb3_target(merged, config.erc, f"{source}: {where}")
             continue
         cls = _trainer_class(config.kind)
         for algo in config.algorithms:
@@ -248,9 +255,22 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
     out["erc"] = [list(b) if b is not None else None for b in config.erc]
     if not out["description"]:
         out.pop("description")
-    if out["axes"] is None:
-        out.pop("axes")
+    for key in ("axes", "baseline"):
+        if out[key] is None:
+            out.pop(key)
     return out
+
+
+def _check_sb3_target(merged: dict[str, Any], bands: list[Any], where: str) -> None:
+    """ERCPPO checks ``erc_target_clip_fraction`` only when a run starts: check it per band now."""
+    from erc_gym.adaptive_band import check_target_clip_fraction
+
+    for band in bands:
+        low, high = band if band is not None else (None, None)
+        try:
+            check_target_clip_fraction(merged.get("erc_target_clip_fraction"), low, high)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def _check_sb3_env(merged: dict[str, Any], source: str, where: str) -> None:

@@ -145,7 +145,12 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     if spec.get("axes"):
         from erc_gym.stress import stress_markdown
 
-        md += stress_markdown(experiment_dir, plots=plots)
+        baseline = spec.get("baseline")
+        md += stress_markdown(
+            experiment_dir,
+            plots=plots,
+            baseline=None if baseline is None else experiment_dir.parent / baseline,
+        )
     out = experiment_dir / "report.md"
     _write_atomic(out, "\n".join(md))
     _write_atomic(

@@ -11,12 +11,17 @@ listed by ``erc-gym experiment --list``)::
       "erc": [null, [0.95, 1.05]],           # null = ERC off, [low, high] = a band
       "envs": [{"label": "V4096", "vocab_size": 4096}],
       "settings": {"iterations": 40},        # shared by every run
-      "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]}   # optional stress grid
+      "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]},  # optional stress grid
+      "baseline": "stress_bandit"            # optional: an experiment the report compares with
     }
 
 The file is checked against a schema (:mod:`erc_gym.experiment_config`) before any run starts.
 ``axes`` (optional) repeats the grid on every point of an off-policy stress map; see
 :mod:`erc_gym.stress` for what each axis sets per kind. Variant names then end in ``-s<S>-lr<lr>``.
+``baseline`` (optional) names another experiment in the same runs folder whose stress-map runs the
+report adds (e.g. the fixed bands an adaptive band is compared with). A run with
+``erc_target_clip_fraction`` in its settings (:mod:`erc_gym.adaptive_band`) gets ``-target<f>``
+after its band in the variant name.
 
 Every run writes ``runs/<experiment>/<variant>/<seed>/{config.json, metrics.jsonl}`` (the
 variant name joins the env label, the algorithm and the band, e.g. ``V4096-ppo-erc0.95-1.05``),
@@ -101,6 +106,10 @@ _SB3_ALGO_KWARGS: dict[str, dict[str, Any]] = {
 }
 #: Keys of ``run.json`` that name the run (the rest is the trainer's resolved settings).
 _IDENTITY = ("experiment", "variant", "seed", "kind", "algorithm", "erc", "env_label")
+#: Trainer settings added after run folders were first recorded, with the default that
+#: reproduces the older runs: left out of ``run.json`` at that default, so those folders still
+#: match (and resume) instead of being refused as made with another config.
+_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None}
 #: Seconds that stopping workers get after SIGTERM before SIGKILL.
 _STOP_GRACE_S = 5.0
 
@@ -250,7 +259,9 @@ def expand(spec: dict[str, Any]) -> list[RunSpec]:
             for algo in spec["algorithms"]:
                 for band in spec.get("erc", [None]):
                     erc = None if band is None else (float(band[0]), float(band[1]))
-                    variant = f"{label}-{algo}{_band_label(erc)}{suffix}"
+                    target = {**settings, **env}.get("erc_target_clip_fraction")
+                    rule = "" if erc is None or target is None else f"-target{float(target):g}"
+                    variant = f"{label}-{algo}{_band_label(erc)}{rule}{suffix}"
                     runs.extend(
                         RunSpec(
                             experiment=spec["name"],
@@ -316,6 +327,9 @@ def resolved_config(run: RunSpec) -> dict[str, Any]:
         trainer = dataclasses.asdict(config)
         for key in ("run_dir", "name", "progress"):
             trainer.pop(key)
+    for key, default in _ADDED_SETTINGS.items():
+        if key in trainer and trainer[key] == default:
+            del trainer[key]
     return {**identity, "trainer": json.loads(json.dumps(trainer))}
 
 

@@ -51,6 +51,8 @@ __all__ = [
     "axis_label",
     "axis_points",
     "axis_settings",
+    "band_rule_markdown",
+    "band_rule_table",
     "cell_table",
     "check_axes",
     "claims_table",
@@ -302,11 +304,19 @@ def _run_stats(run: Run, spike_k: float = 3.0) -> dict[str, float]:
         "explosion": float(flags["explosion"]),
         "score_drop": float(flags["score_drop"]),
         "erc_clip_fraction": _run_mean(run, "erc_clip_fraction"),
+        "erc_clip_off_policy": _run_mean(run, "erc_clip_off_policy"),
         "clip_fraction": _run_mean(run, "clip_fraction"),
         "grad_norm": _run_mean(run, "grad_norm"),
         "entropy_old_clipped": _run_mean(run, "entropy_old_clipped"),
         "entropy_old_kept": _run_mean(run, "entropy_old_kept"),
+        "erc_low_final": _run_last(run, "erc_low"),
+        "erc_high_final": _run_last(run, "erc_high"),
     }
+
+
+def _run_last(run: Run, name: str) -> float:
+    ys = _finite(run.series(name)[1])
+    return float(ys[-1]) if ys.size else math.nan
 
 
 @dataclass(frozen=True)
@@ -318,10 +328,20 @@ class CellKey:
     band: tuple[float, float] | None
     steps: int
     lr: float
+    target: float | None = None
+    """``erc_target_clip_fraction`` of an adaptive band (:mod:`erc_gym.adaptive_band`), else
+    None (the fixed band)."""
+
+    @property
+    def fixed_band_label(self) -> str:
+        """The band (the starting band of an adaptive one): ``off`` or ``(low, high)``."""
+        return "off" if self.band is None else f"({self.band[0]:g}, {self.band[1]:g})"
 
     @property
     def band_label(self) -> str:
-        return "off" if self.band is None else f"({self.band[0]:g}, {self.band[1]:g})"
+        if self.band is None or self.target is None:
+            return self.fixed_band_label
+        return f"adaptive {self.target:g} from {self.fixed_band_label}"
 
 
 def _key(run: Run) -> CellKey:
@@ -330,12 +350,14 @@ def _key(run: Run) -> CellKey:
     settings = run.config.get("settings") or {}
     steps = axes.get("steps_per_rollout", settings.get("minibatches", 0))
     lr = axes.get("lr", settings.get("lr", math.nan))
+    target = {**settings, **(run.config.get("env") or {})}.get("erc_target_clip_fraction")
     return CellKey(
         env=run.env_label,
         algorithm=str(run.config.get("algorithm", "")),
         band=None if band is None else (float(band[0]), float(band[1])),
         steps=int(steps),
         lr=float(lr),
+        target=None if target is None or band is None else float(target),
     )
 
 
@@ -370,6 +392,8 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "env": key.env,
             "algorithm": key.algorithm,
             "band": key.band_label,
+            "fixed_band": key.fixed_band_label,
+            "target": key.target,
             "steps": key.steps,
             "lr": key.lr,
             "n": len(stats),
@@ -389,14 +413,42 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def _compare(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Cell ``c`` against cell ``base`` at the same point: differences with 95% bootstrap CIs."""
+    row: dict[str, Any] = {k: c[k] for k in ("env", "algorithm", "band", "steps", "lr")}
+    row["n_erc"], row["n_off"] = c["n"], base["n"]
+    # a bootstrap over one run per group has no spread: call nothing significant there
+    can_test = min(c["n"], base["n"]) >= 2
+    row["d_score"], row["d_score_lo"], row["d_score_hi"] = diff_ci(c["scores"], base["scores"])
+    row["poi"], row["poi_lo"], row["poi_hi"] = probability_of_improvement(
+        c["scores"], base["scores"]
+    )
+    significant = []
+    if can_test and (row["d_score_lo"] > 0 or row["d_score_hi"] < 0):
+        significant.append("score")
+    if can_test and (row["poi_lo"] > 0.5 or row["poi_hi"] < 0.5):
+        significant.append("poi")
+    for name in ("volatility", "spikes", "unstable", "erc_clip_fraction"):
+        d, lo, hi = diff_ci(
+            [s[name] for s in c["per_run"]],
+            [s[name] for s in base["per_run"]],
+            statistic="mean",
+        )
+        row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = d, lo, hi
+        if can_test and (lo > 0 or hi < 0):
+            significant.append(name)
+    row["significant"] = significant
+    return row
+
+
 def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """ERC's effect per cell: each ERC cell against the ERC-off cell of the same point.
 
     Keys: the cell's key fields, ``n_erc``, ``n_off``, ``d_score`` (IQM difference, ERC minus off)
     with ``d_score_lo``/``d_score_hi`` (95% bootstrap CI), ``poi`` with ``poi_lo``/``poi_hi``,
-    ``d_volatility``/``d_spikes``/``d_unstable`` (mean differences) with CIs, and
-    ``significant`` -- the names of the differences whose CI excludes 0 (PoI: excludes 0.5); none
-    where either group has fewer than two runs.
+    ``d_volatility``/``d_spikes``/``d_unstable``/``d_erc_clip_fraction`` (mean differences) with
+    CIs, and ``significant`` -- the names of the differences whose CI excludes 0 (PoI: excludes
+    0.5); none where either group has fewer than two runs.
     """
     off = {(c["env"], c["algorithm"], c["steps"], c["lr"]): c for c in cells if c["band"] == "off"}
     out = []
@@ -404,33 +456,55 @@ def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if c["band"] == "off":
             continue
         base = off.get((c["env"], c["algorithm"], c["steps"], c["lr"]))
-        if base is None:
-            continue
-        row: dict[str, Any] = {k: c[k] for k in ("env", "algorithm", "band", "steps", "lr")}
-        row["n_erc"], row["n_off"] = c["n"], base["n"]
-        # a bootstrap over one run per group has no spread: call nothing significant there
-        can_test = min(c["n"], base["n"]) >= 2
-        row["d_score"], row["d_score_lo"], row["d_score_hi"] = diff_ci(c["scores"], base["scores"])
-        row["poi"], row["poi_lo"], row["poi_hi"] = probability_of_improvement(
-            c["scores"], base["scores"]
-        )
-        significant = []
-        if can_test and (row["d_score_lo"] > 0 or row["d_score_hi"] < 0):
-            significant.append("score")
-        if can_test and (row["poi_lo"] > 0.5 or row["poi_hi"] < 0.5):
-            significant.append("poi")
-        for name in ("volatility", "spikes", "unstable"):
-            d, lo, hi = diff_ci(
-                [s[name] for s in c["per_run"]],
-                [s[name] for s in base["per_run"]],
-                statistic="mean",
-            )
-            row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = d, lo, hi
-            if can_test and (lo > 0 or hi < 0):
-                significant.append(name)
-        row["significant"] = significant
-        out.append(row)
+        if base is not None:
+            out.append(_compare(c, base))
     return out
+
+
+def band_rule_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The adaptive band against fixed bands: each adaptive cell (``target`` set) against every
+    fixed-band cell at the same point (env, algorithm, steps, lr), its starting band first.
+
+    Keys as in :func:`effect_table` (differences are adaptive minus fixed; ``n_erc`` counts the
+    adaptive runs, ``n_off`` the fixed ones), plus ``start`` (the adaptive band's starting band),
+    ``fixed_band`` (the fixed band compared with), ``target``, the clip fractions
+    ``erc_clip_adaptive`` / ``erc_clip_fixed`` (all steps) and ``erc_clip_off_policy_adaptive`` /
+    ``erc_clip_off_policy_fixed`` (the off-policy steps, what the target is about), the mean
+    final band of the adaptive runs, ``erc_low_final`` / ``erc_high_final``, and ``iqm_*`` /
+    ``volatility_*`` of both.
+    """
+    fixed: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for c in cells:
+        if c["target"] is None and c["band"] != "off":
+            fixed.setdefault((c["env"], c["algorithm"], c["steps"], c["lr"]), []).append(c)
+    out = []
+    for c in cells:
+        if c["target"] is None:
+            continue
+        bases = fixed.get((c["env"], c["algorithm"], c["steps"], c["lr"]), [])
+        for base in sorted(bases, key=lambda b: b["fixed_band"] != c["fixed_band"]):
+            out.append(_with_rule(c, base))
+    return out
+
+
+def _with_rule(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    row = _compare(c, base)
+    row |= {
+        "start": c["fixed_band"],
+        "fixed_band": base["fixed_band"],
+        "target": c["target"],
+        "erc_clip_adaptive": c["erc_clip_fraction"],
+        "erc_clip_fixed": base["erc_clip_fraction"],
+        "erc_clip_off_policy_adaptive": c["erc_clip_off_policy"],
+        "erc_clip_off_policy_fixed": base["erc_clip_off_policy"],
+        "erc_low_final": c["erc_low_final"],
+        "erc_high_final": c["erc_high_final"],
+        "volatility_adaptive": c["volatility"],
+        "volatility_fixed": base["volatility"],
+        "iqm_adaptive": c["iqm"],
+        "iqm_fixed": base["iqm"],
+    }
+    return row
 
 
 # ---------------------------------------------------------------- the paper's claims
@@ -692,16 +766,40 @@ def _f(value: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
 
 
-def stress_markdown(experiment_dir: str | Path, *, plots: bool = True) -> list[str]:
+def _finished_stress_runs(experiment_dir: Path) -> list[Run]:
+    # unfinished runs would enter with a partial final score
+    return [r for r in load_runs(experiment_dir) if r.config.get("axes") and r.done]
+
+
+def stress_markdown(
+    experiment_dir: str | Path, *, plots: bool = True, baseline: str | Path | None = None
+) -> list[str]:
     """The report section of a stress experiment: per env the figure, effects and claims.
 
     Only finished runs (with a ``done`` marker) count.
+
+    Args:
+        experiment_dir: the experiment's runs folder.
+        plots: also draw the stress-map figures.
+        baseline: another experiment folder (the config's ``baseline``) whose finished runs join
+            the cells, e.g. the fixed band and ERC off for an adaptive-band experiment; then a
+            section compares each adaptive cell with its fixed band (:func:`band_rule_table`).
     """
     experiment_dir = Path(experiment_dir)
-    # unfinished runs would enter with a partial final score
-    runs = [r for r in load_runs(experiment_dir) if r.config.get("axes") and r.done]
+    runs = _finished_stress_runs(experiment_dir)
     if not runs:
         return []
+    notes: list[str] = []
+    if baseline is not None:
+        base_dir = Path(baseline)
+        base_runs = _finished_stress_runs(base_dir) if base_dir.is_dir() else []
+        if not base_runs:
+            notes += [
+                f"**Note:** the baseline experiment has no finished runs in {base_dir}: run "
+                f"`erc-gym experiment {base_dir.name}` to compare with it.",
+                "",
+            ]
+        runs += base_runs
     cells = cell_table(runs)
     md = [
         "## Off-policy stress map",
@@ -713,6 +811,7 @@ def stress_markdown(experiment_dir: str | Path, *, plots: bool = True) -> list[s
         "percentile bootstrap over seeds (groups resampled separately); PoI = probability that an "
         "ERC run beats a no-ERC run. `*`: the CI excludes 0 (PoI: 0.5).",
         "",
+        *notes,
     ]
     for env in dict.fromkeys(c["env"] for c in cells):
         md += [f"### {env}", ""]
@@ -760,4 +859,68 @@ def stress_markdown(experiment_dir: str | Path, *, plots: bool = True) -> list[s
                 + " |"
             )
         md.append("")
+    if any(c["target"] is not None for c in cells):
+        md += band_rule_markdown(cells)
+    return md
+
+
+def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Report section: the adaptive band against its fixed starting band, per cell
+    (:func:`band_rule_table`)."""
+    rows = band_rule_table(cells)
+    md = [
+        "## Adaptive band vs fixed band",
+        "",
+        "This project's adaptive band (`erc_target_clip_fraction`, `erc_gym.adaptive_band`; not "
+        "the paper's) against each fixed band at the same point. Differences are "
+        "adaptive minus fixed, with 95% bootstrap CIs over seeds; PoI = probability that an "
+        "adaptive run beats a fixed-band run. ERC clip: mean share of samples ERC clipped, on "
+        "the off-policy steps (what the target is about) / on all steps. Final band: the mean "
+        "over seeds of the band in force at the last update. "
+        "`*`: the CI excludes 0 (PoI: 0.5).",
+        "",
+    ]
+    if not rows:
+        md += [
+            "No adaptive cell has a fixed-band cell at the same point (add the fixed band to "
+            "the grid or name its experiment as `baseline`).",
+            "",
+        ]
+        return md
+    for rule in dict.fromkeys((r["target"], r["start"], r["fixed_band"]) for r in rows):
+        group = [r for r in rows if (r["target"], r["start"], r["fixed_band"]) == rule]
+        up = sum("score" in r["significant"] and r["d_score"] > 0 for r in group)
+        down = sum("score" in r["significant"] and r["d_score"] < 0 for r in group)
+        smooth = sum("volatility" in r["significant"] and r["d_volatility"] < 0 for r in group)
+        rough = sum("volatility" in r["significant"] and r["d_volatility"] > 0 for r in group)
+        md.append(
+            f"* target {rule[0]:g} from {rule[1]} vs fixed {rule[2]}, {len(group)} cells: final "
+            f"score higher in {up}, lower in {down} (CI excludes 0); entropy volatility lower in "
+            f"{smooth}, higher in {rough}."
+        )
+    md += [
+        "",
+        "| env | algorithm | target | from | vs fixed | steps | lr | n "
+        "| ERC clip off-policy / all, fixed -> adaptive "
+        "| final band | final IQM fixed -> adaptive | Δ score [CI] | PoI [CI] "
+        "| volatility fixed -> adaptive | Δ volatility [CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        star = {k: "*" if k in r["significant"] else "" for k in ("score", "poi", "volatility")}
+        md.append(
+            f"| {r['env']} | {r['algorithm']} | {r['target']:g} | {r['start']} | "
+            f"{r['fixed_band']} | "
+            f"{r['steps']} | {r['lr']:g} | {r['n_erc']} vs {r['n_off']} | "
+            f"{_f(r['erc_clip_off_policy_fixed'], 2)} / {_f(r['erc_clip_fixed'], 2)} -> "
+            f"{_f(r['erc_clip_off_policy_adaptive'], 2)} / {_f(r['erc_clip_adaptive'], 2)} | "
+            f"({_f(r['erc_low_final'])}, {_f(r['erc_high_final'])}) | "
+            f"{_f(r['iqm_fixed'])} -> {_f(r['iqm_adaptive'])} | "
+            f"{_f(r['d_score'])} [{_f(r['d_score_lo'])}, {_f(r['d_score_hi'])}]{star['score']} | "
+            f"{_f(r['poi'], 2)} [{_f(r['poi_lo'], 2)}, {_f(r['poi_hi'], 2)}]{star['poi']} | "
+            f"{_f(r['volatility_fixed'])} -> {_f(r['volatility_adaptive'])} | "
+            f"{_f(r['d_volatility'])} [{_f(r['d_volatility_lo'])}, "
+            f"{_f(r['d_volatility_hi'])}]{star['volatility']} |"
+        )
+    md.append("")
     return md

@@ -25,6 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from erc_gym.adaptive_band import (
+    AdaptiveERCBand,
+    check_target_clip_fraction,
+    off_policy_clip_fraction,
+)
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
@@ -57,6 +62,9 @@ METRIC_KEYS = (
     "entropy_ratio_q95",
     "entropy_ratio_hist",
     "erc_clip_fraction",
+    "erc_clip_fraction_off_policy",
+    "erc_low",
+    "erc_high",
     "clip_fraction",
     "grad_norm",
     "lr",
@@ -102,6 +110,10 @@ class TrainerConfig:
     """ERC band lower bound (``None`` with ``erc_high=None``: ERC off). The paper: 0.95."""
     erc_high: float | None = None
     """ERC band upper bound. The paper: 1.05."""
+    erc_target_clip_fraction: float | None = None
+    """This project's adaptive band (not the paper's; erc_gym.adaptive_band): after each step,
+    widen or narrow the band so that ERC clips about this share of the tokens of the step's
+    off-policy mini-batches, starting from erc_low/erc_high. None: the fixed band (the paper's)."""
     group_size: int = 8
     """Responses per prompt (G); group advantages need at least 2."""
     prompts_per_step: int = 16
@@ -183,6 +195,7 @@ class TrainerConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent settings."""
         self.loss_config()
+        check_target_clip_fraction(self.erc_target_clip_fraction, self.erc_low, self.erc_high)
         if self.group_size < 2:
             raise ValueError(
                 f"group_size must be >= 2 for group advantages, got group_size={self.group_size}"
@@ -288,6 +301,11 @@ class _StepLog:
     skipped: int = 0
 
 
+#: Settings added after run folders were first written, with the default that reproduces those
+#: runs (an older ``config.json`` without them still resumes).
+_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None}
+
+
 def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     """Settings that differ from the run folder's ``config.json``: ``{key: (saved, now)}``.
 
@@ -298,8 +316,10 @@ def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     if not path.exists():
         return {}
     now = dataclasses.asdict(config)
-    # keys that are not settings (an experiment runner's record of the run) are not compared
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in now}
+    # keys that are not settings (an experiment runner's record of the run) are not compared;
+    # a setting added after the folder was written is recorded there as its default
+    recorded = {k: v for k, v in json.loads(path.read_text()).items() if k in now}
+    saved = {**_ADDED_SETTINGS, **recorded}
     missing = "(absent)"
     return {
         k: (saved.get(k, missing), now.get(k, missing))
@@ -347,6 +367,14 @@ class ERCTrainer:
         self.config = config
         self.verifier = verifier
         self.loss_config = config.loss_config()
+        #: The adaptive band's controller (None: the fixed band or ERC off).
+        self.erc_band_control: AdaptiveERCBand | None = None
+        if config.erc_target_clip_fraction is not None and self.loss_config.erc is not None:
+            self.erc_band_control = AdaptiveERCBand(
+                config.erc_target_clip_fraction,
+                low=self.loss_config.erc.low,
+                high=self.loss_config.erc.high,
+            )
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu")
             if config.device == "auto"
@@ -583,11 +611,16 @@ class ERCTrainer:
         adv = self._rewards_and_advantages(batch)
         old_lp, old_h = self.score(batch)
         t2 = time.perf_counter()
+        if self.erc_band_control is not None:
+            self.loss_config = dataclasses.replace(self.loss_config, erc=self.erc_band_control.band)
         log = self._train_on(batch, old_lp, old_h, adv)
         t3 = time.perf_counter()
         self.skipped_steps += log.skipped
         self.step += 1
-        return self._step_metrics(batch, log, fill, (t0, t1, t2, t3))
+        line = self._step_metrics(batch, log, fill, (t0, t1, t2, t3))
+        if self.erc_band_control is not None:
+            self.erc_band_control.update(line["erc_clip_fraction_off_policy"])
+        return line
 
     def _step_metrics(
         self,
@@ -598,6 +631,7 @@ class ERCTrainer:
     ) -> dict[str, Any]:
         t0, t1, t2, t3 = times
         loss = loss_metrics(log.stats)
+        off_policy = off_policy_clip_fraction(log.stats)
         with torch.no_grad():
             h = torch.cat([s.entropy.reshape(-1) for s in log.stats if s.entropy is not None])
             h_old = torch.cat(
@@ -621,6 +655,10 @@ class ERCTrainer:
             "entropy_ratio_q95": q[2],
             "entropy_ratio_hist": ratio_histogram(rho),
             "grad_norm": float(np.mean(log.grad_norms)) if log.grad_norms else math.nan,
+            "erc_clip_fraction_off_policy": math.nan if off_policy is None else off_policy,
+            # the band this step trained with (it moves under erc_target_clip_fraction)
+            "erc_low": math.nan if self.loss_config.erc is None else self.loss_config.erc.low,
+            "erc_high": math.nan if self.loss_config.erc is None else self.loss_config.erc.high,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "tokens_per_second": n_tokens / max(t3 - t0, 1e-9),
             "time_generate": t1 - t0,
@@ -680,6 +718,8 @@ class ERCTrainer:
             "skipped_steps": self.skipped_steps,
             "nan_rewards": self.nan_rewards,
         }
+        if self.erc_band_control is not None:
+            state["erc_band"] = self.erc_band_control.state_dict()
         # write-then-rename: a kill mid-save leaves the previous checkpoint intact
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
@@ -706,6 +746,8 @@ class ERCTrainer:
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.nan_rewards = state["nan_rewards"]
+        if self.erc_band_control is not None and "erc_band" in state:
+            self.erc_band_control.load_state_dict(state["erc_band"])
         return True
 
     def _write(self, line: dict[str, float]) -> None:

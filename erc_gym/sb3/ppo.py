@@ -17,6 +17,11 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance, ob
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
+from erc_gym.adaptive_band import (
+    AdaptiveERCBand,
+    check_target_clip_fraction,
+    off_policy_clip_fraction,
+)
 from erc_gym.entropy import SMALL_VOCAB, small_action_logprob_and_entropy
 from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
 from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
@@ -70,6 +75,11 @@ class ERCPPO(PPO):
         progress). ``None`` together with ``erc_high=None`` disables ERC.
     :param erc_high: upper bound of the band. On 2-action tasks a band as narrow as 0.95/1.05
         masks many samples; see ``docs/sb3_band_study.md`` for measured defaults.
+    :param erc_target_clip_fraction: this project's adaptive band (not the paper's, see
+        :mod:`erc_gym.adaptive_band`): after each update, widen or narrow the band so that ERC
+        clips about this share of the samples of the update's off-policy mini-batches (all but
+        the first). The band starts at ``(erc_low, erc_high)``, which must then be numbers.
+        ``None`` (default): the fixed band.
     :param clip_range_high: upper clip range (DAPO clip-higher), float or schedule; ``None`` uses
         ``clip_range`` (symmetric PPO clip).
     :param clip_variant: ``"ppo"`` (clip stops the gradient) or ``"gppo"`` (gradient-preserving
@@ -97,6 +107,7 @@ class ERCPPO(PPO):
         *args: Any,
         erc_low: float | Schedule | None = 0.95,
         erc_high: float | Schedule | None = 1.05,
+        erc_target_clip_fraction: float | None = None,
         clip_range_high: float | Schedule | None = None,
         clip_variant: Literal["ppo", "gppo"] = "ppo",
         dual_clip: float | None = None,
@@ -114,6 +125,20 @@ class ERCPPO(PPO):
             raise ValueError(f"dual_clip must be > 1 or None, got dual_clip={dual_clip}")
         if isinstance(erc_low, int | float) and isinstance(erc_high, int | float):
             ERCConfig(low=float(erc_low), high=float(erc_high))  # validates constant bands now
+        check_target_clip_fraction(erc_target_clip_fraction, erc_low, erc_high)
+        self.erc_target_clip_fraction = erc_target_clip_fraction
+        #: The adaptive band's controller (None: the fixed band or ERC off).
+        self.erc_band_control: AdaptiveERCBand | None = None
+        if erc_target_clip_fraction is not None:
+            if not (isinstance(erc_low, int | float) and isinstance(erc_high, int | float)):
+                raise ValueError(
+                    f"erc_target_clip_fraction={erc_target_clip_fraction!r} adapts the band "
+                    "itself: erc_low and erc_high must be numbers (the starting band), not "
+                    f"schedules, got erc_low={erc_low!r}, erc_high={erc_high!r}"
+                )
+            self.erc_band_control = AdaptiveERCBand(
+                erc_target_clip_fraction, low=float(erc_low), high=float(erc_high)
+            )
         self.erc_low = erc_low
         self.erc_high = erc_high
         self.clip_range_high = clip_range_high
@@ -318,7 +343,9 @@ class ERCPPO(PPO):
             else eps_low
         )
         erc = None
-        if self.erc_enabled:
+        if self.erc_band_control is not None:
+            erc = self.erc_band_control.band
+        elif self.erc_enabled:
             erc = ERCConfig(
                 low=float(self.erc_low(progress)),  # type: ignore[operator,misc]
                 high=float(self.erc_high(progress)),  # type: ignore[operator,misc]
@@ -438,6 +465,15 @@ class ERCPPO(PPO):
             self._n_updates += 1
             if not continue_training:
                 break
+
+        # ERC: the clip fraction of the off-policy mini-batches (all but the first) is what the
+        # adaptive band (if any) steers; it moves for the next update, and the band logged
+        # below is the one this update used.
+        off_policy = off_policy_clip_fraction(log.stats) if track_entropy else None
+        if off_policy is not None:
+            self.logger.record("train/erc_clip_fraction_off_policy", off_policy)
+        if self.erc_band_control is not None:
+            self.erc_band_control.update(off_policy)
 
         explained_var = explained_variance(
             self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
