@@ -70,6 +70,11 @@ def main() -> None:
     out = {"logged": trainer.logged, "sums": trainer.local_sums}
     with open(os.path.join(os.environ["ERC_TRL_DUMP"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
+    # leave together, with the process group torn down: a rank that exits while gloo's threads
+    # still serve the other one can abort ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
