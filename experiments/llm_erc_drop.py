@@ -17,12 +17,15 @@ lr 3e-4, 200 RL steps), so the ERC-off and ERC(0.95, 1.05) baselines are the ``s
 
 Run: ``python experiments/llm_erc_drop.py [--workers 2] [--only NAME ...]``; then
 ``erc-gym report runs/llm_erc_drop`` for the table. Runs are skipped when done.
+``--steps-per-rollout S`` moves every variant to ``stress_llm``'s point ``S`` x lr 3e-4 (variant
+names get ``-sS``; the baselines are then the ``stress_llm`` cells ``sS-lr0.0003``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -35,16 +38,32 @@ from erc_gym.runner import RunSpec, load_experiment, run_one
 
 EXPERIMENT = "llm_erc_drop"
 BAND = (0.95, 1.05)
+LR = 3e-4
+DEFAULT_STEPS = 4
 
 
-def _base() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Env and settings of ``stress_llm``'s point (4 steps per rollout, lr 3e-4)."""
+def _base(steps: int = DEFAULT_STEPS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Env and settings of ``stress_llm``'s point (``steps`` optimiser steps per rollout, lr 3e-4).
+
+    :raises ValueError: ``steps`` does not divide the prompts per step (or is not a multiple).
+    """
     spec = load_experiment("stress_llm")
     env = {k: v for k, v in spec["envs"][0].items() if k != "label"}
     from erc_gym.stress import axis_settings
 
-    settings = axis_settings("llm", env, spec["settings"], {"steps_per_rollout": 4, "lr": 3e-4})
+    settings = axis_settings("llm", env, spec["settings"], {"steps_per_rollout": steps, "lr": LR})
     return env, settings
+
+
+def _suffix(steps: int) -> str:
+    """Variant-name suffix of a point other than the default one."""
+    return "" if steps == DEFAULT_STEPS else f"-s{steps}"
+
+
+def _point_of(variant: str) -> int:
+    """The steps per rollout a variant of this script ran at (its ``-sS`` suffix, else 4)."""
+    match = re.search(r"-s(\d+)$", variant)
+    return int(match.group(1)) if match else DEFAULT_STEPS
 
 
 def variants(random_share: float) -> dict[str, tuple[tuple[float, float] | None, dict, list[int]]]:
@@ -112,7 +131,9 @@ class _TokenRecorder:
         return out
 
 
-def _patched(kind: str, random_share: float, recorder: _TokenRecorder | None) -> Callable:
+def _patched(
+    kind: str, random_share: float, recorder: _TokenRecorder | None, steps: int
+) -> Callable:
     """Patch the LLM trainer's loss (and model loading) for one variant; returns an undo."""
     import erc_gym.llm.trainer as trainer
 
@@ -128,7 +149,7 @@ def _patched(kind: str, random_share: float, recorder: _TokenRecorder | None) ->
             kwargs["old_entropy"] = torch.where(stop, 2.0 * h + 1e-3, h)
         out = original_loss(*args, **kwargs)
         if recorder is not None:
-            recorder.record(out.stats, 4)
+            recorder.record(out.stats, steps)
         return out
 
     def logprobs(model: Any, batch: Any, **kwargs: Any) -> Any:
@@ -154,13 +175,15 @@ def _patched(kind: str, random_share: float, recorder: _TokenRecorder | None) ->
     return undo
 
 
-def run_variant(name: str, seed: int, random_share: float, root: str) -> str:
+def run_variant(
+    name: str, seed: int, random_share: float, root: str, steps: int = DEFAULT_STEPS
+) -> str:
     torch.set_num_threads(1)
-    env, settings = _base()
+    env, settings = _base(steps)
     band, overrides, _ = variants(random_share)[name]
     run = RunSpec(
         experiment=EXPERIMENT,
-        variant=f"add1-dapo-{name}",
+        variant=f"add1-dapo-{name}{_suffix(steps)}",
         seed=seed,
         kind="llm",
         algorithm="dapo",
@@ -173,30 +196,32 @@ def run_variant(name: str, seed: int, random_share: float, root: str) -> str:
         return f"{run.variant}/{seed}: done before"
     kind = "randmask" if name.startswith("randmask") else name
     recorder = _TokenRecorder() if name == "tokens" else None
-    undo = _patched(kind, random_share, recorder)
+    undo = _patched(kind, random_share, recorder, steps)
     try:
         run_one(run, root, resume=False)
     finally:
         undo()
     if recorder is not None:
-        out = Path(root) / EXPERIMENT / "tokens.json"
+        out = Path(root) / EXPERIMENT / f"tokens{_suffix(steps)}.json"
         out.write_text(json.dumps(recorder.summary(), indent=2))
     return f"{run.variant}/{seed}: finished"
 
 
-def summary(root: str) -> str:
-    """Markdown table: every variant here and ``stress_llm``'s cells at the same point."""
+def summary(root: str, steps: int = DEFAULT_STEPS) -> str:
+    """Markdown table: the variants at ``steps`` x lr 3e-4 and ``stress_llm``'s cells there."""
     from erc_gym.analysis import load_runs, summarize
     from erc_gym.stress import diff_ci, probability_of_improvement
 
     runs = [
         r
         for r in load_runs(Path(root) / "stress_llm")
-        if (r.config.get("axes") or {}) == {"steps_per_rollout": 4, "lr": 3e-4} and r.done
+        if (r.config.get("axes") or {}) == {"steps_per_rollout": steps, "lr": LR} and r.done
     ]
-    runs += [r for r in load_runs(Path(root) / EXPERIMENT) if r.done]
+    here = Path(root) / EXPERIMENT
+    if here.is_dir():
+        runs += [r for r in load_runs(here) if r.done and _point_of(r.variant) == steps]
     rows = summarize(runs)
-    base = next((r for r in rows if r["variant"] == "add1-dapo-s4-lr0.0003"), None)
+    base = next((r for r in rows if r["variant"] == f"add1-dapo-s{steps}-lr{LR:g}"), None)
     lines = [
         "| variant | n | final acc. per seed | IQM | Δ IQM vs DAPO [95% CI] | PoI vs DAPO "
         "| mean acc. over training | ERC clip | grad norm | final entropy |",
@@ -238,12 +263,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--summary", action="store_true", help="print the table and exit")
     parser.add_argument("--seeds", type=int, default=3, help="run at most the first N seeds")
+    parser.add_argument(
+        "--steps-per-rollout",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="optimiser steps per rollout of the point (lr stays 3e-4; default 4)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.random_share < 1:
         print(f"--random-share must be in (0, 1), got {args.random_share}", file=sys.stderr)
         raise SystemExit(2)
+    try:
+        _base(args.steps_per_rollout)
+    except ValueError as err:
+        print(f"--steps-per-rollout: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.summary:
-        print(summary(args.root))
+        print(summary(args.root, args.steps_per_rollout))
         return
     table = variants(args.random_share)
     names = args.only or list(table)
@@ -257,7 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(n, s) for n in names for s in table[n][2][: args.seeds]]
     (Path(args.root) / EXPERIMENT).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_variant, n, s, args.random_share, args.root) for n, s in jobs]
+        futures = [
+            pool.submit(run_variant, n, s, args.random_share, args.root, args.steps_per_rollout)
+            for n, s in jobs
+        ]
         for fut in futures:
             print(fut.result(), flush=True)
 

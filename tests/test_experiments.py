@@ -59,6 +59,7 @@ def test_llm_compare_smoke(tmp_path):
         (["--random-share", "2"], "--random-share must be in (0, 1), got 2.0"),
         (["--only", "nope"], "unknown variants ['nope']"),
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--steps-per-rollout", "3"], "--steps-per-rollout: axes.steps_per_rollout=3 must"),
     ],
 )
 def test_llm_erc_drop_rejects_bad_arguments(args, needle, capsys, tmp_path):
@@ -67,3 +68,15 @@ def test_llm_erc_drop_rejects_bad_arguments(args, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         llm_erc_drop.main([*args, "--root", str(tmp_path)])
     assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_llm_erc_drop_names_the_point():
+    """Variants at another point carry its steps, and the summary picks the runs of one point."""
+    import llm_erc_drop
+
+    assert llm_erc_drop._suffix(4) == "" and llm_erc_drop._suffix(8) == "-s8"
+    assert llm_erc_drop._point_of("add1-dapo-randmask0.26-s8") == 8
+    assert llm_erc_drop._point_of("add1-dapo-lr1e-4-erc0.95-1.05") == 4
+    assert llm_erc_drop._point_of("add1-dapo-randmask0.11") == 4
+    _, settings = llm_erc_drop._base(8)
+    assert settings["mini_batch_prompts"] == 2 and settings["lr"] == 3e-4
