@@ -122,6 +122,12 @@ def experiment_main(argv: list[str] | None = None) -> None:
         run_experiment,
     )
 
+    # Between the runner restoring its signal handlers and this process exiting, a second Ctrl-C
+    # or SIGTERM must not turn a clean "stopped by ..." exit into a KeyboardInterrupt traceback
+    # (or a death by signal): the runner restores these no-op handlers, which are replaced by
+    # the defaults again only once the runs are over without interruption.
+    late = {s: signal.signal(s, _ignore_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = False
     try:
         spec = load_experiment(args.name)
         run_experiment(
@@ -140,6 +146,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
         parser.exit(130, "erc-gym experiment: stopped by SIGINT; the same command resumes\n")
     except ExperimentInterrupted as err:
+        interrupted = True  # leaving: late signals stay ignored until the process is gone
         again = shlex.join(["erc-gym", "experiment", *argv])
         parser.exit(
             128 + err.signum,
@@ -147,6 +154,10 @@ def experiment_main(argv: list[str] | None = None) -> None:
             f"{err.finished}/{err.total} runs finished, {len(err.stopped)} stopped at their last "
             f"checkpoint; resume with: {again}\n",
         )
+    finally:
+        if not interrupted:
+            for signum, handler in late.items():
+                signal.signal(signum, handler)
     if not args.no_report:
         from erc_gym.report import write_report
 
@@ -168,6 +179,10 @@ def plot_main(argv: list[str] | None = None) -> None:
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         for path in plot_experiment(folder):
             print(path)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A signal that arrives after the runs were stopped: the process is already leaving."""
 
 
 def report_main(argv: list[str] | None = None) -> None:

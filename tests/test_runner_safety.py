@@ -481,3 +481,27 @@ def test_an_interrupted_llm_grid_run_is_reported_and_resumes(tmp_path, monkeypat
     assert run.done and (folder / "done").exists()
     steps = [r["step"] for r in run.rows if "accuracy" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_signal_after_the_runs_were_stopped_does_not_change_the_exit(monkeypatch, capsys):
+    """A second Ctrl-C that lands after the runner gave its handlers back (while the CLI prints
+    "stopped by SIGTERM" and exits) was a KeyboardInterrupt: exit 130, or death by SIGINT (-2)
+    in CI. Deterministic version: the runner's stand-in sends SIGINT to this process at exactly
+    that moment."""
+    import erc_gym.runner as runner_module
+    from erc_gym.cli import main
+
+    def stopped_by_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives after the runner's handlers are gone
+        raise runner_module.ExperimentInterrupted(signal.SIGTERM, 0, 2, [])
+
+    monkeypatch.setattr(runner_module, "run_experiment", stopped_by_sigterm)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["experiment", "quick", "--runs", "unused", "--no-progress"])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert exit_info.value.code == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
