@@ -124,9 +124,8 @@ def experiment_main(argv: list[str] | None = None) -> None:
 
     # Between the runner restoring its signal handlers and this process exiting, a second Ctrl-C
     # or SIGTERM must not turn a clean "stopped by ..." exit into a KeyboardInterrupt traceback
-    # (or a death by signal): the runner restores these no-op handlers, which are replaced by
-    # the defaults again only once the runs are over without interruption.
-    late = {s: signal.signal(s, _ignore_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # (or a death by signal): see _late_signal. Restored once the runs end uninterrupted.
+    late = {s: signal.signal(s, _late_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     interrupted = False
     try:
         spec = load_experiment(args.name)
@@ -181,8 +180,22 @@ def plot_main(argv: list[str] | None = None) -> None:
             print(path)
 
 
-def _ignore_signal(signum: int, frame: Any) -> None:
-    """A signal that arrives after the runs were stopped: the process is already leaving."""
+def _late_signal(signum: int, frame: Any) -> None:
+    """``erc-gym experiment``'s handler outside the runner's own: the default behaviour (Ctrl-C
+    raises KeyboardInterrupt, SIGTERM ends the process), except once a first signal has stopped
+    the runs -- then the process is already leaving with its "stopped by ..." line, and a second
+    signal must not turn that into a traceback or a death by signal."""
+    import os
+    import signal
+
+    from erc_gym.runner import stopped_by
+
+    if stopped_by() is not None:
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def report_main(argv: list[str] | None = None) -> None:

@@ -766,6 +766,7 @@ def _run_in_processes(
         nonlocal forced
         if out.signum is None:
             out.signum = signum
+            _note_stop(signum)
             return
         forced = True  # a second Ctrl-C: no grace period
         for proc in list(active):
@@ -845,10 +846,13 @@ def _run_here(
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    old_term = signal.getsignal(signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, on_term)
+        # Ctrl-C is a KeyboardInterrupt here whatever the caller had installed (the CLI ignores
+        # signals that arrive after the runs, and this function restores its handlers)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for run in todo:
             current[:] = [run]
@@ -860,6 +864,7 @@ def _run_here(
                 continue
             except KeyboardInterrupt as err:
                 out.signum = signal.SIGTERM if isinstance(err, _SigTerm) else signal.SIGINT
+                _note_stop(out.signum)
                 out.stopped.append(run)
                 break
             out.finished.append(run)
@@ -869,8 +874,24 @@ def _run_here(
         stop_polling.set()
         current.clear()
         if in_main:
-            signal.signal(signal.SIGTERM, old_term)
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
     return out
+
+
+_stopped_by: int | None = None
+
+
+def stopped_by() -> int | None:
+    """The signal (SIGINT or SIGTERM) that stopped this process's last :func:`run_experiment`,
+    or None. Lets a caller's own signal handler tell "the runs were stopped, we are leaving"
+    from an ordinary signal."""
+    return _stopped_by
+
+
+def _note_stop(signum: int | None) -> None:
+    global _stopped_by
+    _stopped_by = signum
 
 
 def run_experiment(
@@ -903,6 +924,7 @@ def run_experiment(
         ExperimentInterrupted: SIGINT or SIGTERM; unfinished runs resume on the next call.
         RunsFailed: runs raised (the others still ran); tracebacks in ``<run>/error.log``.
     """
+    _note_stop(None)
     if isinstance(name, str):
         spec = load_experiment(name)
         if seeds is not None:

@@ -492,10 +492,12 @@ def test_a_signal_after_the_runs_were_stopped_does_not_change_the_exit(monkeypat
     from erc_gym.cli import main
 
     def stopped_by_sigterm(*args, **kwargs):
+        runner_module._note_stop(signal.SIGTERM)  # what the runner's handler records
         os.kill(os.getpid(), signal.SIGINT)  # arrives after the runner's handlers are gone
         raise runner_module.ExperimentInterrupted(signal.SIGTERM, 0, 2, [])
 
     monkeypatch.setattr(runner_module, "run_experiment", stopped_by_sigterm)
+    monkeypatch.setattr(runner_module, "_stopped_by", None)
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit) as exit_info:
