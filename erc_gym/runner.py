@@ -847,6 +847,12 @@ def _run_here(
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    import torch
+
+    # one torch thread, as in a worker process: a run's numbers and speed do not depend on
+    # --workers (with the default thread count, CartPole runs took ~8x the CPU on a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, on_term)
@@ -873,6 +879,7 @@ def _run_here(
     finally:
         stop_polling.set()
         current.clear()
+        torch.set_num_threads(threads)
         if in_main:
             for signum, handler in old.items():
                 signal.signal(signum, handler)

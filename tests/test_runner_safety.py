@@ -507,3 +507,28 @@ def test_a_signal_after_the_runs_were_stopped_does_not_change_the_exit(monkeypat
             signal.signal(s, handler)
     assert exit_info.value.code == 143
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_workers_1_trains_on_one_torch_thread_like_a_worker(tmp_path, monkeypatch):
+    """`--workers 1` runs in this process; it used torch's default thread count there (~8x the
+    CPU of a worker's single thread for CartPole on a busy machine), so a run's speed and
+    numbers depended on --workers."""
+    import torch
+
+    import erc_gym.runner as runner_module
+
+    seen = []
+    real = runner_module.run_one
+    monkeypatch.setattr(
+        runner_module,
+        "run_one",
+        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1],
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_experiment({**TINY, "erc": [None]}, tmp_path, workers=1, progress=False)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2  # given back afterwards
+    finally:
+        torch.set_num_threads(before)
