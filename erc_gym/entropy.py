@@ -16,7 +16,10 @@ chunks of rows (tokens) -- and optionally of vocabulary columns, merged with run
 ``(m, s', u)`` accumulators -- so the full ``(N, V)`` fp32 tensor is never materialised. The
 backward pass recomputes the softmax chunk by chunk instead of saving it. On CUDA, when Triton is
 installed, the forward is one fused kernel with the same accumulators and merge rule (it reads the
-logits once); set ``erc_gym.entropy.USE_TRITON = False`` to force the PyTorch path.
+logits once), and the fused LM head (:func:`linear_logprob_and_entropy`) runs its forward and
+backward through Triton kernels (``erc_gym._entropy_triton``) on tiles of tokens x vocabulary
+columns; set ``erc_gym.entropy.USE_TRITON = False`` (or ``ERC_GYM_USE_TRITON=0``) to force the
+PyTorch path.
 """
 
 from __future__ import annotations
@@ -235,9 +238,10 @@ def _row_block_stats(
 
 
 # ---------------------------------------------------------------------------------------------
-# Optional fused forward for CUDA tensors (Triton): one program per row streams the vocabulary in
-# blocks with the same (m, s', u) accumulators and merge rule as the PyTorch path, so the logits
-# are read once. The backward pass is the chunked PyTorch code either way.
+# Optional Triton kernels for CUDA tensors: one program per row streams the vocabulary in blocks
+# with the same (m, s', u) accumulators and merge rule as the PyTorch path, so the logits are read
+# once. From logits, the backward pass is the chunked PyTorch code either way; the fused head
+# (further below) also has a Triton backward.
 # ---------------------------------------------------------------------------------------------
 
 #: Use the Triton kernels on CUDA when Triton is installed (set False, or the environment variable
@@ -1138,7 +1142,9 @@ def linear_logprob_and_entropy(
     GEMM, reduced at once with the cancellation-free formula of this module (the same code), and
     the backward pass recomputes them chunk by chunk. Extra memory is about two chunks of fp32
     logits plus the outputs (and an fp32 ``(V, H)`` accumulator for the weight gradient),
-    independent of N. Tied embeddings need nothing special: pass the shared matrix.
+    independent of N; the Triton path (CUDA) needs one tile of logits in the inputs' dtype, an
+    fp32 ``(N, H)`` accumulator and the outputs. Tied embeddings need nothing special: pass the
+    shared matrix.
 
     The logits are ``softcap * tanh(logit_scale * z / softcap)`` (``z = hidden @ weight.T +
     bias``), then divided by ``temperature``: ``logit_scale`` covers Cohere / Command-R

@@ -95,6 +95,7 @@ __all__ = [
     "resolved_config",
     "run_experiment",
     "run_one",
+    "stopped_by",
 ]
 
 #: Where the shipped experiment configs live (package data; ``experiments/configs`` links here).

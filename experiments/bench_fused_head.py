@@ -281,6 +281,8 @@ def main() -> None:
         for v in args.vocab:
             trainer_memory(v)
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA device here")
     if args.quick:
         args.tokens, args.hidden, args.vocab = [2048], [1024], [32768]
     names = [k for k in methods(args.device) if args.methods is None or k in args.methods]
