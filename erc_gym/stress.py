@@ -659,13 +659,34 @@ def _claim_values(claim: str, cells: list[dict[str, Any]], effects: list[dict[st
 # ---------------------------------------------------------------- figure
 
 
+def _cell_text(value: float) -> str:
+    """A heat-map cell's number: whole numbers from 10 up, two significant digits below."""
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2g}"
+
+
+#: The stress map's rows per algorithm: (row name, metric in the ERC-off column, metric in each
+#: band's column, colour map of the band columns). The ERC-off column shows the absolute value;
+#: the band columns show ERC's effect, coloured so that blue is always "better with ERC".
+_MAP_ROWS: tuple[tuple[str, str, str, str], ...] = (
+    ("score", "iqm", "d_score", "RdBu"),  # higher score = better = blue
+    ("volatility", "volatility", "d_volatility", "RdBu_r"),  # lower volatility = blue
+    ("unstable", "unstable", "unstable", "Reds"),
+)
+
+
 def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path) -> list[Path]:
     """One heat-map figure of an environment's stress map; returns the PNG and SVG paths.
 
-    Rows: algorithms. Columns: the final score without ERC, then for each band ERC's effect on
-    the final score (IQM difference), on entropy volatility, and the share of unstable runs
-    without / with ERC. x: optimiser steps per rollout, y: learning rate. A framed cell with a
-    ``*``: the 95% bootstrap CI of the difference excludes 0.
+    Columns: ERC off, then one per ERC band (fixed or adaptive). For each algorithm three rows of
+    panels, each over x = optimiser steps per rollout and y = learning rate:
+
+    * final score: the IQM without ERC, and ERC's effect on it (IQM difference, ERC minus off);
+    * entropy volatility: the value without ERC, and ERC's effect (mean difference);
+    * the share of unstable runs (:func:`instability`) in each column.
+
+    In the effect panels blue means better with ERC (higher score, smoother entropy) and red
+    worse, on one colour scale per metric; a framed cell with a ``*``: the 95% bootstrap CI of the
+    difference excludes 0.
     """
     from erc_gym.plots import _pyplot, _save
 
@@ -674,61 +695,65 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
     effects = effect_table(env_cells)
     algos = list(dict.fromkeys(c["algorithm"] for c in env_cells))
     bands = list(dict.fromkeys(c["band"] for c in env_cells if c["band"] != "off"))
+    columns = ["off", *bands]
     steps = sorted({c["steps"] for c in env_cells})
     lrs = sorted({c["lr"] for c in env_cells})
     ns = sorted({c["n"] for c in env_cells})
-    panels: list[tuple[str, str, str | None]] = [("score", "off", None)]
-    panels += [("d_score", b, "score") for b in bands]
-    panels += [("d_volatility", b, "volatility") for b in bands]
-    panels += [("unstable", "off", None)] + [("unstable", b, None) for b in bands]
-    # one colour scale per metric across algorithms and bands, so colours compare
+    # one colour scale per effect metric across algorithms and bands, so colours compare
     lims = {}
     for metric in ("d_score", "d_volatility"):
-        values = _finite([e[metric] for e in effects])
-        lims[metric] = float(np.abs(values).max()) if values.size and values.any() else 1.0
+        values = np.abs(_finite([e[metric] for e in effects]))
+        lims[metric] = float(values.max()) if values.size and values.any() else 1.0
     kind = str(env_cells[0]["kind"]) if env_cells else ""
+    score_unit = SCORE_LABELS.get(kind, "score")
     titles = {
-        "score": "final score, ERC off\n(" + SCORE_LABELS.get(kind, "score") + ")",
-        "d_score": "Δ final score IQM, ERC {b} − off",
-        "d_volatility": "Δ entropy volatility, ERC {b} − off\n(< 0 = smoother)",
-        "unstable": "share of unstable runs, ERC {b}",
+        ("score", True): "final score IQM, ERC off\n(" + score_unit + ")",
+        ("score", False): "Δ final score IQM, ERC {b} − off\n(blue = higher with ERC)",
+        ("volatility", True): "entropy volatility, ERC off",
+        ("volatility", False): "Δ entropy volatility, ERC {b} − off\n(blue = smoother with ERC)",
+        ("unstable", True): "share of unstable runs, ERC off",
+        ("unstable", False): "share of unstable runs, ERC {b}",
     }
+    height = 2.5 * len(algos) * len(_MAP_ROWS) + 1.0
     fig, axes = plt.subplots(
-        len(algos),
-        len(panels),
-        figsize=(3.1 * len(panels), 2.8 * len(algos) + 1.2),
+        len(algos) * len(_MAP_ROWS),
+        len(columns),
+        figsize=(3.4 * len(columns), height),
         squeeze=False,
     )
     for i, algo in enumerate(algos):
-        for j, (metric, band, sig_name) in enumerate(panels):
-            ax = axes[i][j]
-            grid = np.full((len(lrs), len(steps)), np.nan)
-            sig = np.zeros_like(grid, dtype=bool)
-            source = effects if metric.startswith("d_") else env_cells
-            for row in source:
-                if row["algorithm"] != algo or row["band"] != band:
-                    continue
-                r, c = lrs.index(row["lr"]), steps.index(row["steps"])
-                value = row["iqm"] if metric == "score" else row[metric]
-                grid[r, c] = value
-                if sig_name is not None:
-                    sig[r, c] = sig_name in row["significant"]
-            if metric.startswith("d_"):
-                lim = lims[metric]
-                im = ax.imshow(
-                    grid, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto"
-                )
-            elif metric == "unstable":
-                im = ax.imshow(grid, cmap="Reds", vmin=0, vmax=1, origin="lower", aspect="auto")
-            else:
-                im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-            for r, c in itertools.product(range(len(lrs)), range(len(steps))):
-                if np.isfinite(grid[r, c]):
-                    text = f"{grid[r, c]:.2g}" + ("*" if sig[r, c] else "")
+        for k, (row_name, off_metric, band_metric, cmap) in enumerate(_MAP_ROWS):
+            for j, band in enumerate(columns):
+                ax = axes[i * len(_MAP_ROWS) + k][j]
+                is_off = band == "off"
+                metric = off_metric if is_off else band_metric
+                effect = metric.startswith("d_")
+                source = effects if effect else env_cells
+                grid = np.full((len(lrs), len(steps)), np.nan)
+                sig = np.zeros_like(grid, dtype=bool)
+                for row in source:
+                    if row["algorithm"] != algo or row["band"] != band:
+                        continue
+                    r, c = lrs.index(row["lr"]), steps.index(row["steps"])
+                    grid[r, c] = row[metric]
+                    if effect:
+                        sig[r, c] = row_name in row["significant"]
+                if effect:
+                    lim = lims[metric]
+                    im = ax.imshow(
+                        grid, cmap=cmap, vmin=-lim, vmax=lim, origin="lower", aspect="auto"
+                    )
+                elif row_name == "unstable":
+                    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, origin="lower", aspect="auto")
+                else:
+                    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+                for r, c in itertools.product(range(len(lrs)), range(len(steps))):
+                    if not np.isfinite(grid[r, c]):
+                        continue
                     ax.text(
                         c,
                         r,
-                        text,
+                        _cell_text(grid[r, c]) + ("*" if sig[r, c] else ""),
                         ha="center",
                         va="center",
                         fontsize=8,
@@ -738,22 +763,23 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
                         ax.add_patch(
                             plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=2, ec="black")
                         )
-            ax.set_xticks(range(len(steps)), [str(s) for s in steps])
-            ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
-            ax.set_xlabel("optimiser steps per rollout")
-            ax.set_ylabel(f"{algo.upper()}\nlearning rate")
-            ax.set_title(titles[metric].format(b=band), fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+                ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
+                ax.set_xlabel("optimiser steps per rollout", fontsize=8)
+                ax.set_ylabel(f"{algo.upper()}\nlearning rate", fontsize=8)
+                ax.set_title(titles[(row_name, is_off)].format(b=band), fontsize=8)
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     fig.suptitle(
-        f"{env}: off-policy stress map ({n_text} seeds per cell). Framed * = the 95% bootstrap CI "
-        "of the difference to ERC off excludes 0.\n"
+        f"{env}: off-policy stress map ({n_text} seeds per cell). Columns: ERC off, then each ERC "
+        "band; blue = better with ERC.\nFramed * = the 95% bootstrap CI of the difference to ERC "
+        "off excludes 0. Empty cell = not run.\n"
         f"Unstable run = final entropy < {COLLAPSE_FACTOR:g}x its start, or any entropy > "
         f"{EXPLOSION_FACTOR:g}x its start, or the score lost > {SCORE_DROP_SHARE:.0%} of its "
-        "best gain. Empty cell = not run.",
+        "best gain.",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))  # leave the three title lines free
     paths = _save(fig, Path(path))
     plt.close(fig)
     return paths

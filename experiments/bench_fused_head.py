@@ -106,7 +106,9 @@ def methods(device: str = "cpu") -> dict[str, Head]:
     return found
 
 
-def inputs(n: int, h: int, v: int, dtype: str, seed: int = 0, device: str = "cpu"):
+def inputs(
+    n: int, h: int, v: int, dtype: str, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     dt = getattr(torch, dtype)
     hidden = torch.randn(n, h, generator=g, device=device).to(dt)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from stable_baselines3 import PPO
@@ -25,7 +26,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from erc_gym.sb3 import ERCPPO
 from erc_gym.sb3.presets import make_env_kwargs, ppo_kwargs
 
-VARIANTS = {
+VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
     "PPO": (PPO, {}),
     "ERCPPO (ERC 0.95/1.05)": (ERCPPO, {"erc_low": 0.95, "erc_high": 1.05}),
     "ERCPPO (ERC off)": (ERCPPO, {"erc_low": None, "erc_high": None}),

@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -235,7 +236,7 @@ def check_model(quick: bool) -> None:
     results = {}
     for key, config in (("DAPO", LossConfig.dapo()), ("DAPO+ERC", LossConfig.dapo(ERCConfig()))):
         torch.cuda.reset_peak_memory_stats()
-        seconds = timed(lambda config=config: train_steps(config), 2 if quick else 4)
+        seconds = timed(functools.partial(train_steps, config), 2 if quick else 4)
         results[key] = (seconds / minibatches, torch.cuda.max_memory_allocated())
     metrics = train_steps(LossConfig.dapo(ERCConfig()))
     for key, (sec, peak) in results.items():

@@ -165,12 +165,12 @@ def _patched(
 
     trainer.policy_loss = loss
     trainer.response_logprobs = logprobs
-    trainer.ERCTrainer._load_model = load
+    setattr(trainer.ERCTrainer, "_load_model", load)  # noqa: B010 (a method, patched)
 
     def undo() -> None:
         trainer.policy_loss = original_loss
         trainer.response_logprobs = original_lp
-        trainer.ERCTrainer._load_model = original_load
+        setattr(trainer.ERCTrainer, "_load_model", original_load)  # noqa: B010
 
     return undo
 

@@ -75,8 +75,8 @@ def train(steps: int, seed: int, erc: bool, episodes: int = 200) -> dict[str, fl
     seconds = time.perf_counter() - t0
     after, _ = evaluate_policy(model, eval_env, n_eval_episodes=episodes, deterministic=False)
     return {
-        "before": float(before),
-        "after": float(after),
+        "before": float(np.mean(before)),
+        "after": float(np.mean(after)),
         "random": random_return(env_kwargs, episodes, seed),
         "seconds": seconds,
         "params": float(sum(p.numel() for p in model.policy.parameters())),

@@ -13,6 +13,8 @@ from erc_gym.analysis import Run, load_runs
 from erc_gym.report import write_report
 from erc_gym.runner import expand, load_experiment, run_experiment
 from erc_gym.stress import (
+    _MAP_ROWS,
+    _cell_text,
     axis_settings,
     cell_table,
     check_axes,
@@ -225,3 +227,33 @@ def test_one_run_per_group_is_never_significant():
         r.config["axes"] = {"steps_per_rollout": 2, "lr": 0.1}
     (effect,) = effect_table(cell_table(runs))
     assert effect["d_score"] == pytest.approx(0.6) and effect["significant"] == []
+
+
+def test_stress_map_colours_blue_for_better_with_erc():
+    """Every effect panel: blue = better with ERC (higher score, smoother entropy), red = worse."""
+    import matplotlib
+
+    better_sign = {"score": 1.0, "volatility": -1.0}  # the direction that is better
+    effect_rows = [row for row in _MAP_ROWS if row[2].startswith("d_")]
+    assert {row[0] for row in effect_rows} == set(better_sign)
+    for name, _, _, cmap in effect_rows:
+        # the panels map [-lim, lim] onto [0, 1]
+        red, _, blue, _ = matplotlib.colormaps[cmap](0.5 + 0.4 * better_sign[name])
+        assert blue > red, name
+        red, _, blue, _ = matplotlib.colormaps[cmap](0.5 - 0.4 * better_sign[name])
+        assert red > blue, name
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (436.2, "436"),
+        (-123.4, "-123"),
+        (38.0, "38"),
+        (5.1, "5.1"),
+        (-0.72, "-0.72"),
+        (0.0081, "0.0081"),
+    ],
+)
+def test_stress_map_cell_text(value, text):
+    assert _cell_text(value) == text
