@@ -6,7 +6,11 @@ Methods, all computing ``(log p(label), H)`` for ``softmax(hidden @ W.T)``:
 - ``materialised``: ``logits = hidden @ W.T`` then :func:`erc_gym.entropy.logprob_and_entropy`;
 - ``trl``: TRL's fused head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``, TRL >= 1.16,
   vocabulary chunks of 32768 as TRL's trainer uses) -- only when TRL is importable;
-- ``naive``: ``logits = hidden @ W.T``, ``log_softmax``, ``-(p * log p).sum()``.
+- ``naive``: ``logits = hidden @ W.T``, ``log_softmax``, ``-(p * log p).sum()``;
+- ``gemm``: the one ``hidden @ W.T`` GEMM alone, always without grad (time only). In ``fwd+bwd``
+  rows it gives the *recompute floor* ``(materialised + gemm) / materialised``: a head that never
+  stores the logits must compute them twice (forward, and again in the backward), so it cannot
+  beat the materialised path by less than one extra GEMM; no fused head can go below that ratio.
 
 Modes: ``fwd`` (no grad, the scoring pass) and ``fwd+bwd`` (``log_prob.sum().backward()`` into
 ``hidden`` and ``W``, the training pass). Time is the median of repeated calls in one process,
@@ -70,6 +74,11 @@ def naive(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     return lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), entropy
 
 
+def gemm(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+    logits = hidden @ weight.T
+    return logits, logits
+
+
 def _trl_head() -> Head | None:
     try:
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -103,6 +112,7 @@ def methods(device: str = "cpu") -> dict[str, Head]:
     if trl is not None:
         found["trl"] = trl
     found["naive"] = naive
+    found["gemm"] = gemm
     return found
 
 
@@ -197,15 +207,16 @@ def time_all(
     hidden, weight, labels = inputs(n, h, v, dtype, device=device)
     found = {k: f for k, f in methods(device).items() if k in names}
     times: dict[str, list[float]] = {k: [] for k in found}
-    for fn in found.values():  # warm-up
-        call(fn, hidden[:256], weight, labels[:256], mode)
+    modes = {k: "fwd" if k == "gemm" else mode for k in found}  # the GEMM has no backward
+    for name, fn in found.items():  # warm-up
+        call(fn, hidden[:256], weight, labels[:256], modes[name])
         if device == "cuda":
-            call(fn, hidden, weight, labels, mode)
+            call(fn, hidden, weight, labels, modes[name])
     for _ in range(repeats):
         for name, fn in found.items():
             _sync(device)
             t0 = time.perf_counter()
-            call(fn, hidden, weight, labels, mode)
+            call(fn, hidden, weight, labels, modes[name])
             _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(t) for k, t in times.items()}
@@ -272,7 +283,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
     parser.add_argument(
-        "--methods", nargs="+", default=None, help="subset of fused materialised trl naive"
+        "--methods", nargs="+", default=None, help="subset of fused materialised trl naive gemm"
     )
     parser.add_argument("--quick", action="store_true", help="N 2048, H 1024, V 32768 only")
     parser.add_argument("--no-time", action="store_true", help="memory only")
@@ -311,8 +322,9 @@ def main() -> None:
                         measure = (
                             cuda_peak_extra_memory if args.device == "cuda" else peak_extra_memory
                         )
-                        mem = {k: measure(k, mode, n, h, v, args.dtype) for k in names}
-                        cells = "  ".join(f"{k} {mem[k] / mib:.0f}" for k in names)
+                        mem_names = [k for k in names if k != "gemm"]
+                        mem = {k: measure(k, mode, n, h, v, args.dtype) for k in mem_names}
+                        cells = "  ".join(f"{k} {mem[k] / mib:.0f}" for k in mem_names)
                         ratio = mem["materialised"] / max(mem["fused"], 1)
                         print(
                             f"{head} | peak extra MiB: {cells} | materialised / fused {ratio:.1f}x",
@@ -334,6 +346,9 @@ def main() -> None:
                             rel += f", fused / trl {t['fused'] / t['trl']:.2f}x"
                         if "fused_torch" in t:
                             rel += f", fused / fused_torch {t['fused'] / t['fused_torch']:.2f}x"
+                        if mode == "fwd+bwd" and "gemm" in t and "materialised" in t:
+                            floor = (t["materialised"] + t["gemm"]) / t["materialised"]
+                            rel += f", recompute floor {floor:.2f}x"
                         print(f"{head} {condition:>4} | ms: {cells} | {rel}", flush=True)
 
 

@@ -80,3 +80,23 @@ def test_llm_erc_drop_names_the_point():
     assert llm_erc_drop._point_of("add1-dapo-randmask0.11") == 4
     _, settings = llm_erc_drop._base(8)
     assert settings["mini_batch_prompts"] == 2 and settings["lr"] == 3e-4
+
+
+def test_bench_fused_head_prints_the_recompute_floor(capsys, monkeypatch):
+    """The ``gemm`` method times one logits GEMM (no grad) and gives the recompute floor."""
+    import re
+
+    import bench_fused_head
+
+    times = bench_fused_head.time_all(
+        ["fused", "materialised", "gemm"], 64, 16, 256, "float32", "fwd+bwd", repeats=2
+    )
+    assert set(times) == {"fused", "materialised", "gemm"}
+    # the GEMM alone (forward, no grad) is less work than logits + stats + backward
+    assert 0 < times["gemm"] < times["materialised"]
+    argv = "--tokens 64 --hidden 16 --vocab 256 --modes fwd+bwd --conditions idle --repeats 1"
+    argv += " --no-memory --methods fused materialised gemm"
+    monkeypatch.setattr(sys, "argv", ["bench_fused_head.py", *argv.split()])
+    bench_fused_head.main()
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("N=64")]
+    assert float(re.search(r"recompute floor ([\d.]+)x", line).group(1)) >= 1.0
