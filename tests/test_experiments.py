@@ -100,3 +100,19 @@ def test_bench_fused_head_prints_the_recompute_floor(capsys, monkeypatch):
     bench_fused_head.main()
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("N=64")]
     assert float(re.search(r"recompute floor ([\d.]+)x", line).group(1)) >= 1.0
+
+
+def test_erc_epoch_drift_branches_start_from_the_same_policy():
+    """With a band so wide that ERC never masks, the no-ERC and ERC branches of every rollout
+    start from the same restored policy and optimiser state, so they end the same."""
+    import erc_epoch_drift
+
+    wide = erc_epoch_drift.drift("gppo", 3e-3, (0.01, 100.0), steps=4, rollouts=2, seed=0)
+    assert len(wide) == 2
+    for r in wide:
+        assert r["masked"] == 0.0
+        assert r["ratio_off"] == pytest.approx(r["ratio_erc"], rel=1e-4)
+    # the paper's band does mask, and then the branches differ
+    narrow = erc_epoch_drift.drift("gppo", 3e-3, (0.95, 1.05), steps=8, rollouts=1, seed=0)
+    assert narrow[0]["masked"] > 0.01
+    assert abs(narrow[0]["ratio_off"] - narrow[0]["ratio_erc"]) > 1e-3
