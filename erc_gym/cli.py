@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     args = parser.parse_args(argv[:1])
     module, func = COMMANDS[args.command][0].split(":")
-    getattr(importlib.import_module(module), func)(argv[1:])
+    try:
+        getattr(importlib.import_module(module), func)(argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
+    except BrokenPipeError:
+        # ``erc-gym experiment --list | head``: the reader left; end quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, the shell's status for this case
 
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:

@@ -219,6 +219,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     assert "Traceback" not in captured.err + captured.out
 
 
+def test_a_reader_that_leaves_early_is_no_traceback():
+    """``erc-gym experiment --list | head -1`` ended in a BrokenPipeError traceback (h14)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "erc_gym", "experiment", "--list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""
+
+
 def test_unwritable_save_fails_before_training(tmp_path):
     """A subprocess: exit 2, one line, no traceback, and nothing trained or logged."""
     train = [sys.executable, "-m", "erc_gym", "train", "CartPole-v1", "--steps", "100000"]
