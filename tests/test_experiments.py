@@ -80,3 +80,42 @@ def test_llm_erc_drop_names_the_point():
     assert llm_erc_drop._point_of("add1-dapo-randmask0.11") == 4
     _, settings = llm_erc_drop._base(8)
     assert settings["mini_batch_prompts"] == 2 and settings["lr"] == 3e-4
+
+
+#: One bad value per experiment script: each was a traceback, an argparse usage block, or a
+#: run that started anyway (``--seeds 0`` printed an empty table; ``--repeats 0`` divided by 0).
+SCRIPT_BAD_ARGS = [
+    ("bench_entropy", ["--tokens", "-1"], "--tokens: must be >= 1, got -1"),
+    ("bench_fused_head", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ("bench_llm_step", ["--vocab", "0"], "--vocab: must be >= 1, got 0"),
+    ("bench_loss", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ("bench_sb3_speed", ["--steps", "0"], "--steps: must be >= 1, got 0"),
+    ("bench_trl", ["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+    ("gpu_check", ["--quick", "x"], "unrecognized arguments: x"),
+    ("gpu_llm_map", ["out", "--workers", "0"], "--workers: must be >= 1, got 0"),
+    ("gpu_llm_map_summary", [], "the following arguments are required: runs"),
+    ("llm_compare", ["--workers", "0"], "--workers: must be >= 1, got 0"),
+    ("llm_erc_drop", ["--workers", "0"], "--workers: must be >= 1, got 0"),
+    ("sb3_classic", ["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+    ("sb3_own_tests", ["--modes", "nope"], "invalid choice: 'nope'"),
+    ("token_lm_sb3", ["--steps", "-5"], "--steps: must be >= 1, got -5"),
+    ("vocab_drift", ["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+    ("vocab_drift", ["--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
+    ("vocab_drift", ["--vocab", "1"], "vocab_size must be in [2, 151936], got vocab_size=1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needle"),
+    SCRIPT_BAD_ARGS,
+    ids=[f"{s} {' '.join(a)}" for s, a, _ in SCRIPT_BAD_ARGS],
+)
+def test_experiment_scripts_reject_bad_values_in_one_line(script, args, needle, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exc:
+        module.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and needle in err[0], err
