@@ -105,10 +105,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.exit(
             2, f"gpu_llm_map: error: --budget-s must be > {RESERVE_S:g}, got {args.budget_s}\n"
         )
-    for name in ("workers", "seeds"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.exit(2, f"gpu_llm_map: error: --{name} must be >= 1, got {value}\n")
     return args
 
 

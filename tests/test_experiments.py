@@ -58,7 +58,7 @@ def test_llm_compare_smoke(tmp_path):
     [
         (["--random-share", "2"], "--random-share must be in (0, 1), got 2.0"),
         (["--only", "nope"], "unknown variants ['nope']"),
-        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
         (["--steps-per-rollout", "3"], "--steps-per-rollout: axes.steps_per_rollout=3 must"),
     ],
 )
