@@ -22,6 +22,7 @@ from erc_gym.cli_args import (
     fail,
     positive_float,
     positive_int,
+    seed,
     writable_dir,
     writable_file,
 )
@@ -278,7 +279,7 @@ def train_main(argv: list[str] | None = None) -> None:
         "--dual-clip", type=positive_float, default=None, help="dual-clip constant c > 1"
     )
     parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
     parser.add_argument(

@@ -70,7 +70,8 @@ def test_experiment_plot_and_report_commands(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "runs" / "mini" / "V32-ppo")])
     assert exc.value.code == 2
-    assert "no runs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"is inside the experiment folder {runs / 'mini'}; give that folder" in err
 
 
 def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
@@ -181,6 +182,10 @@ BAD_INPUTS = [
         ["llm", "--max-new-tokens", "100000", "--run-dir", "{tmp}/r", "--sft-steps", "0"],
         "lower max_new_tokens to at most",
     ),
+    # h14: a seed torch cannot take, and a toy batch of terabytes, were tracebacks
+    (["demo", "--seed", "99999999999999999999"], "--seed: must be <= 2**32 - 1"),
+    (["demo", "--vocab", "100000000000"], "= 6400000000000 logits, more than the demo's"),
+    (["train", "CartPole-v1", "--seed", "-1"], "--seed: must be >= 0, got -1"),
     # h14: a misspelt shipped name, a folder, a file or a run folder given for a folder
     (["experiment", "quikc"], "did you mean 'quick'?"),
     (["experiment", "{tmp}"], "is a folder; give a JSON config file"),
