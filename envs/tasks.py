@@ -7,10 +7,28 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Problem", "load_jsonl", "make_arithmetic_problems"]
+__all__ = ["MAX_DIGITS", "Problem", "check_arithmetic", "load_jsonl", "make_arithmetic_problems"]
 
 #: One problem: ``{"prompt": str, "answer": str}``.
 Problem = dict[str, str]
+#: Most digits per operand: operands are drawn as 64-bit integers below ``10**digits``.
+MAX_DIGITS = 18
+
+
+def check_arithmetic(digits: int, ops: str) -> None:
+    """Raise ``ValueError`` naming the setting unless ``digits`` and ``ops`` describe a task.
+
+    Args:
+        digits: maximum number of digits of each operand, 1 to :data:`MAX_DIGITS`.
+        ops: a non-empty string of ``+``, ``-``, ``*``.
+    """
+    if not 1 <= digits <= MAX_DIGITS:
+        raise ValueError(
+            f"digits must be in [1, {MAX_DIGITS}] (operands are 64-bit integers), "
+            f"got digits={digits}"
+        )
+    if not ops or any(op not in "+-*" for op in ops):
+        raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got ops={ops!r}")
 
 
 def make_arithmetic_problems(
@@ -33,10 +51,7 @@ def make_arithmetic_problems(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got n={n}")
-    if digits < 1:
-        raise ValueError(f"digits must be >= 1, got digits={digits}")
-    if not ops or any(op not in "+-*" for op in ops):
-        raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got ops={ops!r}")
+    check_arithmetic(digits, ops)
     rng = np.random.default_rng(seed)
     high = 10**digits
     problems = []

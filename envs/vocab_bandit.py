@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["VocabBandit", "make_prior"]
+__all__ = ["MAX_VOCAB", "VocabBandit", "check_task", "make_prior"]
 
 #: Largest vocabulary the env accepts (Qwen2's 151,936).
 MAX_VOCAB = 151_936
@@ -72,6 +72,31 @@ def _not_in(excluded: np.ndarray, vocab_size: int, rng: np.random.Generator) -> 
             return c
 
 
+def check_task(
+    vocab_size: int, num_contexts: int, reward_set_size: int, sharp_fraction: float
+) -> None:
+    """Raise ``ValueError`` naming the argument unless the arguments describe a VocabBandit task.
+
+    Args:
+        vocab_size: ``V``, from 2 to :data:`MAX_VOCAB`.
+        num_contexts: ``K`` >= 1.
+        reward_set_size: rewarded actions per context, 1 to ``V - 1``.
+        sharp_fraction: share of near-deterministic contexts, in [0, 1].
+    """
+    if not 2 <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab_size must be in [2, {MAX_VOCAB}], got vocab_size={vocab_size}")
+    if num_contexts < 1:
+        raise ValueError(f"num_contexts must be >= 1, got num_contexts={num_contexts}")
+    if not 1 <= reward_set_size < vocab_size:
+        raise ValueError(
+            f"reward_set_size must be in [1, vocab_size - 1] = [1, {vocab_size - 1}] (the "
+            f"vocabulary must be larger than the task needs), got reward_set_size="
+            f"{reward_set_size}"
+        )
+    if not 0.0 <= sharp_fraction <= 1.0:
+        raise ValueError(f"sharp_fraction must be in [0, 1], got sharp_fraction={sharp_fraction}")
+
+
 class VocabBandit(gym.Env[np.int64, np.int64]):
     """## Description
 
@@ -132,18 +157,7 @@ class VocabBandit(gym.Env[np.int64, np.int64]):
         task_seed: int = 0,
         render_mode: str | None = None,
     ) -> None:
-        if not 2 <= vocab_size <= MAX_VOCAB:
-            raise ValueError(f"vocab_size must be in [2, {MAX_VOCAB}], got vocab_size={vocab_size}")
-        if num_contexts < 1:
-            raise ValueError(f"num_contexts must be >= 1, got num_contexts={num_contexts}")
-        if not 1 <= reward_set_size < vocab_size:
-            raise ValueError(
-                f"reward_set_size must be in [1, vocab_size - 1] = [1, {vocab_size - 1}] (the "
-                f"vocabulary must be larger than the task needs), got reward_set_size="
-                f"{reward_set_size}"
-            )
-        if not 0.0 <= sharp_fraction <= 1.0:
-            raise ValueError(f"sharp_fraction must be in [0, 1], got {sharp_fraction}")
+        check_task(vocab_size, num_contexts, reward_set_size, sharp_fraction)
         self.vocab_size = vocab_size
         self.num_contexts = num_contexts
         self.render_mode = render_mode

@@ -29,6 +29,7 @@ __all__ = [
     "STEP_LABELS",
     "Run",
     "bootstrap_ci",
+    "experiment_above",
     "find_experiments",
     "grid_order",
     "iqm",
@@ -232,6 +233,8 @@ def find_experiments(path: str | Path) -> tuple[list[Path], list[str]]:
     ``erc-gym llm`` (a ``config.json`` and ``metrics.jsonl`` but no grid).
     """
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file; give an experiment folder or a runs folder")
     if not path.is_dir():
         raise FileNotFoundError(f"no folder {path}")
 
@@ -264,6 +267,17 @@ def find_experiments(path: str | Path) -> tuple[list[Path], list[str]]:
         for p in lone
     ]
     return found, notes
+
+
+def experiment_above(path: str | Path) -> Path | None:
+    """The experiment folder that holds ``path`` when ``path`` is one of its run folders
+    (``<experiment>/<variant>/<seed>``) or variant folders; None otherwise."""
+    path = Path(path)
+    if _is_grid_run(_read_config(path / "config.json")):
+        return path.parent.parent
+    if any(_is_grid_run(_read_config(c)) for c in path.glob("*/config.json")):
+        return path.parent
+    return None
 
 
 def iqm(values: Sequence[float]) -> float:

@@ -121,8 +121,15 @@ class BanditConfig:
                 raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if self.group < 2:
             raise ValueError(f"group must be >= 2 for group advantages, got group={self.group}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got lr={self.lr}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got save_every={self.save_every}")
+        from erc_gym.envs.vocab_bandit import check_task
+
+        check_task(self.vocab_size, self.num_contexts, self.reward_set_size, self.sharp_fraction)
 
 
 class _Policy(torch.nn.Module):

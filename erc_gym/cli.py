@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from erc_gym.cli_args import (
     fail,
     positive_float,
     positive_int,
+    seed,
     writable_dir,
     writable_file,
 )
@@ -53,20 +55,29 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     args = parser.parse_args(argv[:1])
     module, func = COMMANDS[args.command][0].split(":")
-    getattr(importlib.import_module(module), func)(argv[1:])
+    try:
+        getattr(importlib.import_module(module), func)(argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
+    except BrokenPipeError:
+        # ``erc-gym experiment --list | head``: the reader left; end quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, the shell's status for this case
 
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:
     """``path`` itself if it is an experiment folder, else its sub-folders that are."""
-    from erc_gym.analysis import find_experiments
+    from erc_gym.analysis import experiment_above, find_experiments
 
     try:
         found, notes = find_experiments(path)
-    except FileNotFoundError:
-        fail(prog, f"no folder {path}")
+    except FileNotFoundError as err:
+        fail(prog, str(err))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if not found:
+        above = experiment_above(path)
+        if above is not None:
+            fail(prog, f"{path} is inside the experiment folder {above}; give that folder")
         fail(prog, f"no runs below {path} (expected <variant>/<seed>/config.json)")
     return found
 
@@ -213,8 +224,8 @@ def report_main(argv: list[str] | None = None) -> None:
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         try:
             print(write_report(folder, plots=not args.no_plots))
-        except FileNotFoundError as err:  # e.g. run folders without the runner's record
-            parser.error(str(err))
+        except (FileNotFoundError, ValueError) as err:  # e.g. a hand-edited experiment.json
+            fail(parser.prog, str(err))
 
 
 def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, float]:
@@ -268,7 +279,7 @@ def train_main(argv: list[str] | None = None) -> None:
         "--dual-clip", type=positive_float, default=None, help="dual-clip constant c > 1"
     )
     parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
     parser.add_argument(
@@ -282,10 +293,19 @@ def train_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     prog = parser.prog
     band = _erc_band(prog, args.erc_low, args.erc_high)
-    if args.erc_target_clip_fraction is not None and args.algo != "ercppo":
-        fail(prog, f"--erc-target-clip-fraction needs --algo ercppo, got --algo {args.algo}")
+    ercppo_only = {
+        "--erc-target-clip-fraction": args.erc_target_clip_fraction,
+        "--clip-range-high": args.clip_range_high,
+        "--clip-variant": None if args.clip_variant == "ppo" else args.clip_variant,
+        "--dual-clip": args.dual_clip,
+    }
+    given = [f"{flag} {value}" for flag, value in ercppo_only.items() if value is not None]
+    if given and args.algo != "ercppo":  # SB3's PPO / A2C would silently ignore them
+        fail(prog, f"{given[0]} needs --algo ercppo, got --algo {args.algo}")
     writable_dir(prog, "--log-dir", args.log_dir)
-    if args.save:
+    if args.save is not None:
+        if not args.save.strip():
+            fail(prog, "--save '': give a file path, e.g. --save model.zip")
         writable_file(prog, "--save", args.save)
 
     import gymnasium as gym
@@ -347,7 +367,7 @@ def train_main(argv: list[str] | None = None) -> None:
     model.logger.dump(model.num_timesteps)  # the last update's keys
     seconds = time.perf_counter() - start
     print(_train_summary(args, model, last, seconds))
-    if args.save:
+    if args.save is not None:
         model.save(args.save)
         print(f"saved {args.save}")
     print(f"logs: {Path(args.log_dir) / 'progress.json'}")

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import NoReturn
 
 __all__ = [
+    "MAX_SEED",
     "CliParser",
     "boolean",
     "fail",
     "non_negative_int",
     "positive_float",
     "positive_int",
+    "seed",
     "writable_dir",
     "writable_file",
 ]
@@ -62,6 +64,19 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     return _whole_number(text, 0)
+
+
+#: Largest seed: numpy's and torch's generators (and SB3's ``set_random_seed``) take seeds
+#: below ``2**32``.
+MAX_SEED = 2**32 - 1
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in ``[0, 2**32 - 1]``."""
+    value = _whole_number(text, 0)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be <= 2**32 - 1 = {MAX_SEED}, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:

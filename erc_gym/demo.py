@@ -13,9 +13,13 @@ import argparse
 
 import torch
 
-from erc_gym.cli_args import CliParser, positive_float, positive_int
+from erc_gym.cli_args import CliParser, fail, positive_float, positive_int
+from erc_gym.cli_args import seed as seed_type
 from erc_gym.entropy import logprob_and_entropy
 from erc_gym.losses import ERCConfig, LossConfig, policy_loss
+
+#: Most logits (batch x vocab) the demo takes: 2**24 floats, 64 MB a tensor.
+MAX_LOGITS = 2**24
 
 
 def toy_batch(batch: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,8 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lr", type=positive_float, default=0.05, help="Adam learning rate on logits"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_type, default=0, help="seed of the toy batch")
     args = parser.parse_args(argv)
+    if args.batch * args.vocab > MAX_LOGITS:  # a typo must not try to allocate terabytes
+        fail(
+            parser.prog,
+            f"--batch {args.batch} x --vocab {args.vocab} = {args.batch * args.vocab} logits, "
+            f"more than the demo's {MAX_LOGITS} (64 MB a tensor)",
+        )
     kw = {
         "batch": args.batch,
         "vocab": args.vocab,

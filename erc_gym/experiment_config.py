@@ -3,8 +3,9 @@
 An experiment config (see :mod:`erc_gym.runner`) is validated with pydantic in two passes:
 
 1. the file's own shape (:class:`ExperimentConfig`): no unknown top-level keys, integer seeds
-   (a count ``>= 1`` or a list of distinct seeds ``>= 0``), non-empty lists of known algorithms
-   and environments, ERC bands ``[low, high]`` with ``0 < low < 1 < high``, distinct env labels;
+   (a count from 1 to :data:`MAX_SEEDS` or a list of distinct seeds from 0 to :data:`MAX_SEED`),
+   non-empty lists of known algorithms and environments, ERC bands ``[low, high]`` with
+   ``0 < low < 1 < high``, distinct env labels;
 2. the settings each run's trainer receives (``settings`` merged with an env's own keys): only
    keys the trainer knows (:class:`~erc_gym.bandit.BanditConfig`,
    :class:`~erc_gym.llm.TrainerConfig`, or ERCPPO's arguments plus the runner's ``steps``,
@@ -34,7 +35,15 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["ALGORITHMS", "KINDS", "ConfigError", "ExperimentConfig", "validate_experiment"]
+__all__ = [
+    "ALGORITHMS",
+    "KINDS",
+    "MAX_SEED",
+    "MAX_SEEDS",
+    "ConfigError",
+    "ExperimentConfig",
+    "validate_experiment",
+]
 
 #: Kinds of run the runner knows.
 KINDS = ("sb3", "bandit", "llm")
@@ -48,6 +57,14 @@ _LLM_RUNNER_KEYS = {"run_dir", "name", "progress"}
 _SB3_RUNNER_KEYS = {"steps", "eval_every", "eval_episodes"}
 _SB3_FIXED = {"self", "policy", "env", "args", "kwargs", "_init_setup_model", "seed"}
 _SB3_FIXED |= {"device", "verbose", "erc_low", "erc_high"}
+
+
+#: Most seeds a grid may ask for by count (a typo such as ``--seeds 30000000`` must not start
+#: expanding millions of runs).
+MAX_SEEDS = 1000
+#: Largest seed: the runner derives other seeds from it (an sb3 run's evaluation env uses
+#: ``seed + 10000`` plus the env index), and numpy takes seeds below ``2**32``.
+MAX_SEED = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -86,10 +103,11 @@ class ExperimentConfig(BaseModel):
     kind: Literal["sb3", "bandit", "llm"]
     """Which trainer runs the grid."""
     seeds: (
-        Annotated[StrictInt, Field(ge=1)]
-        | Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+        Annotated[StrictInt, Field(ge=1, le=MAX_SEEDS)]
+        | Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)]
     ) = 3
-    """A number of seeds (0 .. n-1) or an explicit list of seeds."""
+    """A number of seeds (0 .. n-1, at most :data:`MAX_SEEDS`) or an explicit list of seeds
+    (each at most :data:`MAX_SEED`)."""
     algorithms: Annotated[list[Literal["ppo", "dapo", "gppo"]], Field(min_length=1)]
     """Clip variants of the grid."""
     erc: Annotated[list[Band | None], Field(min_length=1)] = [None]
@@ -171,7 +189,9 @@ def _trainer_class(kind: str) -> Any:
 def _describe(err: ValidationError, known: list[str], prefix: str = "") -> str:
     """One line: the first error's key path, its value and the reason (+ how many more)."""
     errors = err.errors(include_url=False)
-    first = errors[0]
+    # of a union (``seeds``: a count or a list), report the member the value has the type of:
+    # its range error, not "Input should be a valid integer" from the other member
+    first = min(errors, key=lambda e: str(e["type"]).endswith("_type"))
     locs = {_loc(e["loc"]) for e in errors}
     loc = _loc(first["loc"])
     msg = str(first["msg"]).removeprefix("Value error, ")

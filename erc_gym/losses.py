@@ -437,6 +437,17 @@ def _validate(
 ) -> None:
     if not isinstance(config, LossConfig):
         raise ValueError(f"config must be a LossConfig, got {type(config).__name__}")
+    tensors: dict[str, Tensor | None] = {
+        "log_prob": log_prob,
+        "old_log_prob": old_log_prob,
+        "advantages": advantages,
+        "entropy": entropy,
+        "old_entropy": old_entropy,
+        "mask": mask,
+    }
+    for name, item in tensors.items():
+        if item is not None and not isinstance(item, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(item).__name__}")
     shape = tuple(log_prob.shape)
     if log_prob.ndim not in (1, 2):
         raise ValueError(f"log_prob must have shape (B,) or (B, T), got {shape}")

@@ -79,7 +79,14 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     if not runs:
         raise FileNotFoundError(f"no runs (config.json) below {experiment_dir}")
     spec_path = experiment_dir / "experiment.json"
-    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    try:
+        spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    except ValueError as err:  # the runner writes it atomically: this is a hand edit
+        raise ValueError(
+            f"{spec_path}: not valid JSON ({err}); running the experiment again rewrites it"
+        ) from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_path}: expected a JSON object, got {spec!r:.60}")
     # a stress grid has dozens of variants per env: its figure is the stress map, not the curves
     figures = plot_experiment(experiment_dir) if plots and not spec.get("axes") else []
     rows = summarize(runs)  # load_runs keeps the config's grid order (env, algorithm, band)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import difflib
 import json
 import multiprocessing as mp
 import os
@@ -207,9 +208,14 @@ def find_experiment(name: str) -> Path:
     shipped = CONFIG_DIR / f"{name}.json"
     if shipped.is_file():
         return shipped
+    if path.is_dir():
+        raise FileNotFoundError(f"experiment {name!r} is a folder; give a JSON config file")
+    names = sorted(list_experiments())
+    close = difflib.get_close_matches(path.stem, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     raise FileNotFoundError(
-        f"no experiment {name!r}: not a file, and not one of the shipped configs "
-        f"{sorted(list_experiments())}"
+        f"no experiment {name!r}: not a file, and not one of the shipped configs ({hint}"
+        f"shipped: {', '.join(names)})"
     )
 
 
@@ -222,10 +228,31 @@ def load_experiment(name: str) -> dict[str, Any]:
     """
     path = find_experiment(name)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err})") from None
     return validate_experiment(raw, str(path))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` keeps the last of two equal keys: a copied-and-edited line would silently win."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(
+                f"key {key!r} appears twice in one object ({out[key]!r:.40} and {value!r:.40}); "
+                "keep one"
+            )
+        out[key] = value
+    return out
 
 
 def _band_label(band: tuple[float, float] | None) -> str:

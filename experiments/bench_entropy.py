@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -30,6 +29,8 @@ import time
 from collections.abc import Iterator
 
 import torch
+
+from erc_gym.cli_args import CliParser, positive_int
 
 
 def naive(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,12 +114,14 @@ def time_both(n: int, v: int, dtype: str, repeats: int) -> dict[str, float]:
     return {k: statistics.median(t) for k, t in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="number of tokens N")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936], help="V values")
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=positive_int, default=4096, help="number of tokens N")
+    parser.add_argument(
+        "--vocab", type=positive_int, nargs="+", default=[32768, 151936], help="V values"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per function")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per function")
     parser.add_argument(
         "--conditions",
         nargs="+",
@@ -126,7 +129,7 @@ def main() -> None:
         choices=["idle", "busy"],
         help="idle: the machine as it is; busy: plus one spinning process of ours",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "

@@ -40,7 +40,6 @@ memory is ``torch.cuda.max_memory_allocated`` over the inputs, in the same proce
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -55,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_entropy import busy_core, vm_hwm_bytes
 
+from erc_gym.cli_args import CliParser, positive_int
 from erc_gym.entropy import linear_logprob_and_entropy, logprob_and_entropy
 
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -264,11 +264,17 @@ def trainer_memory(vocab: int) -> None:
         print(f"  fused_head={flag!s:5}: peak extra memory of a step {extra / mib:8.1f} MiB")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="N values")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048], help="H values")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936], help="V values")
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--tokens", type=positive_int, nargs="+", default=[2048, 8192], help="N values"
+    )
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[1024, 2048], help="H values"
+    )
+    parser.add_argument(
+        "--vocab", type=positive_int, nargs="+", default=[32768, 151936], help="V values"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -281,7 +287,7 @@ def main() -> None:
         choices=["idle", "busy"],
         help="CPU only (a GPU run has one condition)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed calls per method")
     parser.add_argument(
         "--methods", nargs="+", default=None, help="subset of fused materialised trl naive gemm"
     )
@@ -289,7 +295,7 @@ def main() -> None:
     parser.add_argument("--no-time", action="store_true", help="memory only")
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--trainer", action="store_true", help="ERCTrainer step memory instead")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.trainer:
         for v in args.vocab:
             trainer_memory(v)

@@ -14,7 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from bench_entropy import vm_hwm_bytes  # same folder: the one peak-memory probe
+
+from erc_gym.cli_args import CliParser, positive_int
 
 
 def make_trainer(erc: bool, vocab: int) -> Any:
@@ -64,11 +65,11 @@ def memory_child(erc: bool, vocab: int) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, default=32_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=positive_int, default=32_000)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    args = parser.parse_args(argv)
     # One trainer, one batch, the same starting weights for every timed update: only the loss
     # configuration differs between the variants (two model instances drift apart in their
     # weights, and with them in CPU speed, which would be measured as "ERC's cost").

@@ -14,7 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from types import ModuleType
 import torch
 
 import erc_gym.losses
+from erc_gym.cli_args import CliParser, positive_int
 
 
 def _sync(device: str) -> None:
@@ -94,19 +94,19 @@ def bench(batch: int, tokens: int, repeats: int, device: str, against: str | Non
             print(f"{'':<10} this tree / {against}: ERC off {ratios[0]:.3f}x, on {ratios[1]:.3f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=64, help="sequences B")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens per sequence T")
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls per config")
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=positive_int, default=64, help="sequences B")
+    parser.add_argument("--tokens", type=positive_int, default=1024, help="tokens per sequence T")
+    parser.add_argument("--repeats", type=positive_int, default=200, help="timed calls per config")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--against", default=None, help="git revision whose erc_gym/losses.py to time as well"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads", type=positive_int, default=None, help="torch threads (default: torch's)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     bench(args.batch, args.tokens, args.repeats, args.device, args.against)

@@ -14,7 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
+from erc_gym.cli_args import CliParser, non_negative_int, positive_int
 from erc_gym.sb3 import ERCPPO
 from erc_gym.sb3.presets import make_env_kwargs, ppo_kwargs
 
@@ -60,22 +60,22 @@ def update_only(env_id: str, repeats: int) -> None:
         print(f"{name:<24} {1000 * med:>17.2f} {med / base:>12.3f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--env", default="CartPole-v1")
-    parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=100_000)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+        "--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)"
     )
     parser.add_argument(
         "--update-only",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="instead: time N alternated train() calls on one collected rollout per variant",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.update_only:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from erc_gym.cli_args import CliParser, non_negative_int, positive_int
+
 #: Model configurations (transformers Qwen2 fields); "qwen-0.5b" has Qwen2.5-0.5B's shape.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -91,17 +93,19 @@ def run(variant: str, a: argparse.Namespace, tokenizer: Any) -> dict[str, float]
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = CliParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
-    p.add_argument("--batch", type=int, default=16, help="per-device batch (sequences)")
-    p.add_argument("--completion-length", type=int, default=64, help="max new tokens")
-    p.add_argument("--repeats", type=int, default=2, help="rounds of the three variants")
+    p.add_argument("--steps", type=positive_int, default=8, help="optimizer steps per run")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=4, help="steps left out of the median"
+    )
+    p.add_argument("--batch", type=positive_int, default=16, help="per-device batch (sequences)")
+    p.add_argument("--completion-length", type=positive_int, default=64, help="max new tokens")
+    p.add_argument("--repeats", type=positive_int, default=2, help="rounds of the three variants")
     p.add_argument("--bf16", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.warmup >= a.steps:
         p.error(f"--warmup must be < --steps, got warmup={a.warmup}, steps={a.steps}")
 

@@ -19,7 +19,6 @@ step (before ERC can act) and after the last, medians over rollouts and seeds.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import statistics
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from erc_gym.cli_args import CliParser, positive_float, positive_int
 from erc_gym.sb3 import ERCPPO
 from erc_gym.sb3.distributions import state_entropy
 from erc_gym.sb3.presets import make_env_kwargs, ppo_kwargs
@@ -125,21 +125,18 @@ def drift(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algo", choices=sorted(ALGOS), default="gppo")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
-    parser.add_argument("--steps", type=int, default=16, help="optimiser steps per rollout")
-    parser.add_argument("--rollouts", type=int, default=40, help="rollouts per run")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--band", type=float, nargs=2, default=[0.95, 1.05])
+    parser.add_argument("--lrs", type=positive_float, nargs="+", default=[1e-3, 3e-3])
+    parser.add_argument(
+        "--steps", type=positive_int, default=16, help="optimiser steps per rollout"
+    )
+    parser.add_argument("--rollouts", type=positive_int, default=40, help="rollouts per run")
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--band", type=positive_float, nargs=2, default=[0.95, 1.05])
     args = parser.parse_args(argv)
-    if any(not (lr > 0 and np.isfinite(lr)) for lr in args.lrs):
-        parser.error(f"--lrs must be positive, got {args.lrs}")
-    for name in ("steps", "rollouts", "seeds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.band[0] < 1 < args.band[1]:
-        parser.error(f"--band must satisfy 0 < low < 1 < high, got {args.band}")
+    if not args.band[0] < 1 < args.band[1]:
+        parser.error(f"--band must satisfy low < 1 < high, got {args.band}")
     torch.set_num_threads(1)
     band = (args.band[0], args.band[1])
     print(

@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from erc_gym.cli_args import CliParser
 from erc_gym.entropy import logprob_and_entropy
 from erc_gym.losses import ERCConfig, LossConfig, policy_loss
 
@@ -334,10 +334,10 @@ def check_trainer(quick: bool) -> None:
             )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device")
     props = torch.cuda.get_device_properties(0)

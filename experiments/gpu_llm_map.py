@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from erc_gym.cli_args import CliParser, positive_int
+
 EXPERIMENT = "stress_llm_gpu"
 TARBALL = "gpu_llm_map.tar.gz"
 #: Files of a run folder (and of the experiment folder) that go into the tarball.
@@ -59,7 +61,7 @@ SHRUNK_AXES: dict[str, list[Any]] = {"steps_per_rollout": [1, 4], "lr": [3e-4]}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="gpu_llm_map",
         description="Run the stress_llm_gpu grid within a wall-clock budget, write its report "
         "and pack the small result files into OUTDIR/gpu_llm_map.tar.gz.",
@@ -81,11 +83,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "take ~1.6 GB per run)",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="parallel runs (default: all runs at once)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="parallel runs (default: all runs at once)",
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=positive_int,
         default=None,
         help="seeds per cell (default: the config's 1; 2 doubles the runs sharing the GPU)",
     )
@@ -100,10 +105,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.exit(
             2, f"gpu_llm_map: error: --budget-s must be > {RESERVE_S:g}, got {args.budget_s}\n"
         )
-    for name in ("workers", "seeds"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.exit(2, f"gpu_llm_map: error: --{name} must be >= 1, got {value}\n")
     return args
 
 

@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from erc_gym.cli_args import CliParser
 from erc_gym.jsonl import read_jsonl
 
 
@@ -53,10 +53,10 @@ def summarize(root: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", help="a runs folder or a .tar.gz from gpu_llm_map.sh")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     source = Path(args.runs)
     if not source.exists():
         sys.exit(f"gpu_llm_map_summary: no such file or folder: {source}")

@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,6 +23,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+from erc_gym.cli_args import CliParser, non_negative_int, positive_float, positive_int
 
 VARIANTS = ["tiny-arith-dapo", "tiny-arith-dapo-erc", "tiny-arith-gppo", "tiny-arith-gppo-erc"]
 
@@ -102,19 +103,19 @@ def summarize(root: Path, variants: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=600, help="RL steps per run")
-    parser.add_argument("--sft-steps", type=int, default=600, help="warm-start steps")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--digits", type=int, default=2)
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=600, help="RL steps per run")
+    parser.add_argument("--sft-steps", type=non_negative_int, default=600, help="warm-start steps")
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--digits", type=positive_int, default=2)
     parser.add_argument("--ops", default="+")
-    parser.add_argument("--num-eval", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--num-eval", type=positive_int, default=200)
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     parser.add_argument("--root", default="runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = {
         k: getattr(args, k)
         for k in ("steps", "sft_steps", "lr", "digits", "ops", "num_eval", "root")

@@ -23,7 +23,6 @@ names get ``-sS``; the baselines are then the ``stress_llm`` cells ``sS-lr0.0003
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from erc_gym.cli_args import CliParser, positive_int
 from erc_gym.runner import RunSpec, load_experiment, run_one
 
 EXPERIMENT = "llm_erc_drop"
@@ -250,9 +250,9 @@ def _mean_series(run: Any, name: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CliParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument(
         "--random-share",
         type=float,
@@ -262,10 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--summary", action="store_true", help="print the table and exit")
-    parser.add_argument("--seeds", type=int, default=3, help="run at most the first N seeds")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=3, help="run at most the first N seeds"
+    )
     parser.add_argument(
         "--steps-per-rollout",
-        type=int,
+        type=positive_int,
         default=DEFAULT_STEPS,
         help="optimiser steps per rollout of the point (lr stays 3e-4; default 4)",
     )
@@ -286,9 +288,6 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in table]
     if unknown:
         print(f"unknown variants {unknown}; choose from {list(table)}", file=sys.stderr)
-        raise SystemExit(2)
-    if args.seeds < 1:
-        print(f"--seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         raise SystemExit(2)
     jobs = [(n, s) for n in names for s in table[n][2][: args.seeds]]
     (Path(args.root) / EXPERIMENT).mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from erc_gym.analysis import load_runs
+from erc_gym.cli_args import CliParser, positive_int
 from erc_gym.runner import run_experiment
 
 #: Variant name -> ERC band (None: ERC off).
@@ -106,21 +106,23 @@ def summarize(root: Path, experiment: str, env_id: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     from erc_gym.sb3.presets import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--env", default="CartPole-v1", choices=sorted(PRESETS))
     parser.add_argument(
         "--variants", nargs="+", default=["ppo", "erc-0.95"], choices=sorted(VARIANTS)
     )
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
-    parser.add_argument("--steps", type=int, default=None, help="default: the preset's budget")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds 0 .. N-1")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="default: the preset's budget"
+    )
     parser.add_argument(
         "--eval-every",
-        type=int,
+        type=positive_int,
         default=None,
         help="env steps between evaluations (default: budget / 10)",
     )
-    parser.add_argument("--eval-episodes", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--eval-episodes", type=positive_int, default=20)
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     parser.add_argument("--experiment", default="sb3_classic")
     parser.add_argument("--root", default="runs")
     args = parser.parse_args(argv)

@@ -35,6 +35,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from erc_gym.cli_args import CliParser
+
 MODES = ("sb3", "off", "on")
 _MODE_ENV = "ERC_GYM_SB3_TESTS_MODE"
 #: The constructor error ERCPPO raises by design for continuous actions with ERC on.
@@ -183,8 +185,8 @@ def read_report(report: Path) -> dict[str, tuple[str, str]]:
     return outcomes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--dest", type=Path, default=Path("runs/sb3_own_tests"), help="download/extract folder"
@@ -193,7 +195,7 @@ def main() -> None:
     parser.add_argument(
         "--pytest-args", nargs=argparse.REMAINDER, default=[], help="passed on to pytest"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     root = fetch_tests(args.dest.resolve())
     results = {}

@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
+from erc_gym.cli_args import CliParser, non_negative_int, positive_int
 from erc_gym.sb3 import ERCPPO
 
 TINY_LLAMA: dict[str, Any] = {
@@ -83,12 +83,12 @@ def train(steps: int, seed: int, erc: bool, episodes: int = 200) -> dict[str, fl
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12_000)
-    parser.add_argument("--seed", type=int, default=0)
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=12_000)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--no-erc", action="store_true", help="train without ERC")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     res = train(args.steps, args.seed, erc=not args.no_erc)
     print(

@@ -20,12 +20,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import numpy as np
 
 from erc_gym.bandit import BanditConfig, train_bandit
+from erc_gym.cli_args import CliParser, fail, positive_float, positive_int
 
 
 def run(
@@ -71,15 +71,21 @@ def run(
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[16, 256, 4096])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=10, help="batches per run")
-    parser.add_argument("--group", type=int, default=16, help="samples per context and batch")
-    parser.add_argument("--minibatches", type=int, default=8, help="off-policy steps per batch")
-    parser.add_argument("--contexts", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on logits")
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=positive_int, nargs="+", default=[16, 256, 4096])
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--iterations", type=positive_int, default=10, help="batches per run")
+    parser.add_argument(
+        "--group", type=positive_int, default=16, help="samples per context and batch"
+    )
+    parser.add_argument(
+        "--minibatches", type=positive_int, default=8, help="off-policy steps per batch"
+    )
+    parser.add_argument("--contexts", type=positive_int, default=16)
+    parser.add_argument(
+        "--lr", type=positive_float, default=0.05, help="Adam learning rate on logits"
+    )
     parser.add_argument(
         "--policy",
         choices=["tabular", "shared"],
@@ -92,7 +98,18 @@ def main() -> None:
         default=0.5,
         help="share of near-deterministic contexts in the prior",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for vocab in args.vocab:  # every bad value as one line now, not a traceback mid-table
+        try:
+            BanditConfig(
+                vocab_size=vocab,
+                num_contexts=args.contexts,
+                sharp_fraction=args.sharp_fraction,
+                group=args.group,
+                lr=args.lr,
+            ).validate()
+        except ValueError as err:
+            fail(parser.prog, str(err))
     variants: dict[str, tuple[float, float] | None] = {
         "PPO-clip": None,
         "PPO-clip + ERC(0.95,1.05)": (0.95, 1.05),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,8 @@ def test_experiment_plot_and_report_commands(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "runs" / "mini" / "V32-ppo")])
     assert exc.value.code == 2
-    assert "no runs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"is inside the experiment folder {runs / 'mini'}; give that folder" in err
 
 
 def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
@@ -115,6 +117,9 @@ def _file(tmp_path: Path) -> str:
     return str(tmp_path / "file")
 
 
+#: Options that keep a run which wrongly starts short (a test that fails does so in seconds).
+TINY = ["--steps", "64", "--n-envs", "1", "--no-progress", "--log-dir", "{tmp}/log"]
+
 # #12 item 8: every bad value is one line on stderr and exit 2, never a traceback.
 BAD_INPUTS = [
     (["nope"], "invalid choice: 'nope'"),
@@ -157,6 +162,38 @@ BAD_INPUTS = [
     (["demo", "--steps", "two"], "--steps: expected a whole number"),
     (["experiment", "quick", "--workers", "0"], "--workers: must be >= 1"),
     (["experiment", "quick", "--seeds", "-1"], "--seeds: must be >= 1"),
+    # h14: ERCPPO-only options were silently ignored by SB3's PPO / A2C
+    (["train", "CartPole-v1", "--algo", "ppo", "--dual-clip", "3", *TINY], "--dual-clip 3.0 needs"),
+    (["train", "CartPole-v1", "--algo", "a2c", "--clip-variant", "gppo", *TINY], "--clip-variant"),
+    (["train", "CartPole-v1", "--algo", "ppo", "--clip-range-high", "0.3", *TINY], "--clip-range"),
+    (["train", "CartPole-v1", "--save", "", *TINY], "--save '': give a file path"),
+    # h14: LLM settings that were accepted, or failed later with a traceback / without a name
+    (["llm", "--seed", "-1"], "seed must be in [0, 2**32 - 1], got seed=-1"),
+    (["llm", "--seed", "99999999999999999999"], "got seed=99999999999999999999"),
+    (["llm", "--positive-nll-coef", "-1"], "positive_nll_coef must be a finite number >= 0"),
+    (["llm", "--positive-nll-coef", "inf"], "got positive_nll_coef=inf"),
+    (["llm", "--overlong-penalty-factor", "nan"], "got overlong_penalty_factor=nan"),
+    (["llm", "--save-minutes", "inf"], "save_minutes must be a finite number >= 0"),
+    (["llm", "--vocab-size", "10000000000"], "vocab_size must be <= 151936"),
+    (["llm", "--digits", "30"], "digits must be in [1, 18]"),
+    (["llm", "--device", "cuda:x"], "got device='cuda:x'"),
+    (["llm", "--name", ".."], "plain folder name, got name='..'"),
+    (
+        ["llm", "--max-new-tokens", "100000", "--run-dir", "{tmp}/r", "--sft-steps", "0"],
+        "lower max_new_tokens to at most",
+    ),
+    # h14: a seed torch cannot take, and a toy batch of terabytes, were tracebacks
+    (["demo", "--seed", "99999999999999999999"], "--seed: must be <= 2**32 - 1"),
+    (["demo", "--vocab", "100000000000"], "= 6400000000000 logits, more than the demo's"),
+    (["train", "CartPole-v1", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+    # h14: a misspelt shipped name, a folder, a file or a run folder given for a folder
+    (["experiment", "quikc"], "did you mean 'quick'?"),
+    (["experiment", "{tmp}"], "is a folder; give a JSON config file"),
+    (["report", "{file}"], "is a file; give an experiment folder or a runs folder"),
+    (["plot", "{file}"], "is a file; give an experiment folder or a runs folder"),
+    (["report", "{run}"], "is inside the experiment folder"),
+    (["plot", "{run}/.."], "is inside the experiment folder"),
+    (["report", "{corrupt}"], "experiment.json: not valid JSON"),
 ]
 
 
@@ -165,7 +202,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     file = _file(tmp_path)
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')
-    argv = [a.format(file=file, tmp=tmp_path, bad_jsonl=bad_jsonl) for a in argv]
+    # a run folder of a grid (not an experiment folder), deep enough that {tmp} has no runs
+    run = tmp_path / "nest" / "exp" / "V-ppo" / "0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"variant": "V-ppo", "kind": "bandit"}))
+    corrupt = tmp_path / "nest" / "corrupt"
+    shutil.copytree(tmp_path / "nest" / "exp", corrupt)
+    (corrupt / "experiment.json").write_text("{")  # a hand edit cut short
+    argv = [
+        a.format(file=file, tmp=tmp_path, bad_jsonl=bad_jsonl, run=run, corrupt=corrupt)
+        for a in argv
+    ]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -175,6 +222,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     assert lines[0].startswith("erc-gym"), lines[0]
     assert needle in lines[0]
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_a_reader_that_leaves_early_is_no_traceback():
+    """``erc-gym experiment --list | head -1`` ended in a BrokenPipeError traceback (h14)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "erc_gym", "experiment", "--list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""
 
 
 def test_unwritable_save_fails_before_training(tmp_path):

@@ -58,7 +58,7 @@ def test_llm_compare_smoke(tmp_path):
     [
         (["--random-share", "2"], "--random-share must be in (0, 1), got 2.0"),
         (["--only", "nope"], "unknown variants ['nope']"),
-        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
         (["--steps-per-rollout", "3"], "--steps-per-rollout: axes.steps_per_rollout=3 must"),
     ],
 )
@@ -116,3 +116,44 @@ def test_erc_epoch_drift_branches_start_from_the_same_policy():
     narrow = erc_epoch_drift.drift("gppo", 3e-3, (0.95, 1.05), steps=8, rollouts=1, seed=0)
     assert narrow[0]["masked"] > 0.01
     assert abs(narrow[0]["ratio_off"] - narrow[0]["ratio_erc"]) > 1e-3
+
+
+#: One bad value per experiment script: each was a traceback, an argparse usage block, or a
+#: run that started anyway (``--seeds 0`` printed an empty table; ``--repeats 0`` divided by 0).
+SCRIPT_BAD_ARGS = [
+    ("bench_entropy", ["--tokens", "-1"], "--tokens: must be >= 1, got -1"),
+    ("bench_fused_head", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ("bench_llm_step", ["--vocab", "0"], "--vocab: must be >= 1, got 0"),
+    ("bench_loss", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ("bench_sb3_speed", ["--steps", "0"], "--steps: must be >= 1, got 0"),
+    ("bench_trl", ["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+    ("erc_epoch_drift", ["--band", "1.05", "0.95"], "--band must satisfy low < 1 < high"),
+    ("erc_epoch_drift", ["--lrs", "0"], "--lrs: must be a finite number > 0, got 0"),
+    ("gpu_check", ["--quick", "x"], "unrecognized arguments: x"),
+    ("gpu_llm_map", ["out", "--workers", "0"], "--workers: must be >= 1, got 0"),
+    ("gpu_llm_map_summary", [], "the following arguments are required: runs"),
+    ("llm_compare", ["--workers", "0"], "--workers: must be >= 1, got 0"),
+    ("llm_erc_drop", ["--workers", "0"], "--workers: must be >= 1, got 0"),
+    ("sb3_classic", ["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+    ("sb3_own_tests", ["--modes", "nope"], "invalid choice: 'nope'"),
+    ("token_lm_sb3", ["--steps", "-5"], "--steps: must be >= 1, got -5"),
+    ("vocab_drift", ["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+    ("vocab_drift", ["--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
+    ("vocab_drift", ["--vocab", "1"], "vocab_size must be in [2, 151936], got vocab_size=1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needle"),
+    SCRIPT_BAD_ARGS,
+    ids=[f"{s} {' '.join(a)}" for s, a, _ in SCRIPT_BAD_ARGS],
+)
+def test_experiment_scripts_reject_bad_values_in_one_line(script, args, needle, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exc:
+        module.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and needle in err[0], err

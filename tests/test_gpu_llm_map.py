@@ -66,8 +66,8 @@ def test_runner_spawns_when_the_parent_has_cuda(monkeypatch):
     ("args", "message"),
     [
         (["--budget-s", "10"], "--budget-s must be > 30, got 10.0"),
-        (["--workers", "0"], "--workers must be >= 1, got 0"),
-        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--workers", "0"], "--workers: must be >= 1, got 0"),
+        (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
     ],
 )
 def test_script_rejects_bad_settings(tmp_path, capsys, args, message):

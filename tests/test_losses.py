@@ -409,6 +409,18 @@ def test_mismatched_shapes_are_rejected():
         policy_loss(lp, lp, torch.zeros(3), entropy=torch.ones(4), old_entropy=lp, config=cfg)
 
 
+def test_non_tensor_inputs_are_a_type_error_naming_the_argument():
+    """A list was an AttributeError ("'list' object has no attribute 'shape'") (h14)."""
+    lp = torch.zeros(3)
+    cfg = LossConfig.ppo()
+    with pytest.raises(TypeError, match=r"log_prob must be a torch\.Tensor, got list"):
+        policy_loss([0.0, 0.0, 0.0], lp, lp, config=cfg)
+    with pytest.raises(TypeError, match=r"advantages must be a torch\.Tensor, got ndarray"):
+        policy_loss(lp, lp, lp.numpy(), config=cfg)
+    with pytest.raises(TypeError, match=r"mask must be a torch\.Tensor, got list"):
+        policy_loss(lp, lp, lp, mask=[True] * 3, config=cfg)
+
+
 def test_erc_without_entropies_is_rejected():
     lp = torch.zeros(3, 4)
     cfg = LossConfig.dapo(erc=ERCConfig())

@@ -246,6 +246,14 @@ def test_duplicate_env_labels_are_rejected_up_front(tmp_path):
         ({"settings": {"iterations": -3}}, "iterations must be >= 1, got iterations=-3"),
         ({"settings": {"iterations": "4"}}, "iterations = '4': Input should be a valid integer"),
         ({"settings": {"itrations": 4}}, "itrations = 4: unknown key (did you mean 'iterations'?)"),
+        # h14: a count that would expand millions of runs, and seeds the trainers' RNGs refuse
+        ({"seeds": 10**30}, f"seeds = {10**30}: Input should be less than or equal to 1000"),
+        ({"seeds": 100_000_000}, "seeds = 100000000: Input should be less than or equal to 1000"),
+        ({"seeds": [2**32]}, "seeds[0] = 4294967296: Input should be less than or equal to 21474"),
+        # h14: checked when the config is read, not when every run fails
+        ({"settings": {"lr": math.inf}}, "lr must be a finite number > 0, got lr=inf"),
+        ({"envs": [{"vocab_size": 10**9}]}, "vocab_size must be in [2, 151936], got vocab_size=1"),
+        ({"envs": [{"reward_set_size": 64, "vocab_size": 64}]}, "reward_set_size must be in"),
     ],
 )
 def test_bad_configs_fail_in_one_line_before_any_run(tmp_path, capsys, change, message):
@@ -256,6 +264,22 @@ def test_bad_configs_fail_in_one_line_before_any_run(tmp_path, capsys, change, m
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_file_with_a_key_twice_is_refused(tmp_path, capsys):
+    """``json`` keeps the last of two equal keys, so a copied-and-edited line silently won."""
+    config = tmp_path / "dup.json"
+    text = json.dumps(TINY).replace('"iterations": 3', '"iterations": 3, "iterations": 30')
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["experiment", str(config), "--runs", str(tmp_path / "runs"), "--workers", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"erc-gym experiment: error: {config}: key 'iterations' appears twice in one object "
+        "(3 and 30); keep one"
+    )
     assert not (tmp_path / "runs").exists()
 
 

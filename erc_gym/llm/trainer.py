@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from erc_gym.adaptive_band import (
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
-from erc_gym.envs.tasks import Problem, load_jsonl, make_arithmetic_problems
+from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
+from erc_gym.envs.vocab_bandit import MAX_VOCAB
 from erc_gym.jsonl import append_jsonl, repair_jsonl
 from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
@@ -202,8 +204,18 @@ class TrainerConfig:
             )
         for name, low in _MIN_VALUES.items():
             value = getattr(self, name)
-            if value is not None and not value >= low:
-                raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+            if value is not None and not low <= value < math.inf:
+                what = "a finite number " if isinstance(value, float) else ""
+                raise ValueError(f"{name} must be {what}>= {low}, got {name}={value}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
+        if self.vocab_size is not None and self.vocab_size > MAX_VOCAB:
+            raise ValueError(
+                f"vocab_size must be <= {MAX_VOCAB} (Qwen2's vocabulary, the largest this "
+                f"project pads to), got vocab_size={self.vocab_size}"
+            )
+        if self.dataset == "arithmetic":
+            check_arithmetic(self.digits, self.ops)
         for name in ("lr", "max_grad_norm", "temperature", "sft_lr"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(
@@ -215,7 +227,7 @@ class TrainerConfig:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, got dtype={self.dtype!r}"
             )
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got device={self.device!r}")
         for name in ("dataset", "eval_dataset"):
             value = getattr(self, name)
@@ -226,7 +238,7 @@ class TrainerConfig:
                 f"model={self.model!r} is neither a built-in preset ({', '.join(TINY_PRESETS)}) "
                 "nor a local folder (models are never downloaded; save one with save_pretrained)"
             )
-        if not self.name or Path(self.name).name != self.name:
+        if self.name in (".", "..") or not self.name or Path(self.name).name != self.name:
             raise ValueError(f"name must be a plain folder name, got name={self.name!r}")
         if self.prompts_per_step % self.mini_batch_prompts:
             raise ValueError(
@@ -255,7 +267,11 @@ _MIN_VALUES: dict[str, float] = {
     "score_micro_batch": 1,
     "save_every": 0,
     "save_minutes": 0,
+    "overlong_penalty_factor": 0,
+    "positive_nll_coef": 0,
 }
+#: Largest seed: numpy's and torch's generators take seeds below 2**32.
+_MAX_SEED = 2**32 - 1
 
 #: Settings that may change when a run resumes: how long it runs and how it logs and saves.
 RESUMABLE_CHANGES = frozenset(
@@ -380,6 +396,11 @@ class ERCTrainer:
             if config.device == "auto"
             else config.device
         )
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device={config.device!r}, but this torch has no CUDA device "
+                f"(torch {torch.__version__}); use device='cpu' or 'auto'"
+            )
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -387,10 +408,23 @@ class ERCTrainer:
         self.run_path = Path(config.run_dir) / config.name
         self.train_problems, self.eval_problems = self._load_data()
         self.model, self.tokenizer = self._load_model()
-        if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = None if context is None else context - config.max_new_tokens
+        self._check_context()  # before the warm start: a bad setting fails in seconds
+        if config.model in TINY_PRESETS and config.sft_steps > 0:
+            from erc_gym.llm.model import sft_warmstart
+
+            sft_warmstart(
+                self.model,
+                self.tokenizer,
+                self.train_problems,
+                steps=config.sft_steps,
+                lr=config.sft_lr,
+                seed=config.seed,
+                progress=config.progress,
+            )
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -448,21 +482,35 @@ class ERCTrainer:
             tokenizer = CharTokenizer.build(alphabet, vocab_size=c.vocab_size)
             model = make_tiny_lm(len(tokenizer), c.model, seed=c.seed)
             model.to(self.device, self.dtype)
-            if c.sft_steps > 0:
-                from erc_gym.llm.model import sft_warmstart
-
-                sft_warmstart(
-                    model,
-                    tokenizer,
-                    self.train_problems,
-                    steps=c.sft_steps,
-                    lr=c.sft_lr,
-                    seed=c.seed,
-                    progress=c.progress,
-                )
             return model, tokenizer
         model, tokenizer = load_model_and_tokenizer(c.model, dtype=self.dtype)
         return model.to(self.device), tokenizer
+
+    def _check_context(self) -> None:
+        """Fail now, not mid-run, if the longest prompt plus ``max_new_tokens`` exceeds the
+        model's context (``max_position_embeddings``)."""
+        if self.max_prompt_tokens is None:
+            return
+        prompts = {p["prompt"] for p in self.train_problems + self.eval_problems}
+        longest = max(
+            (len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts),
+            default=0,
+        )
+        context = self.max_prompt_tokens + self.config.max_new_tokens
+        if longest >= context:
+            raise ValueError(
+                f"the longest prompt has {longest} tokens, more than the context allows for "
+                f"prompts: the model has {context} positions (max_position_embeddings) and "
+                "needs room for at least one new token; shorten the prompts or use a model "
+                "with a longer context"
+            )
+        if longest > self.max_prompt_tokens:
+            raise ValueError(
+                f"max_new_tokens={self.config.max_new_tokens} leaves "
+                f"{max(self.max_prompt_tokens, 0)} of the model's {context} positions "
+                f"(max_position_embeddings) for prompts, and the longest prompt has {longest} "
+                f"tokens; lower max_new_tokens to at most {context - longest}"
+            )
 
     # ------------------------------------------------------------------ one step
 
@@ -725,8 +773,18 @@ class ERCTrainer:
         torch.save(state, tmp)
         tmp.replace(self._checkpoint_path())
         if export:
-            self.model.save_pretrained(self.run_path / "model")
-            self.tokenizer.save_pretrained(self.run_path / "model")
+            from transformers.utils import logging as hf_logging
+
+            # progress=False means a quiet stderr: transformers' "Writing model shards" bar too
+            shown = hf_logging.is_progress_bar_enabled()
+            if not self.config.progress:
+                hf_logging.disable_progress_bar()
+            try:
+                self.model.save_pretrained(self.run_path / "model")
+                self.tokenizer.save_pretrained(self.run_path / "model")
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
 
     def load_checkpoint(self) -> bool:
         """Restore the last checkpoint if there is one; returns whether it did."""

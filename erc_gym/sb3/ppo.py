@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -123,6 +124,20 @@ class ERCPPO(PPO):
             raise ValueError(f"clip_variant must be 'ppo' or 'gppo', got {clip_variant!r}")
         if dual_clip is not None and not dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1 or None, got dual_clip={dual_clip}")
+        for name, value in (
+            ("erc_low", erc_low),
+            ("erc_high", erc_high),
+            ("clip_range_high", clip_range_high),
+        ):
+            # SB3's FloatSchedule would fail later with "The learning rate schedule must be ..."
+            if not (value is None or callable(value) or isinstance(value, int | float)):
+                raise ValueError(f"{name} must be a number, a schedule or None, got {value!r}")
+        if isinstance(clip_range_high, int | float) and not 0 <= clip_range_high < math.inf:
+            # a negative or NaN constant became a clip range of 0 (max(0, x)) without a word
+            raise ValueError(
+                f"clip_range_high must be a finite number >= 0 (DAPO: 0.28), a schedule or None, "
+                f"got clip_range_high={clip_range_high}"
+            )
         if isinstance(erc_low, int | float) and isinstance(erc_high, int | float):
             ERCConfig(low=float(erc_low), high=float(erc_high))  # validates constant bands now
         check_target_clip_fraction(erc_target_clip_fraction, erc_low, erc_high)

@@ -197,6 +197,14 @@ def test_nan_reward_is_excluded_and_counted(tmp_path):
         ({"erc_low": 0.9, "erc_high": None}, ValueError, "both be set"),
         ({"loss": "trpo"}, ValueError, "'trpo'"),
         ({"prompts_per_step": 3}, ValueError, "multiple of mini_batch_prompts"),
+        ({"seed": -1}, ValueError, r"seed must be in \[0, 2\*\*32 - 1\], got seed=-1"),
+        ({"positive_nll_coef": float("nan")}, ValueError, "got positive_nll_coef=nan"),
+        ({"overlong_penalty_factor": -1.0}, ValueError, "overlong_penalty_factor must be a"),
+        ({"weight_decay": float("inf")}, ValueError, "weight_decay must be a finite number"),
+        ({"vocab_size": 10**10}, ValueError, "vocab_size must be <= 151936"),
+        ({"digits": 19}, ValueError, r"digits must be in \[1, 18\]"),
+        ({"device": "cuda:x"}, ValueError, "got device='cuda:x'"),
+        ({"name": ".."}, ValueError, "plain folder name, got name='..'"),
     ],
 )
 def test_bad_config(tmp_path, overrides, error, needle):
@@ -218,9 +226,35 @@ def test_prompt_longer_than_context(tmp_path):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "1+" * 40 + "1=", "answer": "41"}) + "\n")
     cfg = small_config(tmp_path, dataset=str(data), eval_dataset=str(data))
-    trainer = ERCTrainer(cfg, verifier=odd_length)
-    with pytest.raises(ValueError, match="more than the context allows"):
-        trainer.train_step()
+    with pytest.raises(ValueError, match="82 tokens, more than the context allows"):
+        ERCTrainer(cfg, verifier=odd_length)  # h14: when the trainer is made, not mid-run
+
+
+def test_max_new_tokens_leaving_no_room_for_prompts_fails_before_the_warm_start(
+    tmp_path, monkeypatch
+):
+    """It was a traceback at the first rollout, after the SFT warm start (h14)."""
+    import erc_gym.llm.model as model_module
+
+    def no_warm_start(*args, **kwargs):
+        raise AssertionError("the warm start ran before the settings were checked")
+
+    monkeypatch.setattr(model_module, "sft_warmstart", no_warm_start)
+    with pytest.raises(ValueError, match=r"max_new_tokens=62 leaves 2 .* at most 60"):
+        ERCTrainer(small_config(tmp_path, max_new_tokens=62, sft_steps=10))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_value_error_naming_the_device(tmp_path):
+    """It was an AssertionError traceback from torch ("Torch not compiled with CUDA") (h14)."""
+    with pytest.raises(ValueError, match="device='cuda', but this torch has no CUDA device"):
+        ERCTrainer(small_config(tmp_path, device="cuda"))
+
+
+def test_progress_false_keeps_stderr_quiet(tmp_path, capfd):
+    """transformers' "Writing model shards" bar printed at every export despite progress=False."""
+    ERCTrainer(small_config(tmp_path, steps=1)).train()
+    assert capfd.readouterr().err == ""
 
 
 def test_verifier_that_raises_names_the_prompt(tmp_path):

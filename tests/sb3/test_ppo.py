@@ -195,6 +195,11 @@ def test_box_actions_with_erc_raise_and_without_erc_work():
         ({"erc_high": 0.9}, "high=0.9"),
         ({"clip_variant": "trpo"}, "'trpo'"),
         ({"dual_clip": 0.5}, "dual_clip=0.5"),
+        # h14: were accepted (a clip range of 0 in training) or an unrelated SB3 assertion
+        ({"clip_range_high": -1.0}, "clip_range_high must be a finite number >= 0"),
+        ({"clip_range_high": float("nan")}, "got clip_range_high=nan"),
+        ({"erc_low": "0.9", "erc_high": 1.1}, "erc_low must be a number, a schedule or None"),
+        ({"clip_range_high": "0.28"}, "clip_range_high must be a number, a schedule or None"),
     ],
 )
 def test_bad_arguments(kwargs, needle):
