@@ -394,9 +394,17 @@ _pool_lock = threading.Lock()
 _in_worker = threading.local()
 
 
+#: Serialises the workers' first torch calls. After a fork, torch rebuilds its internal thread
+#: pool on the first ``set_num_threads`` call, and two threads doing that at once can see no pool
+#: ("Invalid thread pool!") or hang; the lock (and the main thread going first, see
+#: :func:`_cpu_pool`) keeps that rebuild single-threaded.
+_init_lock = threading.Lock()
+
+
 def _worker_init() -> None:
-    torch.ones(1 << 16).add_(1)  # trigger torch's lazy per-thread setup before changing it
-    torch.set_num_threads(1)  # this thread's OpenMP setting (the caller restores the global one)
+    with _init_lock:
+        torch.ones(1 << 16).add_(1)  # trigger torch's lazy per-thread setup before changing it
+        torch.set_num_threads(1)  # this thread's OpenMP setting (the caller restores the global)
     _in_worker.active = True
 
 
@@ -408,7 +416,9 @@ def _cpu_pool(threads: int) -> ThreadPoolExecutor:
             return _pool[2]
         if _pool is not None and _pool[1] == os.getpid():
             _pool[2].shutdown(wait=False)
-        # (after a fork the parent's workers do not exist in the child: start new ones)
+        # (after a fork the parent's workers do not exist in the child: start new ones; the
+        # main thread resets torch's thread pool first, before any worker touches it)
+        torch.set_num_threads(threads)
         pool = ThreadPoolExecutor(threads, "erc_gym-chunks", initializer=_worker_init)
         barrier = threading.Barrier(threads)
         try:
