@@ -14,6 +14,7 @@ Uses matplotlib's non-interactive Agg backend.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,17 @@ def _by_env(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
 
 
 def _save(fig: Any, path: Path) -> list[Path]:
+    """Save ``fig`` as ``path``.png and .svg, each written to a temporary name then renamed, so a
+    reader (or a second report of the same folder) never sees a half-written figure and a failed
+    save leaves the previous figure in place."""
     paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    for out, extra in ((paths[0], {"dpi": 110}), (paths[1], {})):
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+        try:
+            fig.savefig(tmp, bbox_inches="tight", format=out.suffix[1:], **extra)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return paths
 
 

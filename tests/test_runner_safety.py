@@ -556,3 +556,26 @@ def test_workers_1_trains_on_one_torch_thread_like_a_worker(tmp_path, monkeypatc
         assert torch.get_num_threads() == 2  # given back afterwards
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_figure_save_keeps_the_previous_figure(tmp_path):
+    """Figures are written to a temporary name and renamed: a save that fails half-way leaves
+    the previous PNG/SVG whole and no temporary file behind."""
+    from erc_gym.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    png, svg = _save(fig, tmp_path / "curves")
+    before = png.read_bytes(), svg.read_bytes()
+
+    def broken(target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG half")  # a partial file, then the failure
+        raise OSError("disk full")
+
+    fig.savefig = broken
+    with pytest.raises(OSError, match="disk full"):
+        _save(fig, tmp_path / "curves")
+    plt.close(fig)
+    assert (png.read_bytes(), svg.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "curves.svg"]
