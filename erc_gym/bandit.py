@@ -123,7 +123,9 @@ class BanditConfig:
             raise ValueError(f"group must be >= 2 for group advantages, got group={self.group}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got lr={self.lr}")
-        if not 0 <= self.seed <= 2**32 - 1:
+        from erc_gym.cli_args import MAX_SEED
+
+        if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got save_every={self.save_every}")

@@ -20,7 +20,6 @@ step (before ERC can act) and after the last, medians over rollouts and seeds.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import statistics
 import sys
 from typing import Any
@@ -88,8 +87,6 @@ def drift(
     kwargs.update(learning_rate=lr, n_epochs=1, batch_size=kwargs["n_steps"] * env_kw["n_envs"])
     env = make_vec_env(ENV_ID, n_envs=env_kw["n_envs"], seed=seed)
     model = ERCPPO("MlpPolicy", env, **kwargs, **ALGOS[algo], erc_low=band[0], erc_high=band[1])
-    with_erc = model._loss_config
-    without_erc = lambda: dataclasses.replace(with_erc(), erc=None)  # noqa: E731
     per_rollout = int(kwargs["n_steps"]) * int(env_kw["n_envs"])
     records = []
     for _ in range(rollouts):
@@ -97,18 +94,20 @@ def drift(
         model.learn(per_rollout, reset_num_timesteps=False)
         out_first, ratio_first = _measure(model, band)
         saved = copy.deepcopy((model.policy.state_dict(), model.policy.optimizer.state_dict()))
-        model._loss_config = without_erc  # type: ignore[method-assign]
+        erc_band = (model.erc_low, model.erc_high)  # ERCPPO.erc_enabled reads these
+        model.erc_low = model.erc_high = None
         for _ in range(steps - 1):
             model.train()
         out_off, ratio_off = _measure(model, band)
         model.policy.load_state_dict(saved[0])
         model.policy.optimizer.load_state_dict(saved[1])
-        model._loss_config = with_erc  # type: ignore[method-assign]
+        model.erc_low, model.erc_high = erc_band
         masked = []
         for _ in range(steps - 1):
             model.train()
             masked.append(model.logger.name_to_value.get("train/erc_clip_fraction", np.nan))
         out_erc, ratio_erc = _measure(model, band)
+        old_mean = float(model.rollout_buffer.old_entropy.mean())  # type: ignore[attr-defined]
         records.append(
             {
                 "out_first": out_first,
@@ -118,7 +117,7 @@ def drift(
                 "ratio_off": ratio_off,
                 "ratio_erc": ratio_erc,
                 "masked": float(np.nanmean(masked)) if masked else 0.0,
-                "entropy_old": float(_entropies(model)[1].mean()),
+                "entropy_old": old_mean,
             }
         )
     return records

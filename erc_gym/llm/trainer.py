@@ -32,6 +32,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
+from erc_gym.cli_args import MAX_SEED
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
@@ -207,7 +208,7 @@ class TrainerConfig:
             if value is not None and not low <= value < math.inf:
                 what = "a finite number " if isinstance(value, float) else ""
                 raise ValueError(f"{name} must be {what}>= {low}, got {name}={value}")
-        if not 0 <= self.seed <= _MAX_SEED:
+        if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
         if self.vocab_size is not None and self.vocab_size > MAX_VOCAB:
             raise ValueError(
@@ -270,8 +271,6 @@ _MIN_VALUES: dict[str, float] = {
     "overlong_penalty_factor": 0,
     "positive_nll_coef": 0,
 }
-#: Largest seed: numpy's and torch's generators take seeds below 2**32.
-_MAX_SEED = 2**32 - 1
 
 #: Settings that may change when a run resumes: how long it runs and how it logs and saves.
 RESUMABLE_CHANGES = frozenset(
