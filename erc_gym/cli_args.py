@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from erc_gym.limits import MAX_SEED
+
 __all__ = [
     "MAX_SEED",
     "CliParser",
@@ -64,11 +66,6 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     return _whole_number(text, 0)
-
-
-#: Largest seed: numpy's and torch's generators (and SB3's ``set_random_seed``) take seeds
-#: below ``2**32``.
-MAX_SEED = 2**32 - 1
 
 
 def seed(text: str) -> int:

@@ -32,12 +32,13 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-from erc_gym.cli_args import MAX_SEED
+from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
 from erc_gym.envs.vocab_bandit import MAX_VOCAB
-from erc_gym.jsonl import append_jsonl, repair_jsonl
+from erc_gym.jsonl import append_jsonl, truncate_metrics
+from erc_gym.limits import MAX_SEED
 from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
@@ -767,10 +768,8 @@ class ERCTrainer:
         }
         if self.erc_band_control is not None:
             state["erc_band"] = self.erc_band_control.state_dict()
-        # write-then-rename: a kill mid-save leaves the previous checkpoint intact
-        tmp = self._checkpoint_path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._checkpoint_path())
+        # a kill mid-save leaves the previous checkpoint intact
+        atomic_write(self._checkpoint_path(), lambda tmp: torch.save(state, tmp))
         if export:
             from transformers.utils import logging as hf_logging
 
@@ -840,13 +839,7 @@ class ERCTrainer:
         if self.step == 0:  # nothing restored: every line will be written again
             path.unlink()
             return
-        repair_jsonl(path)
-        lines = path.read_text().splitlines(keepends=True)
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        if len(keep) != len(lines):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(path)
+        truncate_metrics(path, "step", self.step)
 
     def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
         """Run (or continue) training; returns the metrics lines written by this call.
@@ -882,9 +875,7 @@ class ERCTrainer:
         extra = (
             {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
         )
-        tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**extra, **settings}, indent=2))
-        tmp.replace(config_path)
+        atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)
