@@ -135,7 +135,8 @@ class ERCPPO(PPO):
         if isinstance(clip_range_high, int | float) and not 0 <= clip_range_high < math.inf:
             # a negative or NaN constant became a clip range of 0 (max(0, x)) without a word
             raise ValueError(
-                f"clip_range_high must be a finite number >= 0 (DAPO: 0.28), a schedule or None, "
+                "clip_range_high must be a finite number >= 0 "
+                f"(DAPO: {LossConfig.dapo().eps_high:g}), a schedule or None, "
                 f"got clip_range_high={clip_range_high}"
             )
         if isinstance(erc_low, int | float) and isinstance(erc_high, int | float):
