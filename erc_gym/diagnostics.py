@@ -1,8 +1,8 @@
 """Entropy-dynamics diagnostics: the numbers that show what ERC does, for any policy-gradient run.
 
 Pure functions over tensors or per-update series, shared by the experiment runner, the reports
-and :class:`EntropyDynamicsCallback` (which logs them for any Stable-Baselines3 algorithm with a
-discrete action space):
+and :class:`erc_gym.sb3.EntropyDynamicsCallback` (which logs them for any Stable-Baselines3
+algorithm with a discrete action space):
 
 * :func:`entropy_trend` and :func:`entropy_steepest_fall` -- how fast ``log`` mean entropy
   moves: the least-squares slope per update, and the largest one-update fall;
@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from erc_gym.sb3.callbacks import EntropyDynamicsCallback
-
 __all__ = [
     "RATIO_EDGES",
-    "EntropyDynamicsCallback",
     "clipped_vs_kept_old_entropy",
     "entropy_jitter",
     "entropy_steepest_fall",
@@ -185,11 +181,21 @@ def ratio_histogram(ratio: Tensor | np.ndarray) -> list[int]:
     return [int(c) for c in counts]
 
 
-def __getattr__(name: str) -> Any:
-    # The SB3 callback lives in erc_gym.sb3 so that the LLM path and the TRL / verl integrations,
-    # which import this module, never import stable-baselines3.
-    if name == "EntropyDynamicsCallback":
-        from erc_gym.sb3.callbacks import EntropyDynamicsCallback
+#: Names that moved out of this module: name -> its module now (looked up by name, so this core
+#: module imports nothing from the SB3 adapter).
+_MOVED = {"EntropyDynamicsCallback": "erc_gym.sb3"}
 
-        return EntropyDynamicsCallback
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"erc_gym.diagnostics.{name} is deprecated and will be removed in the next release; "
+            f"import it from {_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'erc_gym.diagnostics' has no attribute {name!r}")

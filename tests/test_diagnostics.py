@@ -11,13 +11,13 @@ import torch
 
 from erc_gym.diagnostics import (
     RATIO_EDGES,
-    EntropyDynamicsCallback,
     clipped_vs_kept_old_entropy,
     entropy_volatility,
     grad_norm_spikes,
     ratio_histogram,
     unsampled_drift,
 )
+from erc_gym.sb3 import EntropyDynamicsCallback
 
 
 def test_entropy_volatility_hand_case():
