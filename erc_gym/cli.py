@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:
     """``path`` itself if it is an experiment folder, else its sub-folders that are."""
-    from erc_gym.analysis import experiment_above, find_experiments
+    from erc_gym.lab.analysis import experiment_above, find_experiments
 
     try:
         found, notes = find_experiments(path)
@@ -87,7 +87,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
     import shlex
     import signal
 
-    from erc_gym.runner import list_experiments
+    from erc_gym.lab.config import list_experiments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     shipped = list_experiments()
@@ -124,14 +124,9 @@ def experiment_main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         parser.exit(2, "erc-gym experiment: error: give an experiment name (--list shows them)\n")
-    from erc_gym.experiment_config import ConfigError
-    from erc_gym.runner import (
-        ConfigMismatch,
-        ExperimentInterrupted,
-        RunsFailed,
-        load_experiment,
-        run_experiment,
-    )
+    from erc_gym.lab.config import ConfigError, load_experiment
+    from erc_gym.lab.rundir import ConfigMismatch
+    from erc_gym.lab.runner import ExperimentInterrupted, RunsFailed, run_experiment
 
     # Between the runner restoring its signal handlers and this process exiting, a second Ctrl-C
     # or SIGTERM must not turn a clean "stopped by ..." exit into a KeyboardInterrupt traceback
@@ -169,7 +164,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
             for signum, handler in late.items():
                 signal.signal(signum, handler)
     if not args.no_report:
-        from erc_gym.report import write_report
+        from erc_gym.lab.report import write_report
 
         report = write_report(Path(args.runs) / spec["name"])
         print(f"report: {report}")
@@ -184,7 +179,7 @@ def plot_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     args = parser.parse_args(argv)
-    from erc_gym.plots import plot_experiment
+    from erc_gym.lab.plots import plot_experiment
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         for path in plot_experiment(folder):
@@ -199,7 +194,7 @@ def _late_signal(signum: int, frame: Any) -> None:
     import os
     import signal
 
-    from erc_gym.runner import stopped_by
+    from erc_gym.lab.runner import stopped_by
 
     if stopped_by() is not None:
         return
@@ -219,7 +214,7 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
-    from erc_gym.report import write_report
+    from erc_gym.lab.report import write_report
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         try:
@@ -314,8 +309,7 @@ def train_main(argv: list[str] | None = None) -> None:
     from stable_baselines3.common.logger import configure
 
     import erc_gym.envs  # noqa: F401  (registers the erc_gym/* ids)
-    from erc_gym.diagnostics import EntropyDynamicsCallback
-    from erc_gym.sb3 import ERCPPO
+    from erc_gym.sb3 import ERCPPO, EntropyDynamicsCallback
     from erc_gym.sb3.presets import PRESETS, make_env_kwargs, ppo_kwargs
 
     try:

@@ -118,7 +118,7 @@ def experiment_spec(shrink: bool, seeds: int | None = None) -> dict[str, Any]:
         shrink: the CPU smoke-test version.
         seeds: seeds per cell instead of the config's.
     """
-    from erc_gym.runner import load_experiment
+    from erc_gym.lab.config import load_experiment
 
     spec = load_experiment(EXPERIMENT)
     if seeds is not None:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run, report, pack; returns 0 when every run finished, 1 otherwise (results packed anyway)."""
     t0 = time.monotonic()
     args = _parse(argv)
-    from erc_gym.runner import expand
+    from erc_gym.lab.grid import expand
 
     args.outdir.mkdir(parents=True, exist_ok=True)
     runs = (args.runs or _default_runs_dir()).resolve()
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     status["runs_done"] = len(done)
     status["runs_unfinished"] = [f"{r.variant}/{r.seed}" for r in grid if r not in done]
     try:
-        from erc_gym.report import write_report
+        from erc_gym.lab.report import write_report
 
         report = write_report(experiment_dir)
         shutil.copyfile(report, args.outdir / "report.md")

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 
 from erc_gym.cli_args import CliParser, positive_int
-from erc_gym.runner import RunSpec, load_experiment, run_one
+from erc_gym.lab.config import load_experiment
+from erc_gym.lab.grid import RunSpec
+from erc_gym.lab.runner import run_one
 
 EXPERIMENT = "llm_erc_drop"
 BAND = (0.95, 1.05)
@@ -49,7 +51,7 @@ def _base(steps: int = DEFAULT_STEPS) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     spec = load_experiment("stress_llm")
     env = {k: v for k, v in spec["envs"][0].items() if k != "label"}
-    from erc_gym.stress import axis_settings
+    from erc_gym.lab.kinds import axis_settings
 
     settings = axis_settings("llm", env, spec["settings"], {"steps_per_rollout": steps, "lr": LR})
     return env, settings
@@ -209,8 +211,8 @@ def run_variant(
 
 def summary(root: str, steps: int = DEFAULT_STEPS) -> str:
     """Markdown table: the variants at ``steps`` x lr 3e-4 and ``stress_llm``'s cells there."""
-    from erc_gym.analysis import load_runs, summarize
-    from erc_gym.stress import diff_ci, probability_of_improvement
+    from erc_gym.lab.analysis import load_runs, summarize
+    from erc_gym.lab.stats import diff_ci, probability_of_improvement
 
     runs = [
         r

@@ -1,6 +1,6 @@
 """Classic discrete control with SB3 PPO and ERCPPO: sample efficiency and the ERC band study.
 
-A thin front end to :mod:`erc_gym.runner` (kind ``sb3``: ERCPPO with the zoo presets of
+A thin front end to :mod:`erc_gym.lab.runner` (kind ``sb3``: ERCPPO with the zoo presets of
 ``erc_gym.sb3.presets``; ERC off is ERCPPO with ``erc_low=erc_high=None``, which holds SB3 PPO's
 exact parameters). Runs in parallel worker processes and writes one folder per run::
 
@@ -28,9 +28,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from erc_gym.analysis import load_runs
 from erc_gym.cli_args import CliParser, positive_int
-from erc_gym.runner import run_experiment
+from erc_gym.lab.analysis import load_runs
+from erc_gym.lab.runner import run_experiment
 
 #: Variant name -> ERC band (None: ERC off).
 VARIANTS: dict[str, tuple[float, float] | None] = {

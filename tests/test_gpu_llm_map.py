@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import erc_gym.runner as runner_module
+import erc_gym.lab.runner as runner_module
 from erc_gym.cli import report_main
+from erc_gym.lab.config import load_experiment
+from erc_gym.lab.grid import expand
+from erc_gym.lab.rundir import resolved_config
 from erc_gym.llm.model import TINY_PRESETS, make_tiny_lm
-from erc_gym.runner import expand, load_experiment, resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "gpu_llm_map.sh"

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from erc_gym.runner import CONFIG_DIR, expand, load_experiment, resolved_config
+from erc_gym.lab.config import CONFIG_DIR, load_experiment
+from erc_gym.lab.grid import expand
+from erc_gym.lab.rundir import resolved_config
 
 FIXTURE = Path(__file__).parent / "data" / "grid_fixture.json"
 
