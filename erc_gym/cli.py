@@ -23,6 +23,7 @@ from erc_gym.cli_args import (
     positive_float,
     positive_int,
     seed,
+    setting,
     writable_dir,
     writable_file,
 )
@@ -108,6 +109,15 @@ def experiment_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seeds", type=positive_int, default=None, help="override the number of seeds"
     )
+    parser.add_argument(
+        "--set",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trainer setting for every run, over the config's settings and envs (repeat it; "
+        "values in JSON, e.g. --set steps=600 --set lr=1e-4 --set ops=+-*)",
+    )
     parser.add_argument("--restart", action="store_true", help="restart unfinished runs")
     parser.add_argument(
         "--overwrite",
@@ -124,7 +134,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         parser.exit(2, "erc-gym experiment: error: give an experiment name (--list shows them)\n")
-    from erc_gym.lab.config import ConfigError, load_experiment
+    from erc_gym.lab.config import ConfigError, load_experiment, override_settings
     from erc_gym.lab.rundir import ConfigMismatch
     from erc_gym.lab.runner import ExperimentInterrupted, RunsFailed, run_experiment
 
@@ -135,6 +145,8 @@ def experiment_main(argv: list[str] | None = None) -> None:
     interrupted = False
     try:
         spec = load_experiment(args.name)
+        if args.set:
+            spec = override_settings(spec, dict(args.set))
         run_experiment(
             spec,
             args.runs,

@@ -70,6 +70,7 @@ __all__ = [
     "find_experiment",
     "list_experiments",
     "load_experiment",
+    "override_settings",
     "validate_experiment",
 ]
 
@@ -328,3 +329,13 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
         if out[key] is None:
             out.pop(key)
     return out
+
+
+def override_settings(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``overrides`` set for every run (``erc-gym experiment --set KEY=VALUE``).
+
+    Each override replaces the config's ``settings`` value and every env's own value of the same
+    key. The result is checked like any config when it is run.
+    """
+    envs = [{k: v for k, v in env.items() if k not in overrides} for env in spec["envs"]]
+    return {**spec, "envs": envs, "settings": {**spec.get("settings", {}), **overrides}}
