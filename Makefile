@@ -97,8 +97,8 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 bench: setup
-	$(PY) experiments/bench_entropy.py
-	$(PY) experiments/bench_loss.py
+	$(PY) experiments/bench/bench_entropy.py
+	$(PY) experiments/bench/bench_loss.py
 
 clean:
 	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

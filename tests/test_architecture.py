@@ -208,7 +208,7 @@ def test_our_code_uses_the_new_paths():
     """The library, its tests, scripts and examples import nothing from a deprecated path (no
     DeprecationWarning comes from our own code); only this file's shim tests do."""
     found = []
-    for folder in ("erc_gym", "envs", "tests", "experiments", "examples"):
+    for folder in ("erc_gym", "envs", "tests", "experiments", "examples", "tools"):
         for path in (ROOT / folder).rglob("*.py"):
             if path == Path(__file__) or (
                 path.parent == ROOT / "erc_gym" and path.stem in {s[8:] for s in SHIMS}

@@ -19,8 +19,8 @@ from erc_gym.lab.rundir import resolved_config
 from erc_gym.llm.model import TINY_PRESETS, make_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "gpu_llm_map.sh"
-sys.path.insert(0, str(ROOT / "experiments"))
+SCRIPT = ROOT / "experiments" / "gpu" / "gpu_llm_map.sh"
+sys.path.insert(0, str(ROOT / "experiments" / "gpu"))
 
 import gpu_llm_map  # noqa: E402
 

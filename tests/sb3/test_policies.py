@@ -16,7 +16,7 @@ from erc_gym.sb3 import TokenFeaturesExtractor, TokenLMPolicy
 from erc_gym.sb3.policies import build_causal_lm
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "experiments" / "studies"))
 from token_lm_sb3 import TINY_LLAMA, train  # noqa: E402
 
 SMALL = {"n_steps": 32, "batch_size": 32, "n_epochs": 1, "device": "cpu", "seed": 0}

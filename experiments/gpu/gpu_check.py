@@ -17,8 +17,8 @@ Prints, in order:
 
 Usage::
 
-    python experiments/gpu_check.py            # about two minutes on an H100
-    python experiments/gpu_check.py --quick
+    python experiments/gpu/gpu_check.py            # about two minutes on an H100
+    python experiments/gpu/gpu_check.py --quick
 """
 
 from __future__ import annotations

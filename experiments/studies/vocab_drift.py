@@ -14,8 +14,8 @@ measures, against the policy that sampled the batch:
 
 Usage::
 
-    python experiments/vocab_drift.py                  # V in {16, 256, 4096}, 3 seeds
-    python experiments/vocab_drift.py --vocab 4096 --iterations 5
+    python experiments/studies/vocab_drift.py                  # V in {16, 256, 4096}, 3 seeds
+    python experiments/studies/vocab_drift.py --vocab 4096 --iterations 5
 """
 
 from __future__ import annotations

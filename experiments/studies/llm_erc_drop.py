@@ -15,7 +15,7 @@ lr 3e-4, 200 RL steps), so the ERC-off and ERC(0.95, 1.05) baselines are the ``s
   gradient lost explains it, if not, the choice of tokens does;
 * ``lr1e-4`` -- the update size: ERC off and ERC(0.95, 1.05) at a third of the learning rate.
 
-Run: ``python experiments/llm_erc_drop.py [--workers 2] [--only NAME ...]``; then
+Run: ``python experiments/studies/llm_erc_drop.py [--workers 2] [--only NAME ...]``; then
 ``erc-gym report runs/llm_erc_drop`` for the table. Runs are skipped when done.
 ``--steps-per-rollout S`` moves every variant to ``stress_llm``'s point ``S`` x lr 3e-4 (variant
 names get ``-sS``; the baselines are then the ``stress_llm`` cells ``sS-lr0.0003``).

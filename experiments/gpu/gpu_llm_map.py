@@ -12,9 +12,9 @@ three files in all.
 
 Usage (the device machine; erc_gym from the checkout, no install)::
 
-    bash experiments/gpu_llm_map.sh OUTDIR                  # 240 s budget
-    bash experiments/gpu_llm_map.sh OUTDIR --budget-s 300
-    ERC_GYM_GPU_MAP_SHRINK=1 bash experiments/gpu_llm_map.sh OUTDIR   # CPU smoke test, < 1 min
+    bash experiments/gpu/gpu_llm_map.sh OUTDIR                  # 240 s budget
+    bash experiments/gpu/gpu_llm_map.sh OUTDIR --budget-s 300
+    ERC_GYM_GPU_MAP_SHRINK=1 bash experiments/gpu/gpu_llm_map.sh OUTDIR   # CPU smoke test, < 1 min
 
 Afterwards, anywhere: ``tar xzf gpu_llm_map.tar.gz -C runs && erc-gym report runs/stress_llm_gpu``.
 """

@@ -3,10 +3,10 @@
 # no package index there). Two stages, so that the fused head is checked before the LLM runs
 # that use it:
 #
-#   bash experiments/gpu_checks.sh fused OUTDIR   # GPU tests + fused-head benchmark (~2 min)
-#   bash experiments/gpu_checks.sh llm OUTDIR     # ~0.1B LLM stress map + TRL step cost (~6 min)
-#   bash experiments/gpu_checks.sh all OUTDIR     # both (~8 min)
-#   bash experiments/gpu_checks.sh bench OUTDIR   # fused checks + TRL step cost, 3 rounds (~5 min)
+#   bash experiments/gpu/gpu_checks.sh fused OUTDIR   # GPU tests + fused-head benchmark (~2 min)
+#   bash experiments/gpu/gpu_checks.sh llm OUTDIR     # ~0.1B LLM stress map + TRL step cost (~6 min)
+#   bash experiments/gpu/gpu_checks.sh all OUTDIR     # both (~8 min)
+#   bash experiments/gpu/gpu_checks.sh bench OUTDIR   # fused checks + TRL step cost, 3 rounds (~5 min)
 #
 # Python packages missing on the machine travel as wheels in .whl/ and are installed into
 # /tmp/site, with erc_gym itself (non-editable, from this checkout; no network needed). Each part
@@ -17,7 +17,7 @@ set -uo pipefail
 stage="${1:?usage: gpu_checks.sh fused|llm OUTDIR}"
 out="${2:?usage: gpu_checks.sh fused|llm OUTDIR}"
 mkdir -p "$out"
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$here"
 export PYTHONUNBUFFERED=1
 wheels=()
@@ -44,19 +44,19 @@ fused_checks() {
         echo "GPU tests failed: the LLM runs below use the PyTorch path"
         export ERC_GYM_USE_TRITON=0
     fi
-    part bench_fused_bf16 150 python3 experiments/bench_fused_head.py --device cuda \
+    part bench_fused_bf16 150 python3 experiments/bench/bench_fused_head.py --device cuda \
         --dtype bfloat16 --repeats 5
 }
 fp32_bench() {
-    part bench_fused_fp32 60 python3 experiments/bench_fused_head.py --device cuda \
+    part bench_fused_fp32 60 python3 experiments/bench/bench_fused_head.py --device cuda \
         --dtype float32 --tokens 8192 --hidden 2048 --vocab 151936 --repeats 3
 }
 trl_bench() {  # TRL step time and peak memory: GRPOTrainer vs ERCGRPOTrainer ("trl", "exact")
-    part bench_trl "$1" python3 experiments/bench_trl.py --device cuda --preset qwen-0.5b \
+    part bench_trl "$1" python3 experiments/bench/bench_trl.py --device cuda --preset qwen-0.5b \
         --bf16 --steps 8 --repeats "$2"
 }
 llm_checks() {
-    part llm_map 280 bash experiments/gpu_llm_map.sh "$out" --budget-s 240
+    part llm_map 280 bash experiments/gpu/gpu_llm_map.sh "$out" --budget-s 240
     trl_bench 100 1
 }
 

@@ -7,8 +7,8 @@ uniform-random baseline and the wall time.
 
 Usage::
 
-    python experiments/token_lm_sb3.py                 # 12k env steps, about a minute on 2 cores
-    python experiments/token_lm_sb3.py --steps 4000 --no-erc
+    python experiments/studies/token_lm_sb3.py            # 12k env steps, about a minute on 2 cores
+    python experiments/studies/token_lm_sb3.py --steps 4000 --no-erc
 """
 
 from __future__ import annotations

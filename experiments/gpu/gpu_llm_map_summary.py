@@ -1,14 +1,14 @@
 """Per-run table of an LLM stress map, finished or not (``erc-gym report`` skips unfinished runs).
 
 Reads ``<variant>/<seed>/{run.json, metrics.jsonl}`` below a runs folder, or a ``.tar.gz`` packed by
-``experiments/gpu_llm_map.sh``, and prints one Markdown row per run: the last step logged, the
+``experiments/gpu/gpu_llm_map.sh``, and prints one Markdown row per run: the last step logged, the
 held-out accuracy at every evaluation, the entropy path (first -> last, minimum), the mean ERC and
 PPO clip fractions and gradient norm over the updates, and how many steps had no update (DAPO's
 filter found no group with mixed rewards).
 
 Usage::
 
-    python experiments/gpu_llm_map_summary.py docs/data/gpu_llm_map_h200_2026-11-28.tar.gz
+    python experiments/gpu/gpu_llm_map_summary.py docs/data/gpu_llm_map_h200_2026-11-28.tar.gz
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ from the shared machine hits all of them; the median steps per second and the ra
 
 Usage::
 
-    python experiments/bench_sb3_speed.py                      # 100k steps, 3 repeats
-    python experiments/bench_sb3_speed.py --steps 20000 --repeats 2
-    python experiments/bench_sb3_speed.py --repeats 5 --threads 1   # steadier on a shared VM
-    python experiments/bench_sb3_speed.py --update-only 200          # the update alone
+    python experiments/bench/bench_sb3_speed.py                      # 100k steps, 3 repeats
+    python experiments/bench/bench_sb3_speed.py --steps 20000 --repeats 2
+    python experiments/bench/bench_sb3_speed.py --repeats 5 --threads 1   # steadier on a shared VM
+    python experiments/bench/bench_sb3_speed.py --update-only 200          # the update alone
 """
 
 from __future__ import annotations

@@ -14,10 +14,12 @@ the mean over seeds reached the preset's threshold, and the mean ERC / PPO clip 
 Usage::
 
     # issue acceptance: PPO vs ERCPPO(0.95, 1.05), 5 seeds, zoo budget
-    python experiments/sb3_classic.py --env CartPole-v1 --variants ppo erc-0.95 --seeds 5
+    python experiments/studies/sb3_classic.py --env CartPole-v1 --variants ppo erc-0.95 --seeds 5
     # band study
-    python experiments/sb3_classic.py --env CartPole-v1 --variants ppo erc-0.8 erc-0.9 erc-0.95
-    python experiments/sb3_classic.py --env Acrobot-v1 --steps 200000 --seeds 2   # quicker look
+    python experiments/studies/sb3_classic.py --env CartPole-v1 \\
+        --variants ppo erc-0.8 erc-0.9 erc-0.95
+    # quicker look
+    python experiments/studies/sb3_classic.py --env Acrobot-v1 --steps 200000 --seeds 2
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ other experiments beside the training process).
 
 Usage::
 
-    python experiments/bench_entropy.py                 # N = 4096, V in {32768, 151936}
-    python experiments/bench_entropy.py --tokens 1024 --vocab 32768 --repeats 3
-    python experiments/bench_entropy.py --conditions busy
+    python experiments/bench/bench_entropy.py                 # N = 4096, V in {32768, 151936}
+    python experiments/bench/bench_entropy.py --tokens 1024 --vocab 32768 --repeats 3
+    python experiments/bench/bench_entropy.py --conditions busy
 """
 
 from __future__ import annotations

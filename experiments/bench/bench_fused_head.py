@@ -26,12 +26,12 @@ freed tensors leave the RSS at once.
 
 Usage::
 
-    python experiments/bench_fused_head.py --quick            # N 2048, H 1024, V 32768
-    python experiments/bench_fused_head.py                    # the full grid (hours on 2 cores)
-    python experiments/bench_fused_head.py --tokens 8192 --hidden 256 --vocab 151936 \\
+    python experiments/bench/bench_fused_head.py --quick            # N 2048, H 1024, V 32768
+    python experiments/bench/bench_fused_head.py                  # the full grid (hours on 2 cores)
+    python experiments/bench/bench_fused_head.py --tokens 8192 --hidden 256 --vocab 151936 \\
         --modes fwd+bwd --no-time                             # memory only
-    python experiments/bench_fused_head.py --trainer --vocab 32768
-    python experiments/bench_fused_head.py --device cuda --dtype bfloat16   # GPU grid
+    python experiments/bench/bench_fused_head.py --trainer --vocab 32768
+    python experiments/bench/bench_fused_head.py --device cuda --dtype bfloat16   # GPU grid
 
 On CUDA the methods add ``fused_torch`` (the fused head with ``USE_TRITON = False``: cuBLAS GEMMs
 and PyTorch element-wise ops, no Triton kernels); time is the median of synchronised calls and

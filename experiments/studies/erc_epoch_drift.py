@@ -10,8 +10,8 @@ the ratio of the mean entropies.
 
 Usage::
 
-    python experiments/erc_epoch_drift.py                      # GPPO, lr 1e-3 and 3e-3, 3 seeds
-    python experiments/erc_epoch_drift.py --lrs 3e-3 --rollouts 20 --seeds 1
+    python experiments/studies/erc_epoch_drift.py                  # GPPO, lr 1e-3 and 3e-3, 3 seeds
+    python experiments/studies/erc_epoch_drift.py --lrs 3e-3 --rollouts 20 --seeds 1
 
 Prints one row per (lr, ERC on/off) with the share of states outside the band after the first
 step (before ERC can act) and after the last, medians over rollouts and seeds.

@@ -17,9 +17,9 @@ and writes ``summary.json`` under ``--dest``. ``docs/sb3.md`` quotes the result.
 
 Usage::
 
-    python experiments/sb3_own_tests.py                 # all three runs
-    python experiments/sb3_own_tests.py --modes off on  # skip the baseline
-    python experiments/sb3_own_tests.py -k "ppo and not cnn" --pytest-args -x
+    python tools/sb3_own_tests.py                 # all three runs
+    python tools/sb3_own_tests.py --modes off on  # skip the baseline
+    python tools/sb3_own_tests.py -k "ppo and not cnn" --pytest-args -x
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ extra. Results are printed and written to ``runs/bench_trl/<device>.json``.
 
 Usage::
 
-    python experiments/bench_trl.py --device cpu                   # tiny model, quick check
-    python experiments/bench_trl.py --device cuda --preset qwen-0.5b --bf16 --steps 8
+    python experiments/bench/bench_trl.py --device cpu                   # tiny model, quick check
+    python experiments/bench/bench_trl.py --device cuda --preset qwen-0.5b --bf16 --steps 8
 """
 
 from __future__ import annotations

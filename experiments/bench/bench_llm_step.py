@@ -8,8 +8,8 @@ fp32 ``(B, T, V)`` tensor of that batch.
 
 Usage::
 
-    python experiments/bench_llm_step.py
-    python experiments/bench_llm_step.py --repeats 5 --vocab 32000
+    python experiments/bench/bench_llm_step.py
+    python experiments/bench/bench_llm_step.py --repeats 5 --vocab 32000
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ with this tree's in the same process, to give a before/after of a change on a no
 
 Usage::
 
-    python experiments/bench_loss.py
-    python experiments/bench_loss.py --against main --threads 1
-    python experiments/bench_loss.py --batch 8 --tokens 256 --repeats 50 --device cuda
+    python experiments/bench/bench_loss.py
+    python experiments/bench/bench_loss.py --against main --threads 1
+    python experiments/bench/bench_loss.py --batch 8 --tokens 256 --repeats 50 --device cuda
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _sync(device: str) -> None:
 
 def load_losses_at(ref: str) -> ModuleType:
     """``erc_gym/losses.py`` as it is at git revision ``ref``, as a module of its own."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     source = subprocess.run(
         ["git", "show", f"{ref}:erc_gym/losses.py"],
         cwd=root,
