@@ -7,10 +7,11 @@ Prints, in order:
 3. entropy-kernel time, effective bandwidth (bytes of logits read / time) against the card's peak,
    and peak extra memory, against the naive ``log_softmax`` formula;
 4. ERC's overhead inside ``policy_loss`` at (B, T) = (64, 1024);
-5. a ~100M-parameter Llama-style model built from a config (random init, bf16): old-policy pass,
-   then off-policy mini-batch steps through ``logprob_and_entropy`` + ``policy_loss`` + AdamW, with
-   ERC on and off -- time per step, ERC's share, peak memory, and that no fp32 (B, T, V) tensor
-   is needed (peak memory against a naive fp32 path).
+5. a ~100M-parameter Llama-style model built from a config (random init, bf16) in the LLM
+   trainer: its old-policy scoring pass, then its own update (off-policy mini-batch steps through
+   the fused head + ``policy_loss`` + AdamW) on a synthetic batch of long responses, with ERC on
+   and off -- time per step, ERC's share, peak memory, and that no fp32 (B, T, V) tensor is
+   needed (peak memory of scoring logits against a naive fp32 path).
 
 6. a short run of the LLM trainer (``erc_gym.llm.ERCTrainer``) on a ~100M model loaded from a
    local directory, DAPO and DAPO+ERC: time split per step and peak memory.
@@ -178,65 +179,86 @@ def hundred_m_config(model_type: str, vocab: int, **overrides: object) -> object
     return AutoConfig.for_model(model_type, vocab_size=vocab, **fields)
 
 
-def check_model(quick: bool) -> None:
+def _local_model(folder: str, model_type: str, vocab: int, **overrides: object) -> None:
+    """Save a ~100M model of ``model_type`` (random init) and a character tokenizer padded to
+    ``vocab`` tokens to ``folder``, for the LLM trainer to load."""
     from transformers import AutoModelForCausalLM
 
-    vocab = 32_000
-    cfg = hundred_m_config(
-        "llama",
-        vocab,
-        num_key_value_heads=12,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
+    from erc_gym.envs.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.build("0123456789+-*=", vocab_size=vocab)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16)
-    n_params = sum(p.numel() for p in model.parameters())
+    AutoModelForCausalLM.from_config(
+        hundred_m_config(model_type, len(tok), **overrides)
+    ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def check_model(quick: bool) -> None:
+    """The LLM trainer's own update (``ERCTrainer._train_on``: scoring, ``policy_loss``, AdamW)
+    on a synthetic batch of long responses, ERC on and off."""
+    import tempfile
+
+    from erc_gym.llm import ERCTrainer, TrainerConfig
+    from erc_gym.llm.rollout import RolloutBatch
+    from erc_gym.losses import loss_metrics
+
+    vocab = 32_000
     b, t_prompt, t_resp = 16, 64, 448
     minibatches = 4
+    with tempfile.TemporaryDirectory() as tmp:
+        _local_model(
+            f"{tmp}/model",
+            "llama",
+            vocab,
+            num_key_value_heads=12,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
+        config = TrainerConfig(
+            model=f"{tmp}/model",
+            group_size=b // minibatches,
+            prompts_per_step=minibatches,
+            mini_batch_prompts=1,
+            lr=1e-5,
+            warmup_steps=0,
+            num_eval=4,
+            progress=False,
+            run_dir=f"{tmp}/runs",
+            device="cuda",
+        )
+        trainer = ERCTrainer(config)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
     print(
-        f"\n[5] Llama-style model, {n_params / 1e6:.0f}M parameters, bf16, batch {b} x "
-        f"{t_prompt}+{t_resp} tokens, {minibatches} off-policy mini-batch steps per batch"
+        f"\n[5] Llama-style model, {n_params / 1e6:.0f}M parameters, {trainer.dtype}, batch {b} x "
+        f"{t_prompt}+{t_resp} tokens, {minibatches} off-policy mini-batch steps per batch "
+        "(the LLM trainer's update)"
     )
     ids = torch.randint(0, vocab, (b, t_prompt + t_resp), device="cuda")
-    labels = ids[:, t_prompt:]
     mask = torch.ones(b, t_resp, dtype=torch.bool, device="cuda")
     mask[:, -50:] = torch.rand(b, 50, device="cuda") > 0.5
+    batch = RolloutBatch(
+        prompt_ids=ids[:, :t_prompt],
+        prompt_mask=torch.ones(b, t_prompt, dtype=torch.long, device="cuda"),
+        response_ids=ids[:, t_prompt:],
+        response_mask=mask,
+        rewards=(torch.rand(b) > 0.5).float(),
+        prompts=[""] * b,
+        answers=[""] * b,
+        completions=[""] * b,
+    )
     adv = torch.randn(b, device="cuda")
+    old_lp, old_h = trainer.score(batch)
 
-    def response_logits() -> torch.Tensor:
-        return model(input_ids=ids).logits[:, t_prompt - 1 : -1]
-
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
-    with torch.no_grad():
-        old_lp, old_h = logprob_and_entropy(response_logits(), labels)
-
-    def train_steps(config: LossConfig) -> dict[str, float]:
-        out = None
-        for i in range(minibatches):
-            sl = slice(i * b // minibatches, (i + 1) * b // minibatches)
-            logits = model(input_ids=ids[sl]).logits[:, t_prompt - 1 : -1]
-            lp, h = logprob_and_entropy(logits, labels[sl])
-            out = policy_loss(
-                lp,
-                old_lp[sl],
-                adv[sl],
-                entropy=h,
-                old_entropy=old_h[sl],
-                mask=mask[sl],
-                config=config,
-            )
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-        assert out is not None
-        return out.metrics
+    def train_steps(loss_config: LossConfig) -> dict[str, float]:
+        trainer.loss_config = loss_config
+        log = trainer._train_on(batch, old_lp, old_h, adv)
+        return loss_metrics(log.stats[-1:])
 
     results = {}
-    for key, config in (("DAPO", LossConfig.dapo()), ("DAPO+ERC", LossConfig.dapo(ERCConfig()))):
+    for key, loss in (("DAPO", LossConfig.dapo()), ("DAPO+ERC", LossConfig.dapo(ERCConfig()))):
         torch.cuda.reset_peak_memory_stats()
-        seconds = timed(functools.partial(train_steps, config), 2 if quick else 4)
+        seconds = timed(functools.partial(train_steps, loss), 2 if quick else 4)
         results[key] = (seconds / minibatches, torch.cuda.max_memory_allocated())
     metrics = train_steps(LossConfig.dapo(ERCConfig()))
     for key, (sec, peak) in results.items():
@@ -250,15 +272,17 @@ def check_model(quick: bool) -> None:
         f"{metrics['entropy_ratio_max']:.3f}], H_old clipped/kept "
         f"{metrics['erc_clipped_entropy_old_mean']:.3f}/{metrics['erc_kept_entropy_old_mean']:.3f}"
     )
-    logits = response_logits().detach()
+    labels = ids[:, t_prompt:]
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids).logits[:, t_prompt - 1 : -1]
     fp32_btv = logits.numel() * 4
     with torch.no_grad():
         m_ours = peak_extra(lambda: logprob_and_entropy(logits, labels))
         m_naive = peak_extra(lambda: naive(logits, labels))
     print(
-        f"  scoring one batch's logits ({tuple(logits.shape)}, bf16 "
-        f"{logits.numel() * 2 / 2**20:.0f} MiB): extra memory ours {m_ours / 2**20:.0f} MiB, "
-        "naive fp32 path "
+        f"  scoring one batch's logits ({tuple(logits.shape)}, {logits.dtype} "
+        f"{logits.numel() * logits.element_size() / 2**20:.0f} MiB): extra memory ours "
+        f"{m_ours / 2**20:.0f} MiB, naive fp32 path "
         f"{m_naive / 2**20:.0f} MiB; one fp32 (B, T, V) tensor is {fp32_btv / 2**20:.0f} MiB"
     )
 
@@ -267,23 +291,17 @@ def check_trainer(quick: bool) -> None:
     """A short run of the real LLM trainer (erc_gym.llm.ERCTrainer) on the ~100M model."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM
-
-    from erc_gym.envs.tokenizer import CharTokenizer
     from erc_gym.llm import ERCTrainer, TrainerConfig
 
-    tok = CharTokenizer.build("0123456789+-*=", vocab_size=32_000)
-    cfg = hundred_m_config(
-        "qwen2",
-        len(tok),
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(f"{tmp}/model")
-        tok.save_pretrained(f"{tmp}/model")
+        _local_model(
+            f"{tmp}/model",
+            "qwen2",
+            32_000,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
 
         def odd_length(completion: str, answer: str) -> float:
             # a random-init model never answers correctly; this verifier keeps groups informative
