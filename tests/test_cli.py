@@ -96,7 +96,7 @@ def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
     assert any("train/erc_clip_fraction" in r for r in rows)
     assert any("diagnostics/entropy_volatility" in r for r in rows)
     assert (tmp_path / "model.zip").exists()
-    # #12 item 13: a short summary on stdout, not SB3's table after every update
+    # a short summary on stdout, not SB3's table after every update
     out = capsys.readouterr().out
     assert len(out.splitlines()) <= 6, out
     assert "CartPole-v1: ercppo (ERC on), 512 steps" in out
@@ -120,7 +120,7 @@ def _file(tmp_path: Path) -> str:
 #: Options that keep a run which wrongly starts short (a test that fails does so in seconds).
 TINY = ["--steps", "64", "--n-envs", "1", "--no-progress", "--log-dir", "{tmp}/log"]
 
-# #12 item 8: every bad value is one line on stderr and exit 2, never a traceback.
+# Every bad value is one line on stderr and exit 2, never a traceback.
 BAD_INPUTS = [
     (["nope"], "invalid choice: 'nope'"),
     (["train", "Nope-v0"], "unknown environment id 'Nope-v0'"),

@@ -1,4 +1,4 @@
-"""The ~0.1B GPU LLM map (issue #10): preset, shipped config, and the script's shrunk CPU path."""
+"""The ~0.1B GPU LLM map: preset, shipped config, and the script's shrunk CPU path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Light core imports: the loss and entropy modules pull in torch only (issue #9, item 1)."""
+"""Light core imports: the loss and entropy modules pull in torch only."""
 
 from __future__ import annotations
 

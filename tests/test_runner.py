@@ -31,7 +31,7 @@ def _strict(constant):
 
 
 def _lines(path):
-    """Every line, parsed as strict JSON (``NaN`` / ``Infinity`` fail: issue #12 item 6)."""
+    """Every line, parsed as strict JSON (``NaN`` / ``Infinity`` fail)."""
     return [json.loads(x, parse_constant=_strict) for x in path.read_text().splitlines()]
 
 

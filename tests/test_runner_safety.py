@@ -1,4 +1,4 @@
-"""The runner off the happy path (issue #12): signals, concurrent runs, changed configs, bad
+"""The runner off the happy path: signals, concurrent runs, changed configs, bad
 configs, partial runs in reports, strict JSON, progress within runs, installs.
 
 Signals and concurrency use real ``erc-gym experiment`` subprocesses on tiny grids.

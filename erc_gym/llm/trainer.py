@@ -1,6 +1,6 @@
 """GRPO / DAPO / GPPO (+ERC) for transformers causal LMs: one process, one device.
 
-One training step (ERC_SPEC section 3): sample ``prompts_per_step`` prompts x ``group_size``
+One training step (docs/method.md section 3): sample ``prompts_per_step`` prompts x ``group_size``
 responses -> rewards from the shared verifier -> DAPO group filter (optionally generating more
 batches) -> one no-grad scoring pass that gives both ``old_log_prob`` and ``old_entropy`` ->
 GRPO advantages -> ``epochs`` passes over mini-batches of ``mini_batch_prompts`` groups, one

@@ -174,7 +174,7 @@ class ERCPPO(PPO):
             check_erc_action_space(self.action_space)
         # None is "SB3 chooses"; SB3's own RolloutBuffer / DictRolloutBuffer is what a plain PPO
         # checkpoint stores after that choice, so ERCPPO.load() of a PPO model would otherwise
-        # get a buffer without old_entropy (issue #11 item 5). The ERC buffers are drop-in
+        # get a buffer without old_entropy. The ERC buffers are drop-in
         # subclasses of exactly those two; any other class is the user's and is kept.
         if self.rollout_buffer_class in _SB3_DEFAULT_BUFFERS and isinstance(
             self.action_space, ERC_ACTION_SPACES
@@ -202,7 +202,7 @@ class ERCPPO(PPO):
         ``n_steps * n_envs`` the last rollout overshoots and SB3's progress goes below 0: a linear
         schedule then gives a negative learning rate and clip range for the last update (which
         ascends the loss with every ratio "clipped"). Every schedule of ERCPPO (learning rate,
-        clip ranges, ERC band) sees progress in [0, 1] instead (issue #11 item 7).
+        clip ranges, ERC band) sees progress in [0, 1] instead.
         """
         super()._update_current_progress_remaining(num_timesteps, total_timesteps)
         self._current_progress_remaining = max(0.0, self._current_progress_remaining)
@@ -308,7 +308,7 @@ class ERCPPO(PPO):
         ``_get_action_dist_from_latent`` and ``get_distribution`` are SB3's own (an override may
         change the logits, e.g. a temperature or an action mask), and an action distribution that
         is exactly ``CategoricalDistribution``. Feature extractors and networks may be anything:
-        the fused path calls them. Every other policy takes the general path (issue #11 item 6).
+        the fused path calls them. Every other policy takes the general path.
         """
         policy = self.policy
         cls = type(policy)

@@ -7,8 +7,8 @@ Peak memory is measured in a fresh subprocess per case as the rise of the proces
 temporary the function allocates. Time is the median of repeated calls in one process, the two
 functions alternated so that machine noise hits both. Each timing is done twice: with the
 machine as it is ("idle", though other users may be running) and with one extra process of ours
-spinning on a core ("busy"), the condition of issue #11 item 4 (env workers, data loaders or
-other experiments beside the training process).
+spinning on a core ("busy"), the condition the CPU chunk scheduling of ``erc_gym.entropy`` is
+written for (env workers, data loaders or other experiments beside the training process).
 
 Usage::
 

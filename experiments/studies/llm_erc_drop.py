@@ -1,4 +1,6 @@
-"""Why does ERC lower the tiny LM's held-out accuracy? Controlled runs for issue #10, item 4.
+"""Why does ERC lower the tiny LM's held-out accuracy? Controlled runs.
+
+The findings are in docs/when_to_use_erc.md.
 
 Every variant is DAPO on ``llm_learning``'s task at ``stress_llm``'s base point (1-digit addition,
 tiny model, 30-step SFT warm start, 16 prompts x 8 samples, 4 optimiser steps per rollout, AdamW

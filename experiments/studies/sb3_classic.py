@@ -13,7 +13,7 @@ the mean over seeds reached the preset's threshold, and the mean ERC / PPO clip 
 
 Usage::
 
-    # issue acceptance: PPO vs ERCPPO(0.95, 1.05), 5 seeds, zoo budget
+    # PPO vs ERCPPO(0.95, 1.05), 5 seeds, zoo budget
     python experiments/studies/sb3_classic.py --env CartPole-v1 --variants ppo erc-0.95 --seeds 5
     # band study
     python experiments/studies/sb3_classic.py --env CartPole-v1 \\

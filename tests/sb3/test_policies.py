@@ -106,7 +106,7 @@ def test_token_lm_learns_above_chance():
     assert res["after"] > res["random"] + 0.25
 
 
-# #12 item 10: real checkpoints -- bf16 weights, padded embeddings, hub names, odd tokenizers.
+# Real checkpoints -- bf16 weights, padded embeddings, hub names, odd tokenizers.
 
 
 def test_bf16_checkpoint_trains_in_float32(tmp_path: Path):

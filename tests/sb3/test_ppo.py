@@ -430,7 +430,7 @@ def test_fused_path_is_used_only_where_it_applies(monkeypatch):
 
 
 def test_load_of_a_plain_sb3_ppo_checkpoint_with_erc_on(tmp_path: Path):
-    # issue #11 item 5: a PPO checkpoint stores rollout_buffer_class=RolloutBuffer, which used to
+    # a PPO checkpoint stores rollout_buffer_class=RolloutBuffer, which used to
     # win over the ERC buffer and make ERCPPO.load() raise with ERC on.
     ppo = PPO("MlpPolicy", "CartPole-v1", seed=0, **SMALL).learn(64)
     ppo.save(tmp_path / "ppo.zip")
@@ -470,7 +470,7 @@ class _PredictOnlyPolicy(ActorCriticPolicy):
 
 @pytest.mark.parametrize("policy_cls", [_TemperaturePolicy, _PredictOnlyPolicy])
 def test_custom_distribution_policies_train_on_their_own_distribution(policy_cls, monkeypatch):
-    # issue #11 item 6: the fused Discrete path rebuilt the logits from action_net, ignoring the
+    # the fused Discrete path rebuilt the logits from action_net, ignoring the
     # override. One epoch on one mini-batch is on-policy: ratio 1 and entropy ratio 1 exactly,
     # so nothing may be clipped and the k3 KL is 0.
     fused = []
@@ -491,7 +491,7 @@ def test_custom_distribution_policies_train_on_their_own_distribution(policy_cls
 
 @pytest.mark.parametrize("algo", [ERCPPO, PPO])
 def test_schedules_never_go_below_zero_on_an_overshooting_last_rollout(algo):
-    # issue #11 item 7: 100 steps with rollouts of 64 -> the second rollout ends at 128 and SB3's
+    # 100 steps with rollouts of 64 -> the second rollout ends at 128 and SB3's
     # progress at -0.28; the zoo's lin_ schedules gave the last update a negative lr and clip.
     seen = []
     kwargs = ppo_kwargs("CartPole-v1", n_steps=64, batch_size=64, n_epochs=1, device="cpu")
