@@ -318,3 +318,42 @@ def test_sb3_recipe_kwargs_are_derived_from_the_loss_recipes():
     assert sb3_recipe_kwargs("gppo") == {"clip_variant": "gppo", "dual_clip": 10.0}
     dapo = RECIPES["dapo"]()
     assert (dapo.eps_high, dapo.dual_clip_c) == (0.28, 10.0)
+
+
+def test_one_list_of_loss_metric_keys():
+    """``LOSS_METRIC_KEYS`` is what ``loss_metrics`` returns (``ENTROPY_METRIC_KEYS`` only with
+    entropies); ERCPPO's ``train/*`` keys are a filtered, renamed copy of it."""
+    import torch
+
+    from erc_gym.losses import (
+        ENTROPY_METRIC_KEYS,
+        LOSS_METRIC_KEYS,
+        ERCConfig,
+        LossConfig,
+        policy_loss,
+    )
+    from erc_gym.sb3.ppo import _ERC_LOG_KEYS
+
+    lp, h = torch.randn(4, 3), torch.rand(4, 3) + 0.1
+    config = LossConfig.dapo(ERCConfig())
+    with_h = policy_loss(lp, lp + 0.1, torch.randn(4), entropy=h, old_entropy=h, config=config)
+    without = policy_loss(lp, lp + 0.1, torch.randn(4), config=LossConfig.dapo())
+    assert set(with_h.metrics) == set(LOSS_METRIC_KEYS)
+    assert set(without.metrics) == set(LOSS_METRIC_KEYS) - set(ENTROPY_METRIC_KEYS)
+    assert set(_ERC_LOG_KEYS) < set(LOSS_METRIC_KEYS)
+    assert _ERC_LOG_KEYS["entropy_mean"] == "entropy"
+
+
+def test_comments_point_into_the_repository():
+    """Docstrings and comments cite docs/method.md, not a document outside the repository, and
+    no issue numbers (history is in the commit messages)."""
+    outside = re.compile(r"ERC_SPEC|[Ii]ssue #\d|#\d+,? items? \d|\(#\d+\)")
+    found = [
+        f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+        for folder in ("erc_gym", "envs", "tests", "experiments", "tools", "examples")
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in (".py", ".sh", ".md") and path != Path(__file__)
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert found == []

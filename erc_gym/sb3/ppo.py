@@ -24,7 +24,14 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.entropy import SMALL_VOCAB, small_action_logprob_and_entropy
-from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
+from erc_gym.losses import (
+    LOSS_METRIC_KEYS,
+    ERCConfig,
+    LossConfig,
+    LossStats,
+    loss_metrics,
+    policy_loss,
+)
 from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
 from erc_gym.sb3.distributions import ERC_ACTION_SPACES, check_erc_action_space, state_entropy
 from erc_gym.sb3.policies import TokenLMPolicy
@@ -33,20 +40,16 @@ __all__ = ["ERCPPO"]
 
 SelfERCPPO = TypeVar("SelfERCPPO", bound="ERCPPO")
 
-#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here).
+#: ``policy_loss`` metrics that SB3 has under its own keys (``train/policy_gradient_loss``,
+#: its two-sided ``train/clip_fraction``, ``train/approx_kl``) or that ERCPPO does not log.
+_NOT_LOGGED = {"pg_loss", "clip_fraction", "approx_kl", "ppo_kl", "ratio_mean"}
+_NOT_LOGGED |= {"erc_kept_entropy_old_mean"}
+#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here):
+#: the loss's list of keys, filtered, with the entropies under SB3-style names.
 _ERC_LOG_KEYS = {
-    "entropy_mean": "entropy",
-    "entropy_old_mean": "entropy_old",
-    "entropy_ratio_mean": "entropy_ratio_mean",
-    "entropy_ratio_min": "entropy_ratio_min",
-    "entropy_ratio_max": "entropy_ratio_max",
-    "erc_clip_fraction": "erc_clip_fraction",
-    "erc_clip_fraction_low": "erc_clip_fraction_low",
-    "erc_clip_fraction_high": "erc_clip_fraction_high",
-    "erc_clipped_entropy_old_mean": "erc_clipped_entropy_old_mean",
-    "clip_fraction_high": "clip_fraction_high",
-    "clip_fraction_low": "clip_fraction_low",
-    "dual_clip_fraction": "dual_clip_fraction",
+    key: {"entropy_mean": "entropy", "entropy_old_mean": "entropy_old"}.get(key, key)
+    for key in LOSS_METRIC_KEYS
+    if key not in _NOT_LOGGED
 }
 
 # Rows per no-grad pass when scoring a rollout's old entropies (bounds memory on big buffers).
