@@ -98,8 +98,8 @@ def _run_script(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "workers",
     [
-        # one process: the fast default-suite check of the whole path
-        "1",
+        # one process: the whole path in one subprocess
+        pytest.param("1", marks=pytest.mark.slow),
         # one process per run, as on the GPU (each imports torch: ~40 s on a busy 2-core box)
         pytest.param("4", marks=pytest.mark.slow),
     ],
@@ -137,6 +137,7 @@ def test_shrunk_script_end_to_end_then_report_of_the_unpacked_runs(tmp_path, wor
     assert (experiment / "figures" / "add2_stress_map.png").exists()
 
 
+@pytest.mark.slow  # the shrunk GPU script end to end, in a subprocess
 def test_shrunk_script_stopped_by_its_budget_still_packs(tmp_path):
     out = tmp_path / "out"
     # 31 s minus the 30 s reserve: the grid is stopped (SIGTERM) within its first second

@@ -109,6 +109,7 @@ def _wait_gone(pids: list[int], seconds: float = 5.0) -> list[int]:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 
 
+@pytest.mark.slow  # real signals to real processes: seconds of waiting each
 @needs_proc
 def test_ctrl_c_stops_workers_says_how_to_resume_and_resumes(tmp_path, capsys):
     proc, folder = _start(tmp_path, SLOW, "--workers", "2")
@@ -134,6 +135,7 @@ def test_ctrl_c_stops_workers_says_how_to_resume_and_resumes(tmp_path, capsys):
         assert [r["iteration"] for r in run.rows] == list(range(301))
 
 
+@pytest.mark.slow  # real signals to real processes: seconds of waiting each
 @needs_proc
 def test_sigterm_then_second_signal_exits_at_once(tmp_path):
     proc, folder = _start(tmp_path, SLOW, "--workers", "2")
@@ -150,6 +152,7 @@ def test_sigterm_then_second_signal_exits_at_once(tmp_path):
     assert not _wait_gone(workers)
 
 
+@pytest.mark.slow  # real signals to real processes: seconds of waiting each
 @needs_proc
 def test_workers_die_with_a_sigkilled_main_process(tmp_path):
     proc, folder = _start(tmp_path, SLOW, "--workers", "2")

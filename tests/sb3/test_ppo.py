@@ -42,10 +42,12 @@ def _params_equal(a, b) -> bool:
 @pytest.mark.parametrize("n_envs", [1, 4])
 def test_parity_with_sb3_ppo_when_erc_is_off(n_envs):
     # Each model is built and trained before the next is built: SB3 seeds the global RNGs at
-    # construction, and learn() draws from them.
-    kw = {"n_steps": 256, "batch_size": 64, "n_epochs": 4, "seed": 7, "device": "cpu"}
+    # construction, and learn() draws from them. Three rollouts of 128 steps: the second and
+    # third are collected by updated policies, each update is 4 epochs of 2 shuffled mini-batches.
+    kw = {"n_steps": 128 // n_envs, "batch_size": 64, "n_epochs": 4, "seed": 7, "device": "cpu"}
+    steps = 3 * 128
     ppo = PPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=n_envs, seed=7), **kw)
-    ppo.learn(4096)
+    ppo.learn(steps)
     erc = ERCPPO(
         "MlpPolicy",
         make_vec_env("CartPole-v1", n_envs=n_envs, seed=7),
@@ -53,12 +55,12 @@ def test_parity_with_sb3_ppo_when_erc_is_off(n_envs):
         erc_high=None,
         **kw,
     )
-    erc.learn(4096)
-    assert erc.num_timesteps == ppo.num_timesteps >= 4096
+    erc.learn(steps)
+    assert erc.num_timesteps == ppo.num_timesteps == steps and ppo._n_updates == 3 * 4
     assert _params_equal(ppo, erc)
     # and the comparison can fail: ERC on changes the parameters
     erc_on = ERCPPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=n_envs, seed=7), **kw)
-    erc_on.learn(4096)
+    erc_on.learn(steps)
     assert not _params_equal(ppo, erc_on)
 
 
