@@ -8,7 +8,7 @@ are thin modules built with :func:`warn_moved` and :func:`forward`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -30,17 +30,12 @@ def warn_moved(old: str, new: str) -> None:
 
 
 def forward(
-    old: str, *modules: ModuleType, renamed: Mapping[str, str] | None = None
-) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``old`` that finds a name in ``modules`` (first match), under
-    its new name where ``renamed`` maps it."""
-    renames = dict(renamed or {})
-
-    def __getattr__(name: str) -> Any:
-        target = renames.get(name, name)
-        for module in modules:
-            if hasattr(module, target):
-                return getattr(module, target)
-        raise AttributeError(f"module {old!r} has no attribute {name!r}")
-
-    return __getattr__
+    old: str, name: str, *modules: ModuleType, renamed: Mapping[str, str] | None = None
+) -> Any:
+    """Attribute ``name`` of the old module ``old``: found in ``modules`` (first match), under its
+    new name where ``renamed`` maps it. Called from the old module's ``__getattr__``."""
+    target = (renamed or {}).get(name, name)
+    for module in modules:
+        if hasattr(module, target):
+            return getattr(module, target)
+    raise AttributeError(f"module {old!r} has no attribute {name!r}")

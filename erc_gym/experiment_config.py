@@ -1,20 +1,15 @@
 """Deprecated: the experiment config schema moved to :mod:`erc_gym.lab.config` (the seed limits
-to :mod:`erc_gym.limits`). This module forwards every name for one release."""
+to :mod:`erc_gym.limits`: ``MAX_SEED`` here is ``MAX_GRID_SEED`` there, ``MAX_SEEDS``
+``MAX_GRID_SEEDS``). This module forwards every name for one release."""
+
+from typing import Any
 
 from erc_gym._deprecated import forward, warn_moved
 
 warn_moved(__name__, "erc_gym.lab.config")
 
 import erc_gym.lab.config as _config  # noqa: E402
-from erc_gym.lab.config import (  # noqa: E402
-    ALGORITHMS,
-    KINDS,
-    ConfigError,
-    ExperimentConfig,
-    validate_experiment,
-)
-from erc_gym.limits import MAX_GRID_SEED as MAX_SEED  # noqa: E402
-from erc_gym.limits import MAX_GRID_SEEDS as MAX_SEEDS  # noqa: E402
+import erc_gym.limits as _limits  # noqa: E402
 
 __all__ = [
     "ALGORITHMS",
@@ -26,4 +21,12 @@ __all__ = [
     "validate_experiment",
 ]
 
-__getattr__ = forward(__name__, _config)
+
+def __getattr__(name: str) -> Any:
+    return forward(
+        __name__,
+        name,
+        _config,
+        _limits,
+        renamed={"MAX_SEED": "MAX_GRID_SEED", "MAX_SEEDS": "MAX_GRID_SEEDS"},
+    )

@@ -1,13 +1,16 @@
 """Deprecated: moved to :mod:`erc_gym.lab.report`. This module forwards every name for one
 release."""
 
+from typing import Any
+
 from erc_gym._deprecated import forward, warn_moved
 
 warn_moved(__name__, "erc_gym.lab.report")
 
 import erc_gym.lab.report as _report  # noqa: E402
-from erc_gym.lab.report import COLUMNS, markdown_table, write_report  # noqa: E402
 
-__all__ = ["COLUMNS", "markdown_table", "write_report"]
+__all__ = list(_report.__all__)
 
-__getattr__ = forward(__name__, _report)
+
+def __getattr__(name: str) -> Any:
+    return forward(__name__, name, _report)

@@ -10,16 +10,23 @@ the log back to the checkpoint, then resumes for good.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from erc_gym.bandit import BanditConfig, train_bandit
+from erc_gym.lab.kinds.base import GRID_KEYS
+from erc_gym.lab.kinds.llm import LLMKind
 from erc_gym.lab.runner import run_experiment
+
+sys.path.insert(0, str(Path(__file__).parent / "llm"))
+from test_trainer import small_config
 
 
 class Killed(BaseException):
@@ -111,81 +118,10 @@ def test_bandit_own_resume(tmp_path, monkeypatch):
     assert metrics.read_bytes() == (tmp_path / "straight" / "metrics.jsonl").read_bytes()
 
 
-def _stopped_grid_run(spec: dict[str, Any], root: Path, stop: int, monkeypatch) -> Path:
-    monkeypatch.setenv("ERC_GYM_STOP_AFTER", str(stop))
-    with pytest.raises(RuntimeError, match="stopped after"):
-        run_experiment(spec, root, workers=1, progress=False)
-    monkeypatch.delenv("ERC_GYM_STOP_AFTER")
-    ((folder),) = [p for p in (root / spec["name"]).glob("*/*") if p.is_dir()]
-    assert not (folder / "done").exists()
-    return folder
-
-
-def test_bandit_through_the_runner(tmp_path, monkeypatch):
-    spec = {
-        "name": "b",
-        "kind": "bandit",
-        "seeds": 1,
-        "algorithms": ["ppo"],
-        "erc": [[0.95, 1.05]],
-        "envs": [{"label": "V64", **BANDIT}],
-        "settings": {"save_every": 1},
-    }
-    (straight,) = run_experiment({**spec, "name": "s"}, tmp_path, workers=1, progress=False)
-    folder = _stopped_grid_run(spec, tmp_path, 2, monkeypatch)
-    metrics = folder / "metrics.jsonl"
-    before = _damage(metrics, {"step": 48, "iteration": 3}, '{"step": 64, "itera')
-    run = lambda: run_experiment(spec, tmp_path, workers=1, progress=False)  # noqa: E731
-    _resume_through_a_kill(run, metrics, monkeypatch)
-    assert (folder / "done").exists()
-    _kept(before, metrics, "iteration", 2)
-    assert metrics.read_bytes() == (straight / "metrics.jsonl").read_bytes()
-
-
-def test_sb3_through_the_runner(tmp_path, monkeypatch):
-    spec = {
-        "name": "cp",
-        "kind": "sb3",
-        "seeds": 1,
-        "algorithms": ["ppo"],
-        "erc": [[0.95, 1.05]],
-        "envs": [{"label": "CartPole", "id": "CartPole-v1"}],
-        "settings": {"steps": 1024, "eval_every": 512, "eval_episodes": 2},
-    }
-    folder = _stopped_grid_run(spec, tmp_path, 512, monkeypatch)
-    metrics = folder / "metrics.jsonl"
-    unsaved = {"time/total_timesteps": 768, "train/entropy": -1.0}
-    before = _damage(metrics, unsaved, '{"time/total_timesteps": 1024, "train/ent')
-    run = lambda: run_experiment(spec, tmp_path, workers=1, progress=False)  # noqa: E731
-    _resume_through_a_kill(run, metrics, monkeypatch)
-    assert (folder / "done").exists()
-    rows = [json.loads(x) for x in _lines(metrics)]
-    assert -1.0 not in [r.get("train/entropy") for r in rows]  # the unsaved update was redone
-    assert [r["time/total_timesteps"] for r in rows if "eval/mean_reward" in r] == [512, 1024, 1024]
-    old = before.splitlines(keepends=True)[:-2]
-    assert _lines(metrics)[: len(old)] == old
-
-
-def _llm_settings() -> dict[str, Any]:
-    return {
-        "sft_steps": 0,
-        "steps": 4,
-        "group_size": 4,
-        "prompts_per_step": 4,
-        "mini_batch_prompts": 2,
-        "max_new_tokens": 3,
-        "num_train": 64,
-        "num_eval": 4,
-        "eval_every": 2,
-        "save_every": 1,
-    }
-
-
 def test_llm_own_resume(tmp_path, monkeypatch):
-    from erc_gym.llm import ERCTrainer, TrainerConfig
+    from erc_gym.llm import ERCTrainer
 
-    settings = {**_llm_settings(), "device": "cpu", "progress": False}
-    config = TrainerConfig(**settings, run_dir=str(tmp_path), erc_low=0.95, erc_high=1.05)
+    config = small_config(tmp_path, steps=4, eval_every=2, save_every=1)
     ERCTrainer(config).train(max_steps=2)
     metrics = tmp_path / "llm" / "metrics.jsonl"
     before = _damage(metrics, {"step": 3, "reward": 0.5}, '{"step": 4, "rew')
@@ -194,21 +130,60 @@ def test_llm_own_resume(tmp_path, monkeypatch):
     assert [json.loads(x)["step"] for x in _lines(metrics)] == [0, 1, 2, 3, 4]
 
 
-def test_llm_through_the_runner(tmp_path, monkeypatch):
-    spec = {
-        "name": "lm",
-        "kind": "llm",
-        "seeds": 1,
-        "algorithms": ["dapo"],
-        "erc": [[0.95, 1.05]],
-        "envs": [{"label": "add1", "model": "tiny"}],
-        "settings": _llm_settings(),
-    }
-    folder = _stopped_grid_run(spec, tmp_path, 2, monkeypatch)
+def _llm_grid_settings() -> dict[str, Any]:
+    """The LLM tests' small config as grid settings (what the grid and the runner set removed)."""
+    config = dataclasses.asdict(small_config(Path("."), steps=4, eval_every=2, save_every=1))
+    return {k: v for k, v in config.items() if k not in GRID_KEYS | LLMKind.runner_keys}
+
+
+#: kind -> env, settings, the checkpoint's counter value, a line logged after it and a torn one,
+#: and what the finished log holds: the rows with ``field``, by ``counter``.
+GRIDS: dict[str, tuple[Any, ...]] = {
+    "bandit": (
+        {"label": "V64", **BANDIT, "save_every": 1},
+        {},
+        2,
+        ({"step": 48, "iteration": 3}, '{"step": 64, "itera'),
+        ("iteration", "iteration", [0, 1, 2, 3, 4]),
+    ),
+    "sb3": (
+        {"label": "CartPole", "id": "CartPole-v1"},
+        {"steps": 1024, "eval_every": 512, "eval_episodes": 2},
+        512,
+        ({"time/total_timesteps": 768, "train/entropy": -1.0}, '{"time/total_timesteps": 10'),
+        ("eval/mean_reward", "time/total_timesteps", [512, 1024, 1024]),  # the final eval twice
+    ),
+    "llm": (
+        {"label": "add1", "model": "tiny"},
+        None,  # _llm_grid_settings()
+        2,
+        ({"step": 3, "reward": 0.5}, '{"step": 4, "rew'),
+        ("step", "step", [0, 1, 2, 3, 4]),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GRIDS))
+def test_resume_through_the_runner(kind, tmp_path, monkeypatch):
+    env, settings, stop, (unsaved, torn), (field, counter, expected) = GRIDS[kind]
+    settings = _llm_grid_settings() if settings is None else settings
+    spec = {"name": kind, "kind": kind, "seeds": 1, "algorithms": ["ppo"], "erc": [[0.95, 1.05]]}
+    spec |= {"envs": [env], "settings": settings}
+    monkeypatch.setenv("ERC_GYM_STOP_AFTER", str(stop))
+    with pytest.raises(RuntimeError, match="stopped after"):
+        run_experiment(spec, tmp_path, workers=1, progress=False)
+    monkeypatch.delenv("ERC_GYM_STOP_AFTER")
+    (folder,) = [p for p in (tmp_path / kind).glob("*/*") if p.is_dir()]
     metrics = folder / "metrics.jsonl"
-    before = _damage(metrics, {"step": 3, "reward": 0.5}, '{"step": 4, "rew')
+    before = _damage(metrics, unsaved, torn)
     run = lambda: run_experiment(spec, tmp_path, workers=1, progress=False)  # noqa: E731
     _resume_through_a_kill(run, metrics, monkeypatch)
     assert (folder / "done").exists()
-    _kept(before, metrics, "step", 2)
-    assert [json.loads(x)["step"] for x in _lines(metrics)] == [0, 1, 2, 3, 4]
+    old = before.splitlines(keepends=True)[:-2]  # the lines up to the checkpoint
+    assert _lines(metrics)[: len(old)] == old
+    rows = [json.loads(x) for x in _lines(metrics)]
+    assert unsaved not in rows  # the iteration after the checkpoint was done again
+    assert [r[counter] for r in rows if field in r] == expected
+    if kind == "bandit":  # deterministic: the same log as a run never stopped
+        (straight,) = run_experiment({**spec, "name": "s"}, tmp_path, workers=1, progress=False)
+        assert metrics.read_bytes() == (straight / "metrics.jsonl").read_bytes()

@@ -20,9 +20,9 @@ Safety off the happy path:
   :class:`ExperimentInterrupted`; checkpoints are written atomically, so interrupted runs resume
   from their last one.
 
-What runs (the grid) and how it runs (the launcher) are apart: a launcher is any object with
-:meth:`Launcher.launch`, which runs a list of :class:`~erc_gym.lab.grid.RunSpec` through
-:func:`run_one` and reports an :class:`Outcome`.
+What runs (the grid) and how it runs (the launcher) are apart: a :data:`Launcher` is any
+callable that runs a list of :class:`~erc_gym.lab.grid.RunSpec` through :func:`run_one` and
+reports an :class:`Outcome` (:class:`LocalLauncher` for this machine).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from erc_gym.jsonl import last_value
 from erc_gym.lab.config import load_experiment, validate_experiment
@@ -439,40 +439,28 @@ def _run_here(
     return out
 
 
-class Launcher(Protocol):
-    """How the runs of a grid are run (local processes, a cluster, ...)."""
-
-    def launch(
-        self,
-        todo: list[RunSpec],
-        root: Path,
-        *,
-        resume: bool,
-        overwrite: bool,
-        progress: Progress | None,
-    ) -> Outcome:
-        """Run every run of ``todo`` with :func:`run_one` into ``root``; on SIGINT / SIGTERM
-        stop them, record the signal in ``Outcome.signum`` and return."""
-        ...
+#: How the runs of a grid are run (here in local processes; a cluster launcher is another such
+#: callable): called with the runs to do, the runs folder, ``resume``, ``overwrite`` and the
+#: progress bar (or None), it trains each with :func:`run_one`, stops them on SIGINT / SIGTERM
+#: (recording the signal in ``Outcome.signum``) and returns the :class:`Outcome`.
+Launcher = Callable[[list[RunSpec], Path, bool, bool, Progress | None], Outcome]
 
 
 @dataclass
 class LocalLauncher:
-    """Runs on this machine: one after another in this process (``workers=1``, easy to debug),
-    or in at most ``workers`` child processes that never outlive this one."""
+    """A :data:`Launcher` on this machine: one run after another in this process (``workers=1``,
+    easy to debug), or at most ``workers`` child processes that never outlive this one."""
 
     workers: int = 1
 
-    def launch(
+    def __call__(
         self,
         todo: list[RunSpec],
         root: Path,
-        *,
         resume: bool,
         overwrite: bool,
         progress: Progress | None,
     ) -> Outcome:
-        """See :meth:`Launcher.launch`."""
         if self.workers == 1:
             return _run_here(todo, root, resume, overwrite, progress)
         return _run_in_processes(todo, root, resume, overwrite, self.workers, progress)
@@ -553,7 +541,7 @@ def run_experiment(
         launcher = LocalLauncher(max(1, min(workers or os.cpu_count() or 1, len(todo) or 1)))
     bar = Progress(spec, runs, root, len(runs) - len(todo)) if progress else None
     try:
-        out = launcher.launch(todo, root, resume=resume, overwrite=overwrite, progress=bar)
+        out = launcher(todo, root, resume, overwrite, bar)
     finally:
         if bar is not None:
             bar.close()

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from erc_gym.lab.kinds.base import DataclassKind, check_stopped, grid_settings
+from erc_gym.lab.kinds.base import TRAINER_SERIES, DataclassKind, check_stopped, grid_settings
 
 if TYPE_CHECKING:
     from erc_gym.lab.grid import RunSpec
@@ -18,21 +18,7 @@ __all__ = ["KIND", "SERIES_KEYS", "BanditKind"]
 
 #: Common series name -> key in this kind's ``metrics.jsonl`` (see
 #: :meth:`erc_gym.lab.analysis.Run.series`).
-SERIES_KEYS = {
-    "step": "step",
-    "score": "expected_reward",
-    "entropy": "entropy",
-    "erc_clip_fraction": "erc_clip_fraction",
-    "erc_clip_off_policy": "erc_clip_fraction_off_policy",
-    "clip_fraction": "clip_fraction",
-    "grad_norm": "grad_norm",
-    "tv_unsampled": "tv_unsampled",
-    "ratio_hist": "entropy_ratio_hist",
-    "entropy_old_clipped": "erc_clipped_entropy_old_mean",
-    "entropy_old_kept": "erc_kept_entropy_old_mean",
-    "erc_low": "erc_low",
-    "erc_high": "erc_high",
-}
+SERIES_KEYS = {**TRAINER_SERIES, "score": "expected_reward", "tv_unsampled": "tv_unsampled"}
 
 
 class BanditKind(DataclassKind):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GRID_KEYS",
+    "TRAINER_SERIES",
     "Band",
     "DataclassKind",
     "Kind",
@@ -36,6 +37,21 @@ GRID_KEYS = frozenset({"loss", "erc_low", "erc_high", "seed"})
 
 #: An ERC band ``(low, high)``, or None for ERC off.
 Band = tuple[float, float] | None
+#: Series that the bandit and the LLM trainer log under the names of
+#: :func:`erc_gym.losses.loss_metrics` and of their own step counter (see ``Kind.series_keys``).
+TRAINER_SERIES = {
+    "step": "step",
+    "entropy": "entropy",
+    "erc_clip_fraction": "erc_clip_fraction",
+    "erc_clip_off_policy": "erc_clip_fraction_off_policy",
+    "clip_fraction": "clip_fraction",
+    "grad_norm": "grad_norm",
+    "ratio_hist": "entropy_ratio_hist",
+    "entropy_old_clipped": "erc_clipped_entropy_old_mean",
+    "entropy_old_kept": "erc_kept_entropy_old_mean",
+    "erc_low": "erc_low",
+    "erc_high": "erc_high",
+}
 
 
 class StopRun(RuntimeError):
