@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = [
     "GRID_KEYS",
     "TRAINER_SERIES",
-    "Band",
     "DataclassKind",
     "Kind",
     "StopRun",
@@ -35,8 +34,6 @@ __all__ = [
 #: Trainer settings that the grid itself sets for every run (a config may not set them).
 GRID_KEYS = frozenset({"loss", "erc_low", "erc_high", "seed"})
 
-#: An ERC band ``(low, high)``, or None for ERC off.
-Band = tuple[float, float] | None
 #: Series that the bandit and the LLM trainer log under the names of
 #: :func:`erc_gym.losses.loss_metrics` and of their own step counter (see ``Kind.series_keys``).
 TRAINER_SERIES = {
