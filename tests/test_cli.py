@@ -104,6 +104,31 @@ def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
     assert "rollout/" not in out
 
 
+def test_train_passes_ppo_options_and_evaluates(tmp_path, capsys):
+    """--lr, --n-epochs, --batch-size, --target-kl and --ent-coef reach the algorithm."""
+    from erc_gym.sb3 import ERCPPO
+
+    model_path = tmp_path / "model.zip"
+    main(
+        [
+            "train",
+            "CartPole-v1",
+            *("--steps", "256", "--n-envs", "2", "--no-progress"),
+            *("--lr", "0.002", "--n-epochs", "3", "--batch-size", "32"),
+            *("--target-kl", "0.02", "--ent-coef", "0.01", "--eval-episodes", "2"),
+            *("--log-dir", str(tmp_path / "log"), "--save", str(model_path)),
+        ]
+    )
+    model = ERCPPO.load(model_path)
+    assert model.learning_rate == 0.002  # a constant, not the preset's lin_0.001 schedule
+    assert model.n_epochs == 3
+    assert model.batch_size == 32
+    assert model.target_kl == 0.02
+    assert model.ent_coef == 0.01
+    out = capsys.readouterr().out
+    assert re.search(r"evaluation: mean return [0-9.]+ \(std [0-9.]+\) over 2 deterministic", out)
+
+
 def test_train_verbose_prints_sb3_tables(tmp_path, capsys):
     args = ["train", "CartPole-v1", "--steps", "256", "--n-envs", "2", "--no-progress"]
     main([*args, "--log-dir", str(tmp_path), "--verbose"])
@@ -167,6 +192,17 @@ BAD_INPUTS = [
     (["train", "CartPole-v1", "--algo", "a2c", "--clip-variant", "gppo", *TINY], "--clip-variant"),
     (["train", "CartPole-v1", "--algo", "ppo", "--clip-range-high", "0.3", *TINY], "--clip-range"),
     (["train", "CartPole-v1", "--save", "", *TINY], "--save '': give a file path"),
+    # PPO options for the tutorial's collapse cell (16 steps per rollout, target_kl, entropy bonus)
+    (["train", "CartPole-v1", "--algo", "a2c", "--target-kl", "0.02", *TINY], "--target-kl 0.02 n"),
+    (["train", "CartPole-v1", "--algo", "a2c", "--n-epochs", "4", *TINY], "needs --algo ercppo or"),
+    (["train", "CartPole-v1", "--target-kl", "0"], "--target-kl: must be a finite number > 0"),
+    (["train", "CartPole-v1", "--target-kl", "nan"], "--target-kl: must be a finite number > 0"),
+    (["train", "CartPole-v1", "--target-kl", "big"], "--target-kl: expected a number > 0"),
+    (["train", "CartPole-v1", "--batch-size", "1"], "--batch-size: must be >= 2"),
+    (["train", "CartPole-v1", "--n-epochs", "0"], "--n-epochs: must be >= 1"),
+    (["train", "CartPole-v1", "--lr", "inf"], "--lr: must be a finite number > 0"),
+    (["train", "CartPole-v1", "--ent-coef", "-0.1"], "--ent-coef: must be a finite number >= 0"),
+    (["train", "CartPole-v1", "--eval-episodes", "-1"], "--eval-episodes: must be >= 0"),
     # h14: LLM settings that were accepted, or failed later with a traceback / without a name
     (["llm", "--seed", "-1"], "seed must be in [0, 2**32 - 1], got seed=-1"),
     (["llm", "--seed", "99999999999999999999"], "got seed=99999999999999999999"),
