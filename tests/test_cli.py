@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from erc_gym import demo
 from erc_gym.cli import COMMANDS, main
@@ -319,6 +320,41 @@ def test_demo_erc_narrows_the_entropy_ratio():
     assert erc["erc_clip_fraction"] > 0
     assert erc["entropy_ratio_max"] < ppo["entropy_ratio_max"]
     assert erc["entropy_ratio_min"] > ppo["entropy_ratio_min"]
+
+
+def test_demo_worked_example_sampled_ratio_inside_clip_entropy_ratio_outside_band():
+    """The tutorial's five-action example: PPO-clip sees nothing where ERC's band is left."""
+    ppo = demo.worked_example(LossConfig.ppo())
+    erc = demo.worked_example(LossConfig.ppo(erc=ERCConfig(0.95, 1.05)))
+    after_two = ppo[1]
+    assert 1.0 < after_two.ratio < 1.2  # inside PPO's clip ...
+    assert after_two.entropy_ratio < 0.95  # ... and outside ERC's band
+    assert after_two.tv_unsampled > 0.04  # un-sampled actions lost mass they were never given
+    assert not any(w.clip_active for w in ppo[:3])  # PPO-clip is blind until r > 1.2
+    assert [w.erc_kept for w in erc] == [True, True, False, False]
+    assert erc[-1].probs == erc[1].probs  # SGD: a masked step leaves the logits alone
+    assert ppo[-1].ratio > erc[-1].ratio
+    # softmax coupling: step 1 moves every un-sampled logit by -lr * A * p_old(b)
+    p_old = torch.softmax(torch.tensor(demo.WORKED_LOGITS, dtype=torch.float64), -1)
+    assert ppo[0].logits_change[1:] == pytest.approx((-0.3 * p_old[1:]).tolist(), rel=1e-6)
+
+
+def test_demo_blind_spots():
+    swap, low = demo.blind_spots()
+    assert swap.entropy_ratio == pytest.approx(1.0, abs=1e-12) and swap.tv == pytest.approx(0.3)
+    assert low.tv == pytest.approx(0.001) and low.entropy_ratio > 1.5
+
+
+def test_demo_prints_the_three_parts(capsys):
+    demo.main(["--batch", "4", "--vocab", "16", "--steps", "2"])
+    out = capsys.readouterr().out
+    for part in (
+        "1. One state, five actions",
+        "2. What the entropy ratio cannot see",
+        "3. A batch",
+    ):
+        assert part in out
+    assert "MASK" in out
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/tutorial_entropy.md"])
