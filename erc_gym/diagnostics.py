@@ -1,8 +1,8 @@
 """Entropy-dynamics diagnostics: the numbers that show what ERC does, for any policy-gradient run.
 
 Pure functions over tensors or per-update series, shared by the experiment runner, the reports
-and :class:`EntropyDynamicsCallback` (which logs them for any Stable-Baselines3 algorithm with a
-discrete action space):
+and :class:`~erc_gym.sb3.callbacks.EntropyDynamicsCallback` (which logs them for any
+Stable-Baselines3 algorithm with a discrete action space):
 
 * :func:`entropy_trend` and :func:`entropy_steepest_fall` -- how fast ``log`` mean entropy
   moves: the least-squares slope per update, and the largest one-update fall;
