@@ -94,6 +94,7 @@ $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
 docs: $(VENV)/.docs-installed
 	rm -rf site
 	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs site
+	rm -rf jupyter_execute  # MyST-NB's copy of the notebooks, written beside the output folder
 	$(PY) -m pytest -q tests/test_docs_api.py
 	@echo "built site/index.html (open it with: python -m webbrowser site/index.html)"
 
