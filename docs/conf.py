@@ -99,6 +99,11 @@ nitpick_ignore_regex = [
 autodoc_inherit_docstrings = False
 
 
+html_theme = "furo"
+html_title = "erc_gym"
+html_static_path: list[str] = []
+
+
 def _attribute_docstrings_are_prose(app, what, name, obj, options, lines):
     """Undo napoleon's reading of an attribute docstring's first words as a type.
 

@@ -3,7 +3,8 @@
 ERC compares ``H_new / H_old`` against a band as narrow as +-5%, and acts mostly on low-entropy
 (near-deterministic) states, so the entropy has to be accurate *in relative terms* even when it
 is tiny. The textbook form ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two large, nearly
-equal numbers and loses most of its digits there (ERC_SPEC 5.4). This module uses the
+equal numbers and loses most of its digits there (1-3% relative in fp32 at H ~ 0.1 with a
+large common logit offset, ~100% at H ~ 1e-7). This module uses the
 cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` and
 ``e = exp(-d)``::
 

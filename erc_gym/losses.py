@@ -26,7 +26,7 @@ Every trainer in the project (the SB3 algorithm, the LLM trainer, the TRL / verl
        l    = where(keep, l, sg(l))
 
    Out-of-band tokens keep their forward value and stay in the aggregation denominator; only
-   their gradient is stopped (the reference semantics, ERC_SPEC section 2).
+   their gradient is stopped (the semantics of the authors' reference code).
 
 3. :func:`aggregate` -- verl's four ``loss_agg_mode`` values.
 """
