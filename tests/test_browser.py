@@ -1,6 +1,6 @@
 """A real headless browser (Debian's chromium) renders a report: its figures load, its table is
-there. Slow (a browser start and a small experiment); skipped where chromium is not installed
-(``apt-get install chromium``).
+there. Slow (a browser start and ``erc-gym experiment quick`` with one seed); skipped where
+chromium is not installed (``apt-get install chromium``).
 
 The check a person does by looking at the screenshot is approximated by counting pixels of two
 colours: the line colour of the curves figure and the darkest colour of the heat map (viridis),
@@ -9,7 +9,6 @@ which a figure that failed to load does not show.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,28 +70,15 @@ def _dom(url: str, tmp: Path) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_report_html_renders_its_figures_and_table(tmp_path, capsys):
-    config = tmp_path / "mini.json"
-    config.write_text(
-        json.dumps(
-            {
-                "name": "mini",
-                "kind": "bandit",
-                "seeds": 2,
-                "algorithms": ["ppo"],
-                "erc": [None, [0.95, 1.05]],
-                "envs": [{"label": "V64", "vocab_size": 64, "num_contexts": 4}],
-                "settings": {"iterations": 6, "group": 4, "minibatches": 2},
-            }
-        )
-    )
-    main(["experiment", str(config), "--runs", str(tmp_path / "runs"), "--no-progress"])
-    report = tmp_path / "runs" / "mini" / "report.html"
+    # the README's main job with one seed per variant (PPO, PPO + ERC)
+    main(["experiment", "quick", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--no-progress"])
+    report = tmp_path / "runs" / "quick" / "report.html"
     assert report.exists()
     image = _screenshot(report.as_uri(), tmp_path / "report.png", tmp_path)
     for colour in FIGURE_COLOURS:  # the curves and the heat map are drawn: both PNGs loaded
         assert _pixels_of(image, colour) > 200, f"no pixels of {colour}: a figure did not load"
     dom = _dom(report.as_uri(), tmp_path)
-    assert dom.count("<img") >= 2 and "<table" in dom and "V64-ppo-erc0.95-1.05" in dom
+    assert dom.count("<img") >= 2 and "<table" in dom and "V4096-ppo-erc0.95-1.05" in dom
     # the check sees a missing figure: without the PNGs neither colour is drawn
     for png in (report.parent / "figures").glob("*.png"):
         png.unlink()
