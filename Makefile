@@ -15,7 +15,7 @@ TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' constraints-cpu.t
 
 comma := ,
 
-.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations ci lint format bench clean
+.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations ci lint format bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -84,8 +84,22 @@ test-verl: $(VERL_VENV)/.installed
 # Both integration suites (each in its own environment).
 test-integrations: test-trl test-verl
 
-# What CI runs (.ci/run): lint, the default suite, the TRL and verl suites.
-ci: lint test test-integrations
+# The documentation site (docs/README.md): Sphinx + MyST-NB + furo, built into site/ in strict
+# mode (-W: any warning fails; -n: every reference to this project's objects must resolve; -E:
+# every page is read again, so no warning hides in a cached page). Adds the docs extra to .venv.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev,docs]" 2>&1 | grep -v "^WARNING: Location" || true
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	rm -rf site
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs site
+	rm -rf jupyter_execute  # MyST-NB's copy of the notebooks, written beside the output folder
+	$(PY) -m pytest -q tests/test_docs_api.py
+	@echo "built site/index.html (open it with: python -m webbrowser site/index.html)"
+
+# What CI runs (.ci/run): lint, the documentation site, the default suite, the TRL and verl suites.
+ci: lint docs test test-integrations
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -101,4 +115,4 @@ bench: setup
 	$(PY) experiments/bench/bench_loss.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis site

@@ -20,13 +20,16 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from erc_gym.adaptive_band import (
@@ -40,9 +43,16 @@ from erc_gym.diagnostics import ratio_histogram, unsampled_drift
 from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
 from erc_gym.jsonl import append_jsonl, truncate_metrics
 from erc_gym.limits import MAX_SEED
-from erc_gym.losses import LossConfig, LossStats, entropy_ratio, loss_metrics, policy_loss
+from erc_gym.losses import (
+    LossConfig,
+    LossStats,
+    clip_flags,
+    entropy_ratio,
+    loss_metrics,
+    policy_loss,
+)
 
-__all__ = ["BANDIT_METRIC_KEYS", "BanditConfig", "train_bandit"]
+__all__ = ["BANDIT_METRIC_KEYS", "BanditConfig", "RolloutDrift", "rollout_drift", "train_bandit"]
 
 #: Keys of every ``metrics.jsonl`` line (after the first, which is the untrained prior).
 BANDIT_METRIC_KEYS = (
@@ -134,6 +144,15 @@ class BanditConfig:
         check_task(self.vocab_size, self.num_contexts, self.reward_set_size, self.sharp_fraction)
 
 
+@dataclass
+class _Batch:
+    """One sampled batch: the old logits ``(K, V)``, actions and advantages ``(K * group,)``."""
+
+    old_logits: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
+
+
 class _Policy(torch.nn.Module):
     def __init__(self, prior: torch.Tensor, kind: str, gen: torch.Generator) -> None:
         super().__init__()
@@ -151,6 +170,28 @@ class _Policy(torch.nn.Module):
             return self.table
         prior: torch.Tensor = self.prior  # type: ignore[assignment]
         return prior + self.ctx @ self.vocab
+
+
+def _setup(
+    c: BanditConfig,
+) -> tuple[_Policy, torch.optim.Optimizer, torch.Tensor, torch.Tensor, torch.Generator]:
+    """Validate ``c``; the policy at the env's prior, its optimiser, rewards, contexts, RNG."""
+    from erc_gym.envs.vocab_bandit import VocabBandit
+
+    c.validate()
+    env = VocabBandit(
+        vocab_size=c.vocab_size,
+        num_contexts=c.num_contexts,
+        reward_set_size=c.reward_set_size,
+        sharp_fraction=c.sharp_fraction,
+        task_seed=c.seed,
+    )
+    reward_mask = torch.as_tensor(env.reward_mask, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(c.seed)
+    policy = _Policy(torch.as_tensor(env.prior_logits.copy()), c.policy, gen)
+    opt = torch.optim.Adam(policy.parameters(), lr=c.lr)
+    ctx = torch.arange(c.num_contexts).repeat_interleave(c.group)
+    return policy, opt, reward_mask, ctx, gen
 
 
 def train_bandit(
@@ -171,28 +212,14 @@ def train_bandit(
         progress: show a tqdm bar over iterations.
         max_iterations: stop after this many iterations in total (stop-and-resume tests).
     """
-    from erc_gym.envs.vocab_bandit import VocabBandit
-
-    config.validate()
     c = config
-    env = VocabBandit(
-        vocab_size=c.vocab_size,
-        num_contexts=c.num_contexts,
-        reward_set_size=c.reward_set_size,
-        sharp_fraction=c.sharp_fraction,
-        task_seed=c.seed,
-    )
+    policy, opt, reward_mask, ctx, gen = _setup(c)
     loss_config = c.loss_config()
     adaptive = None
     if c.erc_target_clip_fraction is not None and loss_config.erc is not None:
         adaptive = AdaptiveERCBand(
             c.erc_target_clip_fraction, low=loss_config.erc.low, high=loss_config.erc.high
         )
-    reward_mask = torch.as_tensor(env.reward_mask, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(c.seed)
-    policy = _Policy(torch.as_tensor(env.prior_logits.copy()), c.policy, gen)
-    opt = torch.optim.Adam(policy.parameters(), lr=c.lr)
-    ctx = torch.arange(c.num_contexts).repeat_interleave(c.group)
     batch = len(ctx)
 
     path = None if run_dir is None else Path(run_dir)
@@ -277,8 +304,12 @@ def _iteration(
     ctx: torch.Tensor,
     gen: torch.Generator,
     c: BanditConfig,
+    on_step: Callable[[int, _Batch], None] | None = None,
 ) -> dict[str, Any]:
-    """One sampled batch and its ``minibatches`` updates; returns the metrics line."""
+    """One sampled batch and its ``minibatches`` updates; returns the metrics line.
+
+    ``on_step(k, batch)`` is called before the first update (``k = 0``) and after the ``k``-th.
+    """
     with torch.no_grad():
         old_logits = policy().detach().clone()
         old_probs = torch.softmax(old_logits, -1)
@@ -290,7 +321,10 @@ def _iteration(
     perm = torch.randperm(len(actions), generator=gen)
     stats: list[LossStats] = []
     grad_norms = []
-    for idx in perm.chunk(c.minibatches):
+    batch = _Batch(old_logits, actions, adv)
+    if on_step is not None:
+        on_step(0, batch)
+    for k, idx in enumerate(perm.chunk(c.minibatches), 1):
         lp, h = logprob_and_entropy(policy()[ctx[idx]], actions[idx])
         pg = policy_loss(
             lp,
@@ -306,6 +340,8 @@ def _iteration(
         grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), math.inf))
         opt.step()
         stats.append(pg.stats)
+        if on_step is not None:
+            on_step(k, batch)
     m = loss_metrics(stats)
     # the entropy ratio of every sample the loss saw (the same formula when ERC is off)
     rho = torch.cat([entropy_ratio(s.entropy, s.old_entropy).reshape(-1) for s in stats])  # type: ignore[arg-type]
@@ -343,3 +379,109 @@ def _iteration(
         "grad_norm": float(torch.stack(grad_norms).mean()),
         "entropy_ratio_hist": ratio_histogram(rho),
     }
+
+
+@dataclass
+class RolloutDrift:
+    """The states of one sampled batch, optimiser step by optimiser step, without and with ERC.
+
+    Row 0 of every array is before the first step (every ratio is 1: the first step is
+    on-policy), row ``k`` after the ``k``-th step. The dictionaries have the keys ``"off"``
+    (the steps taken without ERC) and ``"erc"`` (the same batch, from the same policy and
+    optimiser state, with ERC and :attr:`band`).
+
+    Attributes:
+        band: the ERC band, also the band that ``outside`` and ``erc_mask`` refer to.
+        contexts: ``(N,)`` the context (state) of each sample.
+        advantages: ``(N,)`` the GRPO advantage of each sample.
+        outside: ``(S + 1,)`` share of the contexts whose entropy ratio is outside the band.
+        entropy_ratio: ``(S + 1, K)`` each context's ``H / H_old``.
+        ppo_clip: ``(S + 1, N)`` where PPO-clip's bound is active for the sample (the loss would
+            give it no gradient on the next step).
+        erc_mask: ``(S + 1, N)`` where the sample's context is outside the band (ERC would
+            stop its gradient on the next step).
+    """
+
+    band: tuple[float, float]
+    contexts: np.ndarray
+    advantages: np.ndarray
+    outside: dict[str, np.ndarray]
+    entropy_ratio: dict[str, np.ndarray]
+    ppo_clip: dict[str, np.ndarray]
+    erc_mask: dict[str, np.ndarray]
+
+
+def rollout_drift(config: BanditConfig, *, warmup: int = 0) -> RolloutDrift:
+    """Measure one rollout's ``config.minibatches`` steps one by one, with ERC off and on.
+
+    After ``warmup`` ordinary iterations (with ``config``'s own loss), one batch is sampled and
+    its mini-batch steps are taken twice from the same policy and optimiser state: once without
+    ERC and once with the band ``(config.erc_low, config.erc_high)`` (the paper's
+    ``(0.95, 1.05)`` when ERC is off in ``config``). Nothing is written to disk.
+
+    Example:
+        >>> d = rollout_drift(BanditConfig(vocab_size=64, minibatches=4))
+        >>> d.outside["off"].shape
+        (5,)
+    """
+    c = dataclasses.replace(config, erc_target_clip_fraction=None)
+    band = (0.95, 1.05) if c.erc_low is None or c.erc_high is None else (c.erc_low, c.erc_high)
+    policy, opt, reward_mask, ctx, gen = _setup(c)
+    for _ in range(warmup):
+        _iteration(policy, opt, c.loss_config(), reward_mask, ctx, gen, c)
+    start = (
+        {k: v.clone() for k, v in policy.state_dict().items()},
+        copy.deepcopy(opt.state_dict()),
+        gen.get_state(),
+    )
+    losses = {
+        "off": LossConfig.named(c.loss, None, None),
+        "erc": LossConfig.named(c.loss, *band),
+    }
+    seen: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    batch_seen: list[_Batch] = []
+    for name, loss_config in losses.items():
+        policy.load_state_dict(start[0])
+        opt.load_state_dict(copy.deepcopy(start[1]))
+        gen.set_state(start[2])
+        rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def record(
+            k: int,
+            batch: _Batch,
+            rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = rows,
+            loss_config: LossConfig = loss_config,
+        ) -> None:
+            with torch.no_grad():
+                logits = policy()
+                rho = entropy_ratio(
+                    entropy_from_logits(logits), entropy_from_logits(batch.old_logits)
+                )
+                log_ratio = torch.log_softmax(logits, -1) - torch.log_softmax(batch.old_logits, -1)
+                ratio = log_ratio[ctx, batch.actions].exp()
+                flags = clip_flags(
+                    ratio,
+                    batch.advantages,
+                    eps_low=loss_config.eps_low,
+                    eps_high=loss_config.eps_high,
+                    dual_clip_c=loss_config.dual_clip_c,
+                )
+            clipped = flags["clip_low"] | flags["clip_high"] | flags["dual_clip"]
+            rows.append((rho.numpy(), clipped.numpy(), ratio.numpy()))
+            if k == 0:
+                batch_seen.append(batch)
+
+        _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c, on_step=record)
+        seen[name] = rows
+    rho_by = {name: np.stack([r[0] for r in rows]) for name, rows in seen.items()}
+    out_ctx = {name: (r <= band[0]) | (r >= band[1]) for name, r in rho_by.items()}
+    contexts = ctx.numpy()
+    return RolloutDrift(
+        band=band,
+        contexts=contexts,
+        advantages=batch_seen[0].advantages.numpy(),
+        outside={name: o.mean(axis=1) for name, o in out_ctx.items()},
+        entropy_ratio=rho_by,
+        ppo_clip={name: np.stack([r[1] for r in rows]) for name, rows in seen.items()},
+        erc_mask={name: o[:, contexts] for name, o in out_ctx.items()},
+    )

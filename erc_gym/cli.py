@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -20,6 +21,8 @@ from typing import Any
 from erc_gym.cli_args import (
     CliParser,
     fail,
+    non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     seed,
@@ -243,6 +246,14 @@ def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, 
     return (0.95, 1.05) if low is None or high is None else (low, high)
 
 
+def _batch_size(text: str) -> int:
+    """A mini-batch of at least 2 samples (SB3's PPO normalises advantages within it)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (SB3's PPO needs 2), got {value}")
+    return value
+
+
 def train_main(argv: list[str] | None = None) -> None:
     """``erc-gym train ENV_ID``: an SB3 algorithm with ERC options and entropy diagnostics."""
     parser = CliParser(
@@ -285,7 +296,46 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dual-clip", type=positive_float, default=None, help="dual-clip constant c > 1"
     )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="constant learning rate (replaces the preset's schedule; default: preset or SB3's)",
+    )
+    parser.add_argument(
+        "--n-epochs",
+        type=positive_int,
+        default=None,
+        help="ERCPPO / PPO: epochs over each rollout (default: preset or SB3's 10)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        help="ERCPPO / PPO: mini-batch size (default: preset or SB3's 64); optimiser steps per "
+        "rollout = n_epochs x n_envs x n_steps / batch_size",
+    )
+    parser.add_argument(
+        "--target-kl",
+        type=positive_float,
+        default=None,
+        help="ERCPPO / PPO: SB3's early stop, ending a rollout's epochs once the approximate KL "
+        "to the rollout's policy exceeds 1.5 x this (default: off)",
+    )
+    parser.add_argument(
+        "--ent-coef",
+        type=non_negative_float,
+        default=None,
+        help="entropy bonus coefficient (default: preset or SB3's 0)",
+    )
     parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
+    parser.add_argument(
+        "--eval-episodes",
+        type=non_negative_int,
+        default=0,
+        help="after training, the mean return of this many deterministic episodes on a "
+        "separately seeded env (default 0: none)",
+    )
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
@@ -309,6 +359,14 @@ def train_main(argv: list[str] | None = None) -> None:
     given = [f"{flag} {value}" for flag, value in ercppo_only.items() if value is not None]
     if given and args.algo != "ercppo":  # SB3's PPO / A2C would silently ignore them
         fail(prog, f"{given[0]} needs --algo ercppo, got --algo {args.algo}")
+    ppo_only = {
+        "--n-epochs": args.n_epochs,
+        "--batch-size": args.batch_size,
+        "--target-kl": args.target_kl,
+    }
+    given = [f"{flag} {value}" for flag, value in ppo_only.items() if value is not None]
+    if given and args.algo == "a2c":  # A2C has no epochs, mini-batches or KL early stop
+        fail(prog, f"{given[0]} needs --algo ercppo or ppo, got --algo a2c")
     writable_dir(prog, "--log-dir", args.log_dir)
     if args.save is not None:
         if not args.save.strip():
@@ -336,6 +394,14 @@ def train_main(argv: list[str] | None = None) -> None:
         else {"seed": args.seed, "verbose": verbose}
     )
     kwargs.pop("policy", None)
+    overrides = {
+        "learning_rate": args.lr,
+        "n_epochs": args.n_epochs,
+        "batch_size": args.batch_size,
+        "target_kl": args.target_kl,
+        "ent_coef": args.ent_coef,
+    }
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
     n_envs = args.n_envs or (make_env_kwargs(args.env_id)["n_envs"] if preset else 8)
     steps = args.steps or (PRESETS[args.env_id]["n_timesteps"] if preset else 100_000)
     model: Any
@@ -373,6 +439,18 @@ def train_main(argv: list[str] | None = None) -> None:
     model.logger.dump(model.num_timesteps)  # the last update's keys
     seconds = time.perf_counter() - start
     print(_train_summary(args, model, last, seconds))
+    if args.eval_episodes:
+        from stable_baselines3.common.evaluation import evaluate_policy
+
+        eval_env = make_vec_env(args.env_id, n_envs=1, seed=args.seed + 10_000)
+        mean, std = evaluate_policy(
+            model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True
+        )
+        eval_env.close()
+        print(
+            f"evaluation: mean return {mean:.2f} (std {std:.2f}) over {args.eval_episodes} "
+            "deterministic episodes"
+        )
     if args.save is not None:
         model.save(args.save)
         print(f"saved {args.save}")

@@ -21,6 +21,7 @@ __all__ = [
     "CliParser",
     "boolean",
     "fail",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -100,6 +101,15 @@ def setting(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw
     return key.strip(), value
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def boolean(text: str) -> bool:

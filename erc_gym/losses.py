@@ -62,7 +62,10 @@ __all__ = [
     "sb3_recipe_kwargs",
 ]
 
+#: Clip variant of :class:`LossConfig`: ``"ppo"`` (the clip stops the gradient) or ``"gppo"``
+#: (gradient-preserving clip).
 ClipVariant = Literal["ppo", "gppo"]
+#: Aggregation of the per-token loss, verl's four ``loss_agg_mode`` values (see :func:`aggregate`).
 AggregationMode = Literal[
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
 ]

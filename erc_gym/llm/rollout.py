@@ -22,7 +22,18 @@ __all__ = ["RolloutBatch", "check_fused_head", "generate", "head_parameters", "r
 
 @dataclass
 class RolloutBatch:
-    """A batch of sampled responses (row ``i`` belongs to group ``i // group_size``)."""
+    """A batch of sampled responses (row ``i`` belongs to group ``i // group_size``).
+
+    Attributes:
+        prompt_ids: ``(B, P)`` left-padded prompt token ids.
+        prompt_mask: ``(B, P)`` 1 on prompt tokens, 0 on padding.
+        response_ids: ``(B, R)`` sampled response token ids (padding after the end token).
+        response_mask: ``(B, R)`` True on the response's tokens, the end token included.
+        rewards: ``(B,)`` the verifier's reward of each response.
+        prompts: the prompt texts.
+        answers: the reference answers the verifier compared with.
+        completions: the decoded responses.
+    """
 
     prompt_ids: Tensor
     prompt_mask: Tensor

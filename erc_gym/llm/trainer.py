@@ -193,7 +193,7 @@ class TrainerConfig:
     """Show a tqdm progress bar."""
 
     def loss_config(self) -> LossConfig:
-        """The :class:`LossConfig` of this run."""
+        """The :class:`~erc_gym.losses.LossConfig` of this run."""
         return LossConfig.named(self.loss, self.erc_low, self.erc_high)
 
     def validate(self) -> None:
@@ -278,6 +278,7 @@ RESUMABLE_CHANGES = frozenset(
     {"steps", "progress", "tensorboard", "save_every", "save_minutes", "run_dir", "name"}
 )
 
+#: Named settings for ``erc-gym llm --preset NAME`` (a tiny model on the arithmetic task).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-arith-dapo": {"loss": "dapo"},
     "tiny-arith-dapo-erc": {"loss": "dapo", "erc_low": 0.95, "erc_high": 1.05},
