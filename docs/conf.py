@@ -86,6 +86,9 @@ _EXTERNAL = (
     "PreTrainedTokenizerFast",
     "ActType",
     "ObsType",
+    "scipy",
+    "filelock",
+    "Path",
 )
 nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_EXTERNAL)})(\..*)?"),

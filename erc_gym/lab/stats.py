@@ -33,6 +33,8 @@ from scipy import stats
 
 __all__ = [
     "ADJUSTMENTS",
+    "EXACT_SIGN_FLIP_MAX",
+    "SIGN_FLIP_DRAWS",
     "Comparison",
     "adjust",
     "benjamini_hochberg",
@@ -216,6 +218,7 @@ def mean_curve(
 #: Largest number of pairs for which the sign-flip p-value enumerates all ``2**n`` sign patterns
 #: (exact); above it, a seeded Monte Carlo of :data:`SIGN_FLIP_DRAWS` patterns.
 EXACT_SIGN_FLIP_MAX = 16
+#: Sign patterns (or splits) drawn for a Monte Carlo p-value above :data:`EXACT_SIGN_FLIP_MAX`.
 SIGN_FLIP_DRAWS = 1 << 16
 
 
@@ -225,7 +228,9 @@ class Comparison:
 
     Attributes:
         diff: mean of ``a - b`` (paired: the mean of the per-seed differences).
-        ci_low, ci_high: confidence interval of ``diff`` (Student t: paired, or Welch's).
+        ci_low: lower end of the confidence interval of ``diff`` (Student t: paired, or
+            Welch's).
+        ci_high: its upper end.
         p: two-sided p-value of the same t-test (the interval excludes 0 exactly when
             ``p < 1 - confidence``).
         p_exact: two-sided p-value of the exact sign-flip test (paired) or permutation test
