@@ -441,6 +441,7 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
+#: The multiple-comparison adjustments of :func:`adjust`, by name.
 ADJUSTMENTS = {"holm": holm, "bh": benjamini_hochberg}
 
 
