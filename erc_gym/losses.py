@@ -256,13 +256,14 @@ class HighEntropy:
     is then averaged over the kept tokens only, as in TRL.
 
     Args:
-        quantile: the share of tokens kept, ``rho`` in (0, 1] (the paper: 0.2); 1 keeps all.
+        quantile: the share of tokens kept, ``rho`` in [0, 1] (the paper: 0.2); 1 keeps all, 0
+            only the highest-entropy token(s).
     """
 
     quantile: float = 0.2
 
     def __post_init__(self) -> None:
-        _check_share("HighEntropy", "quantile", self.quantile)
+        _check_share("HighEntropy", "quantile", self.quantile, closed_low=True)
 
 
 #: The token gates :func:`policy_loss` applies beside ERC (``LossConfig.gate``).
@@ -751,7 +752,7 @@ def high_entropy_keep(entropy: Tensor, valid: Tensor | None, quantile: float) ->
     Args:
         entropy: current entropies ``(B, T)``.
         valid: boolean mask of the valid tokens, or None.
-        quantile: the share of tokens kept, in (0, 1].
+        quantile: the share of tokens kept, in [0, 1].
 
     Returns:
         Boolean mask of the kept tokens (all False when no token is valid).

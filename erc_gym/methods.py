@@ -104,7 +104,7 @@ class MethodSettings:
     """KL-Cov: weight of the penalty (verl's ppo_kl_coef)."""
     top_entropy_quantile: float = 1.0
     """Train only on the top share of tokens by current entropy (arXiv 2506.01939; TRL's rule):
-    rho in (0, 1], 1 = off; the paper uses 0.2."""
+    rho in [0, 1], 1 = off; the paper uses 0.2."""
     ent_coef: float = 0.0
     """Entropy bonus: loss -= ent_coef * mean token entropy (with entropy_target: the starting
     coefficient)."""
@@ -166,7 +166,7 @@ class MethodSettings:
         for name in ("clip_cov_ratio", "kl_cov_ratio", "random_mask_share"):
             if getattr(self, name) is not None:
                 _number(name, getattr(self, name), low=0.0, strict=True, high=1.0)
-        _number("top_entropy_quantile", self.top_entropy_quantile, low=0.0, strict=True, high=1.0)
+        _number("top_entropy_quantile", self.top_entropy_quantile, low=0.0, strict=False, high=1.0)
         gates = [
             name
             for name, on in (

@@ -526,3 +526,166 @@ def test_erc_sync_setup_installs_the_hook_on_the_actor_workers(
     assert wg.loss_fn is not None and wg.loss_fn.func is erc_ppo_loss
     installed = wg.loss_fn.keywords["config"]
     assert installed.policy_loss.loss_mode == "erc_dapo" and installed.clip_ratio_c == 10.0
+
+
+# --- the rival methods against verl 0.9.1's own registered losses ----------------------------
+#
+# Each erc_gym method is one LossConfig of policy_loss; verl implements Clip-Cov, KL-Cov,
+# DPPO-TV and DPPO-KL as whole loss functions. On the same tensors (and, for Clip-Cov's random
+# draw, the same global-RNG state) the value and the per-token gradient must be verl's, for every
+# aggregation verl supports. These tests fail if either side changes.
+
+
+def method_actor_config(
+    loss_mode: str, agg: str, *, clip_high: float = 0.28, clip_c: float = 3.0, **policy: Any
+) -> ActorConfig:
+    from verl.workers.config import PolicyLossConfig
+
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=clip_high,
+        clip_ratio_c=clip_c,
+        loss_agg_mode=agg,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode, **policy),
+    )
+
+
+def ours_as_verl(
+    x: dict[str, torch.Tensor], config: LossConfig, agg: str, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """policy_loss with verl's aggregation conventions (token-sum; seq-mean-token-sum-norm)."""
+    import dataclasses
+
+    lp = x["lp"].clone().requires_grad_(True)
+    cfg = dataclasses.replace(config, aggregation="token-mean" if agg == "token-sum" else agg)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = policy_loss(lp, x["old"], x["adv"], mask=x["mask"], config=cfg)
+    loss = (out.token_loss * x["mask"]).sum() if agg == "token-sum" else out.loss
+    if agg == "seq-mean-token-sum-norm":  # verl 0.9.1 also divides by the non-empty sequences
+        loss = loss / int(x["mask"].any(-1).sum())
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad, out
+
+
+def verl_method_loss(
+    mode: str, cfg: ActorConfig, x: dict[str, torch.Tensor], seed: int | None = None
+) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return verl_loss(mode, cfg, x, entropies=False)
+
+
+def cov_batch(seed: int) -> dict[str, torch.Tensor]:
+    """Covariances that reach verl's default candidate window (1, 5) for many tokens."""
+    x = batch(b=10, t=24, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x["adv"] = x["adv"] * 3 + 0.5 * torch.randn(x["adv"].shape, generator=g, dtype=torch.float64)
+    x["lp"] = x["old"] + 0.25 * torch.randn(x["old"].shape, generator=g, dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize(
+    ("ratio", "lb", "ub"), [(0.05, 1.0, 5.0), (0.1, 0.3, 2.0), (2e-4, 1.0, 5.0)]
+)
+def test_clip_cov_equals_verl(agg: str, seed: int, ratio: float, lb: float, ub: float) -> None:
+    from erc_gym.losses import ClipCov
+
+    x = cov_batch(seed)
+    cfg = method_actor_config("clip_cov", agg, clip_cov_ratio=ratio, clip_cov_lb=lb, clip_cov_ub=ub)
+    loss, metrics, grad = verl_method_loss("clip_cov", cfg, x, seed=seed + 7)
+    ours = LossConfig(clip="ppo", eps_low=0.2, eps_high=0.28, gate=ClipCov(ratio, lb, ub))
+    ref_loss, ref_grad, out = ours_as_verl(x, ours, agg, seed=seed + 7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    n_valid = int(x["mask"].sum())
+    drawn = int(out.gate_mask.sum())
+    assert drawn == max(int(ratio * n_valid), 1)  # a real draw from a larger candidate set
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(out.metrics["clip_cov_fraction"])
+    # the drawn tokens have no gradient, and a different global-RNG state draws others
+    assert torch.all(grad[out.gate_mask] == 0)
+    if drawn > 1:
+        other = ours_as_verl(x, ours, agg, seed=seed + 8)[2]
+        assert not torch.equal(other.gate_mask, out.gate_mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize(("ratio", "coef"), [(0.1, 0.1), (2e-4, 1.0), (0.3, 0.5)])
+def test_kl_cov_equals_verl(agg: str, seed: int, ratio: float, coef: float) -> None:
+    from erc_gym.losses import KLCov
+
+    x = cov_batch(seed)
+    cfg = method_actor_config("kl_cov", agg, kl_cov_ratio=ratio, ppo_kl_coef=coef)
+    loss, metrics, grad = verl_method_loss("kl_cov", cfg, x)
+    ours = LossConfig(clip="none", gate=KLCov(ratio, coef))
+    ref_loss, ref_grad, out = ours_as_verl(x, ours, agg)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert int(out.gate_mask.sum()) == max(1, int(ratio * int(x["mask"].sum())))
+    abs_kl = (x["lp"] - x["old"]).abs()[x["mask"]].mean()
+    assert metrics["actor/ppo_kl"] == pytest.approx(float(abs_kl))
+
+
+def dppo_batch(seed: int) -> dict[str, torch.Tensor]:
+    """Probabilities up to 1 and moves of +-0.6 in log space: both trust regions bite."""
+    x = batch(b=10, t=16, seed=seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    x["old"] = -torch.rand(x["old"].shape, generator=g, dtype=torch.float64) * 1.2
+    x["lp"] = (
+        x["old"] + 0.6 * torch.randn(x["old"].shape, generator=g, dtype=torch.float64)
+    ).clamp(max=-1e-4)
+    x["lp"][0, 0] = x["old"][0, 0] + 3.0  # a ratio above the truncation C
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
+@pytest.mark.parametrize(("eps_high", "cap"), [(0.28, 3.0), (0.1, 20.0)])
+def test_dppo_equals_verl(
+    agg: str, seed: int, divergence: str, eps_high: float, cap: float
+) -> None:
+    mode = f"dppo_{divergence}"
+    x = dppo_batch(seed)
+    cfg = method_actor_config(mode, agg, clip_high=eps_high, clip_c=cap)
+    loss, metrics, grad = verl_method_loss(mode, cfg, x)
+    ours = LossConfig(
+        clip=f"dppo-{divergence}",  # type: ignore[arg-type]
+        eps_low=0.2,
+        eps_high=eps_high,
+        ratio_cap=cap,
+    )
+    ref_loss, ref_grad, out = ours_as_verl(x, ours, agg)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    m = out.metrics
+    assert 0 < m["clip_fraction"] < 1  # the trust region masked some tokens, not all
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(m["clip_fraction"])
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(m["dual_clip_fraction"])
+
+
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+def test_cov_losses_differ_from_verl_only_by_the_log_ratio_clamp(mode: str) -> None:
+    """On purpose: erc_gym clamps every log-ratio to +-20 before exp (as verl's vanilla and DPPO
+    do); verl's clip_cov / kl_cov do not, so one stale token (log-ratio 25) makes verl's ratio
+    exp(25) and its loss explode. Everywhere else the values are the same (tests above)."""
+    from erc_gym.losses import ClipCov, KLCov
+
+    x = cov_batch(0)
+    x["lp"][1, 2] = x["old"][1, 2] + 25.0
+    x["adv"][1, 2] = -1.0  # a negative advantage: PPO's clip does not bound -A r from above
+    kwargs = {"clip_cov_ratio": 2e-4} if mode == "clip_cov" else {"kl_cov_ratio": 2e-4}
+    loss, _, grad = verl_method_loss(mode, method_actor_config(mode, "token-mean", **kwargs), x, 0)
+    gate = ClipCov(2e-4) if mode == "clip_cov" else KLCov(2e-4)
+    ours = LossConfig(clip="ppo" if mode == "clip_cov" else "none", eps_high=0.28, gate=gate)
+    ref_loss, ref_grad, _ = ours_as_verl(x, ours, "token-mean", seed=0)
+    n = int(x["mask"].sum())
+    assert float(loss) > math.exp(24) / n  # verl: the unclamped ratio
+    assert float(ref_loss) < math.exp(20.5) / n  # erc_gym: clamped at exp(20)
+    assert float(grad[1, 2]) != float(ref_grad[1, 2])
