@@ -66,6 +66,7 @@ from torch import Tensor
 
 __all__ = [
     "DPPO_VARIANTS",
+    "GATE_METRICS",
     "LOG_RATIO_CLAMP",
     "METHODS",
     "AggregationMode",

@@ -4,7 +4,7 @@ Every trainer takes the methods through its existing configuration: :class:`Meth
 base of :class:`~erc_gym.bandit.BanditConfig` and :class:`~erc_gym.llm.TrainerConfig` (so each
 field is also an ``erc-gym llm`` flag), and :class:`~erc_gym.sb3.ERCPPO` takes the same names as
 keyword arguments (``ent_coef``, ``target_kl`` and ``clip_variant`` being SB3's / ERCPPO's own).
-:meth:`MethodSettings.loss_config` turns them into the one :class:`~erc_gym.losses.LossConfig`;
+:meth:`MethodSettings.apply_to` turns them into the one :class:`~erc_gym.losses.LossConfig`;
 the trainer-side parts (the adaptive coefficients' controllers, the equal-step learning-rate
 scale, ``target_kl`` early stopping) are read by the trainers. The registry of method names is
 :data:`erc_gym.losses.METHODS`.
@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from erc_gym.adaptive_coef import AdaptiveEntropyCoef, AdaptiveKLCoef
 from erc_gym.losses import (
     DPPO_VARIANTS,
+    GATE_METRICS,
     ClipCov,
     ClipVariant,
     ERCConfig,
@@ -27,11 +32,37 @@ from erc_gym.losses import (
     KLCov,
     KLEstimator,
     LossConfig,
+    LossOutput,
+    LossStats,
     RandomMask,
     TokenGate,
+    loss_metrics,
 )
 
-__all__ = ["CLIP_VARIANTS", "MethodSettings", "check_target_kl", "early_stop", "method_defaults"]
+__all__ = [
+    "CLIP_VARIANTS",
+    "METHOD_METRIC_KEYS",
+    "MethodRuntime",
+    "MethodSettings",
+    "approx_kl",
+    "check_target_kl",
+    "early_stop",
+    "method_defaults",
+    "method_metrics",
+]
+
+#: Loss metrics of the rival methods (present in a trainer's metrics when the method is on).
+METHOD_METRIC_KEYS = (
+    "gate_fraction",
+    *GATE_METRICS.values(),
+    "entropy_coef",
+    "kl_coef",
+    "kl_mean",
+    "equal_step_scale",
+)
+#: Added to the run's seed for the token gates' random generator, so the draws neither reuse nor
+#: shift the stream that samples the data (runs of different methods with one seed share data).
+GATE_SEED_OFFSET = 0x5EED
 
 #: Values of the ``clip_variant`` setting.
 CLIP_VARIANTS: tuple[ClipVariant, ...] = ("ppo", "gppo", "none", "dppo-tv", "dppo-kl")
@@ -224,7 +255,7 @@ class MethodSettings:
             return HighEntropy(float(self.top_entropy_quantile))
         return None
 
-    def loss_config(
+    def apply_to(
         self, base: LossConfig, *, kl_estimator: KLEstimator = "exact", entropy_bonus: bool = True
     ) -> LossConfig:
         """``base`` (a recipe, with or without ERC) with these methods applied.
@@ -292,3 +323,124 @@ class MethodSettings:
 def method_defaults() -> dict[str, Any]:
     """Every :class:`MethodSettings` field with its default (all methods off)."""
     return MethodSettings().method_fields()
+
+
+def approx_kl(stats: LossStats) -> float:
+    """SB3's k3 estimate ``mean((r - 1) - log r)`` over the valid tokens of one loss call."""
+    with torch.no_grad():
+        log_ratio = stats.log_ratio
+        k3 = torch.expm1(log_ratio) - log_ratio
+        if stats.valid is None:
+            return float(k3.mean())
+        return float(torch.where(stats.valid, k3, 0.0).sum() / stats.valid.sum().clamp(min=1))
+
+
+class MethodRuntime:
+    """A trainer's run-time state of the methods: adaptive coefficients, random draws, early
+    stop and the equal-step learning-rate scale, shared by every trainer.
+
+    Args:
+        settings: the run's :class:`MethodSettings`.
+        seed: the run's seed (the token gates' generator is seeded from it).
+        device: device of the token gates' generator (where the loss's tensors live).
+
+    Attributes:
+        entropy: the adaptive entropy coefficient's controller, or None.
+        kl: the adaptive KL coefficient's controller, or None.
+        generator: the token gates' random source.
+        stopped: whether the last update stopped early on ``target_kl``.
+    """
+
+    def __init__(
+        self, settings: MethodSettings, seed: int, device: torch.device | str = "cpu"
+    ) -> None:
+        self.settings = settings
+        self.entropy = settings.entropy_controller()
+        self.kl = settings.kl_controller()
+        self.generator = torch.Generator(device=device).manual_seed(int(seed) + GATE_SEED_OFFSET)
+        self.stopped = False
+
+    def loss_kwargs(self, entropy_bonus: bool = True) -> dict[str, Any]:
+        """Keyword arguments of this step's :func:`~erc_gym.losses.policy_loss` call.
+
+        Args:
+            entropy_bonus: the loss carries the entropy bonus (False: the trainer's own term,
+                ERCPPO's SB3 ``ent_coef``, takes :attr:`entropy`'s coefficient).
+        """
+        kwargs: dict[str, Any] = {"generator": self.generator}
+        if self.entropy is not None and entropy_bonus:
+            kwargs["entropy_coef"] = self.entropy.applied_coef
+        if self.kl is not None:
+            kwargs["kl_coef"] = self.kl.coef
+        return kwargs
+
+    def should_stop(self, stats: LossStats) -> bool:
+        """SB3's ``target_kl`` rule on the mini-batch about to be trained on (one host sync).
+
+        Sets :attr:`stopped`; the caller skips this step and ends the update.
+        """
+        target = self.settings.target_kl
+        self.stopped = target is not None and early_stop(approx_kl(stats), target)
+        return self.stopped
+
+    @contextmanager
+    def scaled_lr(self, optimizer: torch.optim.Optimizer, out: LossOutput) -> Iterator[None]:
+        """Around ``optimizer.step()``: the equal-step control's learning rate for this step.
+
+        Multiplies every parameter group's learning rate by :attr:`LossOutput.step_scale` (one
+        host sync) and restores it afterwards, before any scheduler step.
+        """
+        if out.step_scale is None:
+            yield
+            return
+        scale = float(out.step_scale)
+        saved = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+        try:
+            yield
+        finally:
+            for group, lr in zip(optimizer.param_groups, saved, strict=True):
+                group["lr"] = lr
+
+    def after_step(self, out: LossOutput | None = None, entropy: float | None = None) -> None:
+        """After an optimiser step: the adaptive entropy coefficient reads the step's entropy.
+
+        Args:
+            out: the step's loss output (its ``bonus_entropy``), or None.
+            entropy: the step's mean entropy when the bonus is not the loss's (ERCPPO's SB3 term).
+        """
+        if self.entropy is None:
+            return
+        if entropy is None and out is not None and out.bonus_entropy is not None:
+            entropy = float(out.bonus_entropy)
+        if entropy is not None:
+            self.entropy.update(entropy)
+
+    def after_update(self, stats: Sequence[LossStats]) -> None:
+        """After an update (rollout): the adaptive KL coefficient reads the update's mean KL
+        (the per-token KL the penalty saw over the update's mini-batches)."""
+        if self.kl is not None and stats:
+            self.kl.update(loss_metrics(stats).get("kl_mean"))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controllers and generator state (for checkpoints: a resumed run continues exactly)."""
+        return {
+            "entropy": None if self.entropy is None else self.entropy.state_dict(),
+            "kl": None if self.kl is None else self.kl.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if self.entropy is not None and state.get("entropy") is not None:
+            self.entropy.load_state_dict(state["entropy"])
+        if self.kl is not None and state.get("kl") is not None:
+            self.kl.load_state_dict(state["kl"])
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
+
+def method_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The rival methods' keys of a :func:`~erc_gym.losses.loss_metrics` dict."""
+    return {k: v for k, v in metrics.items() if k in METHOD_METRIC_KEYS}
