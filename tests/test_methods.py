@@ -631,7 +631,7 @@ def test_every_registered_method_is_a_loss_config(name, recipe):
     settings_ = method_settings(name)
     erc = (settings_.get("erc_low"), settings_.get("erc_high"))
     methods = MethodSettings(**{k: v for k, v in settings_.items() if not k.startswith("erc_")})
-    cfg = methods.loss_config(LossConfig.named(recipe, *erc))
+    cfg = methods.apply_to(LossConfig.named(recipe, *erc))
     x = batch(14)
     h = x["h"].clone().requires_grad_(True)
     out = policy_loss(
