@@ -638,3 +638,60 @@ def test_adaptive_entropy_coefficient_equals_trls(tokenizer, tmp_path):
     coefs = [c for _, c, _ in seen]
     assert 0.0 in coefs and 0.15 in coefs  # the rule went down to the floor and up to the cap
     assert any(a > 0 for a, _, _ in seen)  # and the bonus was applied on some steps
+
+
+# -- the methods TRL lacks, through the adapter -----------------------------------------------
+
+
+def test_matched_random_control_stops_ercs_count_at_random(tokenizer, tmp_path, monkeypatch):
+    """erc_random_matched: in every micro-batch exactly the tokens ERC would clip are counted,
+    and that many valid tokens, drawn at random, get no gradient instead of ERC's."""
+    calls: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    real = erc_trl.random_mask
+
+    def spy(valid, count, shape, generator):
+        drawn = real(valid, count, shape, generator)
+        calls.append((valid.clone(), int(count), drawn.clone()))
+        return drawn
+
+    monkeypatch.setattr(erc_trl, "random_mask", spy)
+    trainer = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path,
+        erc_low=0.999,
+        erc_high=1.001,
+        erc_random_matched=True,
+        learning_rate=0.1,
+    )
+    trainer.train()
+    assert calls
+    for valid, count, drawn in calls:
+        assert int(drawn.sum()) == count and not bool((drawn & ~valid).any())
+    assert any(count > 0 for _, count, _ in calls)  # the band would have clipped off-policy
+    logs = [log for log in trainer.state.log_history if "random_mask_fraction" in log]
+    assert logs and all(log["random_mask_fraction"] == log["erc_clip_fraction"] for log in logs)
+
+
+def test_matched_random_control_needs_the_band(tmp_path):
+    with pytest.raises(ValueError, match="erc_random_matched=True imitates an ERC band"):
+        make_args(ERCGRPOConfig, tmp_path, erc_random_matched=True)
+
+
+def test_erc_combines_with_trls_high_entropy_gate_and_adaptive_entropy(tokenizer, tmp_path):
+    """ERC beside TRL's own rivals: top_entropy_quantile (the forking tokens) and the adaptive
+    entropy coefficient train together, and both sets of metrics are logged."""
+    trainer = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path,
+        erc_low=0.95,
+        erc_high=1.05,
+        top_entropy_quantile=0.3,
+        use_adaptive_entropy=True,
+        entropy_target=5.0,
+    )
+    trainer.train()
+    logs = step_logs(trainer)
+    assert all("erc_clip_fraction" in log and "entropy_coef" in log for log in logs)
+    assert logs[-1]["entropy_coef"] > 0  # entropy below the target: TRL raised the coefficient
