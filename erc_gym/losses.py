@@ -403,6 +403,19 @@ class LossConfig:
                 f"got {self.kl_estimator!r}"
             )
 
+    @property
+    def needs_entropies(self) -> bool:
+        """Whether :func:`policy_loss` needs the per-token entropies: ERC, the matched random
+        control and the equal-step control compare current and old ones, the high-entropy gate
+        ranks the current ones."""
+        gate = self.gate
+        return (
+            self.erc is not None
+            or self.equal_step is not None
+            or isinstance(gate, HighEntropy)
+            or (isinstance(gate, RandomMask) and gate.match is not None)
+        )
+
     @classmethod
     def ppo(cls, erc: ERCConfig | None = None) -> LossConfig:
         """PPO-clip, eps 0.2/0.2, no dual-clip, token-mean."""

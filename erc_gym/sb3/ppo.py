@@ -28,10 +28,8 @@ from erc_gym.entropy import SMALL_VOCAB, kl_from_logits, small_action_logprob_an
 from erc_gym.losses import (
     DPPO_VARIANTS,
     ERCConfig,
-    HighEntropy,
     LossConfig,
     LossStats,
-    RandomMask,
     loss_metrics,
     policy_loss,
 )
@@ -228,13 +226,11 @@ class ERCPPO(PPO):
             runtime.kl = self.kl_control
         self.entropy_control, self.kl_control = runtime.entropy, runtime.kl
         self.method_runtime = runtime
-        gate = settings.token_gate()
-        needs_entropy = isinstance(gate, HighEntropy | RandomMask) and (
-            isinstance(gate, HighEntropy) or gate.match is not None
-        )
-        if (needs_entropy or settings.equal_step) and not isinstance(
-            self.action_space, ERC_ACTION_SPACES
-        ):
+        needs_entropy = LossConfig(
+            gate=settings.token_gate(),
+            equal_step=settings.control_band() if settings.equal_step else None,
+        ).needs_entropies
+        if needs_entropy and not isinstance(self.action_space, ERC_ACTION_SPACES):
             raise ValueError(
                 "the high-entropy gate, the matched random control and the equal-step control "
                 f"rank states by their entropy, which needs a discrete action space, got "
@@ -488,7 +484,7 @@ class ERCPPO(PPO):
         # ERC: the current per-state entropy is needed only for the ERC mask (and the controls
         # and gates that rank states by entropy); with all of them off the update costs what
         # SB3's does (train/entropy then comes from SB3's entropy term).
-        track_entropy = self._tracks_entropy and _needs_entropies(loss_config)
+        track_entropy = self._tracks_entropy and loss_config.needs_entropies
         kl_exact = loss_config.kl_coef != 0 and loss_config.kl_estimator == "exact"
         # ERC: with ERC on and a plain Discrete actor-critic, one fused evaluation gives SB3's
         # outputs and the ERC entropy (with ERC off the update is SB3's, bit for bit).
@@ -667,17 +663,6 @@ def _logits(dist: Distribution) -> th.Tensor:
         )
     logits: th.Tensor = dist.distribution.logits
     return logits
-
-
-def _needs_entropies(config: LossConfig) -> bool:
-    """Whether the loss needs the current and old per-state entropies."""
-    gate = config.gate
-    return (
-        config.erc is not None
-        or config.equal_step is not None
-        or isinstance(gate, HighEntropy)
-        or (isinstance(gate, RandomMask) and gate.match is not None)
-    )
 
 
 class _UpdateLog:

@@ -689,3 +689,121 @@ def test_cov_losses_differ_from_verl_only_by_the_log_ratio_clamp(mode: str) -> N
     assert float(loss) > math.exp(24) / n  # verl: the unclamped ratio
     assert float(ref_loss) < math.exp(20.5) / n  # erc_gym: clamped at exp(20)
     assert float(grad[1, 2]) != float(ref_grad[1, 2])
+
+
+# --- the methods verl lacks, and ERC's combinations, through the plugin -----------------------
+
+
+def plugin_config(mode: str = "erc_dapo", agg: str = "token-mean", **policy: Any) -> ActorConfig:
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=10.0,
+        loss_agg_mode=agg,
+        calculate_entropy=True,
+        policy_loss=ERCPolicyLossConfig(loss_mode=mode, **policy),
+    )
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_plugin_matched_random_control_equals_policy_loss(agg: str) -> None:
+    import dataclasses
+
+    from erc_gym.losses import RandomMask
+
+    x = batch(b=8, t=12, seed=6)
+    cfg = plugin_config(agg=agg, erc=False, gate="random_matched")
+    torch.manual_seed(3)
+    loss, metrics, grad = verl_loss("erc_dapo", cfg, x)
+    band = ERCConfig(0.95, 1.05)
+    ours = LossConfig(eps_high=0.28, dual_clip_c=10.0, gate=RandomMask(match=band))
+    lp = x["lp"].clone().requires_grad_(True)
+    torch.manual_seed(3)
+    out = policy_loss(
+        lp,
+        x["old"],
+        x["adv"],
+        entropy=x["h"],
+        old_entropy=x["h_old"],
+        mask=x["mask"],
+        config=dataclasses.replace(ours, aggregation="token-mean" if agg == "token-sum" else agg),
+    )
+    ref = (out.token_loss * x["mask"]).sum() if agg == "token-sum" else out.loss
+    if agg == "seq-mean-token-sum-norm":
+        ref = ref / int(x["mask"].any(-1).sum())
+    (ref_grad,) = torch.autograd.grad(ref, lp)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    rho = (x["h"] + 1e-8) / (x["h_old"] + 1e-8)
+    erc_count = int((((rho <= 0.95) | (rho >= 1.05)) & x["mask"]).sum())
+    assert int(out.gate_mask.sum()) == erc_count > 0
+    assert metrics["actor/random_mask_fraction"] == pytest.approx(erc_count / int(x["mask"].sum()))
+    assert metrics["actor/erc_clip_fraction"] == 0.0  # ERC itself is off
+
+
+@pytest.mark.parametrize("mode", ["erc_dapo", "erc_gppo"])
+@pytest.mark.parametrize("gate", ["clip_cov", "kl_cov", "high_entropy"])
+def test_plugin_combines_erc_with_a_gate(mode: str, gate: str) -> None:
+    from erc_gym.losses import ClipCov, HighEntropy, KLCov
+
+    x = cov_batch(2)
+    x["h"] = x["h"].float().double()
+    policy = {"gate": gate, "clip_cov_ratio": 0.1, "clip_cov_lb": 0.3, "kl_cov_ratio": 0.1}
+    cfg = plugin_config(mode, **policy)
+    torch.manual_seed(9)
+    loss, metrics, grad = verl_loss(mode, cfg, x)
+    gates = {
+        "clip_cov": ClipCov(0.1, 0.3, 5.0),
+        "kl_cov": KLCov(0.1, 0.1),
+        "high_entropy": HighEntropy(0.2),
+    }
+    ours = LossConfig(
+        clip="ppo" if mode == "erc_dapo" else "gppo",
+        eps_high=0.28,
+        dual_clip_c=10.0,
+        erc=ERCConfig(0.95, 1.05),
+        gate=gates[gate],
+    )
+    lp = x["lp"].clone().requires_grad_(True)
+    torch.manual_seed(9)
+    out = policy_loss(
+        lp, x["old"], x["adv"], entropy=x["h"], old_entropy=x["h_old"], mask=x["mask"], config=ours
+    )
+    (ref_grad,) = torch.autograd.grad(out.loss, lp)
+    torch.testing.assert_close(loss, out.loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert metrics["actor/gate_fraction"] > 0 and metrics["actor/erc_clip_fraction"] > 0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
+def test_plugin_erc_on_dppo_with_an_open_band_is_verls_dppo(agg: str, divergence: str) -> None:
+    x = dppo_batch(3)
+    verl_cfg = method_actor_config(f"dppo_{divergence}", agg, clip_c=3.0)
+    v_loss, _, v_grad = verl_method_loss(f"dppo_{divergence}", verl_cfg, x)
+    cfg = plugin_config(f"erc_dppo_{divergence}", agg, erc_low=0.0, erc_high=math.inf)
+    object.__setattr__(cfg, "clip_ratio_c", 3.0)
+    e_loss, _, e_grad = verl_loss(f"erc_dppo_{divergence}", cfg, x)
+    torch.testing.assert_close(e_loss, v_loss, rtol=1e-14, atol=0)
+    torch.testing.assert_close(e_grad, v_grad, rtol=1e-14, atol=0)
+
+
+def test_plugin_gate_settings_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match=r"policy_loss\.gate must be one of"):
+        ERCPolicyLossConfig(gate="forking")
+    with pytest.raises(ValueError, match=r"policy_loss\.erc=False"):
+        ERCPolicyLossConfig(gate="random_matched")
+    with pytest.raises(ValueError, match=r"policy_loss\.gate='random'.*share"):
+        ERCPolicyLossConfig(gate="random", random_share=1.5)
+
+
+def test_plugin_gate_without_erc_needs_no_entropies() -> None:
+    """Clip-Cov through the plugin with ERC off reads no entropies (calculate_entropy off)."""
+    x = cov_batch(0)
+    cfg = plugin_config(erc=False, gate="clip_cov", clip_cov_ratio=0.1)
+    torch.manual_seed(1)
+    loss, metrics, _ = verl_loss("erc_dapo", cfg, x, entropies=False)
+    assert math.isfinite(float(loss)) and metrics["actor/clip_cov_fraction"] > 0
