@@ -646,7 +646,7 @@ def test_every_registered_method_is_a_loss_config(name, recipe):
         entropy_coef=0.01 if methods.entropy_target is not None else None,
         generator=torch.Generator().manual_seed(0),
     )
-    assert math.isfinite(float(out.loss))
+    assert math.isfinite(out.loss.item())
 
 
 def test_method_settings_names_unknown_methods_and_bad_combinations():
@@ -682,6 +682,16 @@ def test_adaptive_entropy_coefficient_rule_by_hand():
     other = AdaptiveEntropyCoef(target=0.2, delta=0.1, coef_max=0.25)
     other.load_state_dict(state)
     assert other.applied_coef == ctrl.applied_coef and other.coef == ctrl.coef
+
+
+def test_adaptive_entropy_skips_a_step_without_tokens_unlike_trl():
+    """On purpose: TRL's controller reads 0 / max(0, 1) = 0 nats for a window without tokens and
+    raises the coefficient; ours has no measurement then and leaves the state alone."""
+    ctrl = AdaptiveEntropyCoef(target=0.2, coef=0.3, delta=0.1)
+    ctrl.update(0.5)
+    before = ctrl.state_dict()
+    assert ctrl.update(math.nan) == pytest.approx(0.2)
+    assert ctrl.state_dict() == before
 
 
 def test_adaptive_kl_coefficient_rule_by_hand():
