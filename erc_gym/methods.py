@@ -167,6 +167,11 @@ class MethodSettings:
         Args:
             erc_on: whether the trainer's ERC band is set.
         """
+        for name in ("random_mask_matched", "equal_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"{name} must be true or false, got {name}={getattr(self, name)!r}"
+                )
         if self.clip_variant is not None and self.clip_variant not in CLIP_VARIANTS:
             raise ValueError(
                 f"clip_variant must be one of {CLIP_VARIANTS} or None (the recipe's), got "
@@ -222,6 +227,11 @@ class MethodSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
                 raise ValueError(f"{name} must be a number, got {name}={value!r}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(
+                f"clip_cov_lb must be below clip_cov_ub, got clip_cov_lb={self.clip_cov_lb}, "
+                f"clip_cov_ub={self.clip_cov_ub}"
+            )
         if self.entropy_target is not None:
             _number("entropy_target", self.entropy_target, low=0.0, strict=True)
         if self.kl_target is not None:

@@ -664,6 +664,12 @@ def test_method_settings_names_unknown_methods_and_bad_combinations():
         MethodSettings(clip_variant="trpo").check_methods(False)
     with pytest.raises(ValueError, match="target_kl must be"):
         MethodSettings(target_kl=0.0).check_methods(False)
+    with pytest.raises(ValueError, match="random_mask_matched must be true or false"):
+        MethodSettings(random_mask_matched="yes").check_methods(False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="clip_cov_lb must be below clip_cov_ub"):
+        MethodSettings(clip_cov_ratio=0.1, clip_cov_lb=5.0, clip_cov_ub=1.0).check_methods(False)
+    with pytest.raises(ValueError, match="random_mask_share must be a finite number"):
+        MethodSettings(random_mask_share="0.2").check_methods(False)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------- controllers
