@@ -34,14 +34,46 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveEntropyCoef", "AdaptiveKLCoef"]
+__all__ = ["AdaptiveEntropyCoef", "AdaptiveKLCoef", "check_tolerance_rule", "tolerance_scale"]
 
 
-def _positive(owner: str, name: str, value: object, *, strict: bool = True) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if strict else value < 0):  # type: ignore[operator]
-        bound = "> 0" if strict else ">= 0"
-        raise ValueError(f"{owner}.{name} must be a finite number {bound}, got {name}={value!r}")
+def _check_fields(obj: object, *, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """Every named field a finite number, > 0 or >= 0, naming the owner and the setting."""
+    owner = type(obj).__name__
+    for names, strict in ((positive, True), (non_negative, False)):
+        for name in names:
+            value = getattr(obj, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and (value > 0 if strict else value >= 0)):
+                bound = "> 0" if strict else ">= 0"
+                raise ValueError(
+                    f"{owner}.{name} must be a finite number {bound}, got {name}={value!r}"
+                )
+
+
+def check_tolerance_rule(owner: str, tolerance: object, factor: object) -> None:
+    """PPO's adaptive rule needs ``tolerance > 1`` and ``factor > 1`` (``ValueError`` naming it)."""
+    for name, value in (("tolerance", tolerance), ("factor", factor)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 1:
+            raise ValueError(f"{owner}.{name} must be > 1, got {name}={value!r}")
+
+
+def tolerance_scale(
+    measured: float | None, target: float, tolerance: float, factor: float
+) -> float | None:
+    """PPO's adaptive rule (Schulman et al. 2017, section 4) as a multiplier.
+
+    Returns ``factor`` when ``measured > target * tolerance``, ``1 / factor`` when ``measured <
+    target / tolerance``, and None inside the dead zone or without a (finite) measurement. Shared
+    by :class:`AdaptiveKLCoef` and :class:`erc_gym.adaptive_band.AdaptiveERCBand`.
+    """
+    if measured is None or not math.isfinite(measured):
+        return None
+    if measured > target * tolerance:
+        return factor
+    if measured < target / tolerance:
+        return 1.0 / factor
+    return None
 
 
 @dataclass
@@ -67,14 +99,12 @@ class AdaptiveEntropyCoef:
     coef_max: float = 1.0
 
     def __post_init__(self) -> None:
-        owner = "AdaptiveEntropyCoef"
-        _positive(owner, "target", self.target)
-        _positive(owner, "delta", self.delta)
-        for name in ("coef", "coef_min", "coef_max"):
-            _positive(owner, name, getattr(self, name), strict=False)
+        _check_fields(
+            self, positive=("target", "delta"), non_negative=("coef", "coef_min", "coef_max")
+        )
         if self.coef_min > self.coef_max:
             raise ValueError(
-                f"{owner} needs coef_min <= coef_max, got coef_min={self.coef_min}, "
+                f"AdaptiveEntropyCoef needs coef_min <= coef_max, got coef_min={self.coef_min}, "
                 f"coef_max={self.coef_max}"
             )
         #: Mean entropy of the last optimiser step (inf before the first: the bonus is off).
@@ -112,30 +142,21 @@ class AdaptiveEntropyCoef:
 class AdaptiveKLCoef:
     """KL-penalty coefficient steered to a target KL per update (PPO's adaptive penalty).
 
-    Args:
-        target: the mean KL(old || new) per update to aim for (the paper's ``d_targ``), > 0.
-        coef: starting coefficient (``beta``), > 0.
-        tolerance: dead zone, > 1 (the paper: 1.5).
-        factor: multiplicative step, > 1 (the paper: 2).
-
-    Raises:
-        ValueError: naming the setting and its value.
+    Raises ``ValueError`` naming the setting and its value on a bad one.
     """
 
     target: float
+    """The mean KL(old || new) per update to aim for (the paper's ``d_targ``), > 0."""
     coef: float = 1.0
+    """The starting coefficient (``beta``), > 0."""
     tolerance: float = 1.5
+    """Dead zone, > 1 (the paper: 1.5)."""
     factor: float = 2.0
+    """Multiplicative step, > 1 (the paper: 2)."""
 
     def __post_init__(self) -> None:
-        owner = "AdaptiveKLCoef"
-        _positive(owner, "target", self.target)
-        _positive(owner, "coef", self.coef)
-        for name in ("tolerance", "factor"):
-            value = getattr(self, name)
-            _positive(owner, name, value)
-            if value <= 1:
-                raise ValueError(f"{owner}.{name} must be > 1, got {name}={value!r}")
+        _check_fields(self, positive=("target", "coef"), non_negative=())
+        check_tolerance_rule("AdaptiveKLCoef", self.tolerance, self.factor)
 
     def update(self, kl: float | None) -> float:
         """Move the coefficient after one update; returns the coefficient for the next one.
@@ -143,12 +164,9 @@ class AdaptiveKLCoef:
         Args:
             kl: the update's mean KL(old || new), or None / NaN when it was not measured.
         """
-        if kl is None or not math.isfinite(kl):
-            return self.coef
-        if kl > self.target * self.tolerance:
-            self.coef *= self.factor
-        elif kl < self.target / self.tolerance:
-            self.coef /= self.factor
+        scale = tolerance_scale(kl, self.target, self.tolerance, self.factor)
+        if scale is not None:
+            self.coef *= scale
         return self.coef
 
     def state_dict(self) -> dict[str, float]:

@@ -881,6 +881,15 @@ def _aggregate(
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
 
 
+def _clip_bounds(config: LossConfig) -> dict[str, Any]:
+    """The clip keyword arguments of :func:`clipped_objective` and :func:`clip_flags`."""
+    return {
+        "eps_low": config.eps_low,
+        "eps_high": config.eps_high,
+        "dual_clip_c": config.dual_clip_c,
+    }
+
+
 def _as_2d(x: Tensor) -> Tensor:
     return x.unsqueeze(-1) if x.ndim == 1 else x
 
@@ -1123,14 +1132,7 @@ def policy_loss(
         )
         outside = ~inside if valid is None else valid & ~inside
     else:
-        token_loss = clipped_objective(
-            ratio,
-            adv,
-            clip=config.clip,
-            eps_low=config.eps_low,
-            eps_high=config.eps_high,
-            dual_clip_c=config.dual_clip_c,
-        )
+        token_loss = clipped_objective(ratio, adv, clip=config.clip, **_clip_bounds(config))
 
     h = None if entropy is None else _as_2d(entropy).detach()
     h_old = None if old_entropy is None else _as_2d(old_entropy).detach()
@@ -1284,13 +1286,7 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
         if config.clip in DPPO_VARIANTS:
             flags = _dppo_flags(stats, ratio, adv, config.ratio_cap)
         else:
-            flags = clip_flags(
-                ratio,
-                adv,
-                eps_low=config.eps_low,
-                eps_high=config.eps_high,
-                dual_clip_c=config.dual_clip_c,
-            )
+            flags = clip_flags(ratio, adv, **_clip_bounds(config))
             if config.clip == "none":  # no clip bound exists (dual-clip may)
                 flags["clip_low"] = flags["clip_high"] = torch.zeros_like(valid)
         indicators = {

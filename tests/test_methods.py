@@ -522,37 +522,14 @@ def test_runtime_coefficients_override_the_config_and_report_zero():
     x = batch(11)
     h = x["h"].clone().requires_grad_(True)
     cfg = LossConfig(entropy_coef=0.5)
-    a = policy_loss(
-        x["lp"],
-        x["old"],
-        x["adv"],
-        entropy=h,
-        old_entropy=x["h_old"],
-        mask=x["mask"],
-        config=cfg,
-        entropy_coef=0.0,
-    )
-    plain = policy_loss(
-        x["lp"],
-        x["old"],
-        x["adv"],
-        entropy=h,
-        old_entropy=x["h_old"],
-        mask=x["mask"],
-        config=LossConfig(),
-    )
+    tensors = (x["lp"], x["old"], x["adv"])
+    entropies = {"entropy": h, "old_entropy": x["h_old"], "mask": x["mask"]}
+    a = policy_loss(*tensors, **entropies, config=cfg, entropy_coef=0.0)
+    plain = policy_loss(*tensors, **entropies, config=LossConfig())
     assert a.loss.item() == plain.loss.item()
     assert a.metrics["entropy_coef"] == 0.0 and a.bonus_entropy is not None
     with pytest.raises(ValueError, match="entropy_coef must be"):
-        policy_loss(
-            x["lp"],
-            x["old"],
-            x["adv"],
-            entropy=h,
-            old_entropy=x["h_old"],
-            config=cfg,
-            entropy_coef=-1.0,
-        )
+        policy_loss(*tensors, **entropies, config=cfg, entropy_coef=-1.0)
 
 
 # -------------------------------------------------------------------------------------- equal step
@@ -576,7 +553,7 @@ def test_equal_step_scale_is_ercs_kept_share_and_leaves_the_loss_alone(shape, se
     erc = policy_loss(
         lp, old, adv, entropy=h, old_entropy=h_old, mask=mask, config=LossConfig(erc=band)
     )
-    assert float(control.loss) == float(plain.loss)
+    assert control.loss.item() == plain.loss.item()
     ga, gb = (torch.autograd.grad(o.loss, lp)[0] for o in (control, plain))
     assert torch.equal(ga, gb)
     n = int(mask.sum())
@@ -633,18 +610,14 @@ def test_every_registered_method_is_a_loss_config(name, recipe):
     methods = MethodSettings(**{k: v for k, v in settings_.items() if not k.startswith("erc_")})
     cfg = methods.apply_to(LossConfig.named(recipe, *erc))
     x = batch(14)
-    h = x["h"].clone().requires_grad_(True)
-    out = policy_loss(
-        x["lp"].clone().requires_grad_(True),
-        x["old"],
-        x["adv"],
-        entropy=h,
-        old_entropy=x["h_old"],
-        mask=x["mask"],
-        config=cfg,
+    adaptive = {"entropy_coef": 0.01} if methods.entropy_target is not None else {}
+    out, _ = run(
+        x,
+        cfg,
+        h=x["h"].clone().requires_grad_(True),
         kl=x["kl"],
-        entropy_coef=0.01 if methods.entropy_target is not None else None,
         generator=torch.Generator().manual_seed(0),
+        **adaptive,
     )
     assert math.isfinite(out.loss.item())
 

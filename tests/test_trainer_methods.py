@@ -201,15 +201,9 @@ def test_ercppo_kl_penalty_on_continuous_actions_uses_k3():
 
 
 def test_ercppo_refuses_entropy_methods_on_continuous_actions():
+    settings = method_settings("high-entropy")  # ERC off, top_entropy_quantile 0.2
     with pytest.raises(ValueError, match="needs a discrete action space"):
-        ERCPPO(
-            "MlpPolicy",
-            "Pendulum-v1",
-            **PPO_SMALL,
-            erc_low=None,
-            erc_high=None,
-            top_entropy_quantile=0.2,
-        )
+        ERCPPO("MlpPolicy", "Pendulum-v1", **PPO_SMALL, **settings)
 
 
 # ------------------------------------------------------------------------------------- LLM

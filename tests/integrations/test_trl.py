@@ -681,15 +681,9 @@ def test_matched_random_control_needs_the_band(tmp_path):
 def test_erc_combines_with_trls_high_entropy_gate_and_adaptive_entropy(tokenizer, tmp_path):
     """ERC beside TRL's own rivals: top_entropy_quantile (the forking tokens) and the adaptive
     entropy coefficient train together, and both sets of metrics are logged."""
+    rivals = {"top_entropy_quantile": 0.3, "use_adaptive_entropy": True, "entropy_target": 5.0}
     trainer = make_trainer(
-        ERCGRPOTrainer,
-        tokenizer,
-        tmp_path,
-        erc_low=0.95,
-        erc_high=1.05,
-        top_entropy_quantile=0.3,
-        use_adaptive_entropy=True,
-        entropy_target=5.0,
+        ERCGRPOTrainer, tokenizer, tmp_path, erc_low=0.95, erc_high=1.05, **rivals
     )
     trainer.train()
     logs = step_logs(trainer)

@@ -48,7 +48,11 @@ def actor_config(
     clip_c: float = 10.0,
     agg: str = "token-mean",
     calculate_entropy: bool = True,
+    policy_loss: Any = None,
 ) -> ActorConfig:
+    """An actor config; ``policy_loss`` replaces the ERC loss config built from the band."""
+    if policy_loss is None:
+        policy_loss = ERCPolicyLossConfig(loss_mode=loss_mode, erc_low=low, erc_high=high)
     return ActorConfig(
         strategy="fsdp",
         rollout_n=1,
@@ -58,7 +62,7 @@ def actor_config(
         clip_ratio_c=clip_c,
         loss_agg_mode=agg,
         calculate_entropy=calculate_entropy,
-        policy_loss=ERCPolicyLossConfig(loss_mode=loss_mode, erc_low=low, erc_high=high),
+        policy_loss=policy_loss,
     )
 
 
@@ -541,16 +545,8 @@ def method_actor_config(
 ) -> ActorConfig:
     from verl.workers.config import PolicyLossConfig
 
-    return ActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=1,
-        clip_ratio_low=0.2,
-        clip_ratio_high=clip_high,
-        clip_ratio_c=clip_c,
-        loss_agg_mode=agg,
-        policy_loss=PolicyLossConfig(loss_mode=loss_mode, **policy),
-    )
+    loss = PolicyLossConfig(loss_mode=loss_mode, **policy)
+    return actor_config(agg=agg, clip_high=clip_high, clip_c=clip_c, policy_loss=loss)
 
 
 def ours_as_verl(
@@ -563,7 +559,8 @@ def ours_as_verl(
     cfg = dataclasses.replace(config, aggregation="token-mean" if agg == "token-sum" else agg)
     if seed is not None:
         torch.manual_seed(seed)
-    out = policy_loss(lp, x["old"], x["adv"], mask=x["mask"], config=cfg)
+    entropies = {"entropy": x["h"], "old_entropy": x["h_old"]}
+    out = policy_loss(lp, x["old"], x["adv"], mask=x["mask"], config=cfg, **entropies)
     loss = (out.token_loss * x["mask"]).sum() if agg == "token-sum" else out.loss
     if agg == "seq-mean-token-sum-norm":  # verl 0.9.1 also divides by the non-empty sequences
         loss = loss / int(x["mask"].any(-1).sum())
@@ -695,23 +692,11 @@ def test_cov_losses_differ_from_verl_only_by_the_log_ratio_clamp(mode: str) -> N
 
 
 def plugin_config(mode: str = "erc_dapo", agg: str = "token-mean", **policy: Any) -> ActorConfig:
-    return ActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=1,
-        clip_ratio_low=0.2,
-        clip_ratio_high=0.28,
-        clip_ratio_c=10.0,
-        loss_agg_mode=agg,
-        calculate_entropy=True,
-        policy_loss=ERCPolicyLossConfig(loss_mode=mode, **policy),
-    )
+    return actor_config(agg=agg, policy_loss=ERCPolicyLossConfig(loss_mode=mode, **policy))
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_plugin_matched_random_control_equals_policy_loss(agg: str) -> None:
-    import dataclasses
-
     from erc_gym.losses import RandomMask
 
     x = batch(b=8, t=12, seed=6)
@@ -720,22 +705,8 @@ def test_plugin_matched_random_control_equals_policy_loss(agg: str) -> None:
     loss, metrics, grad = verl_loss("erc_dapo", cfg, x)
     band = ERCConfig(0.95, 1.05)
     ours = LossConfig(eps_high=0.28, dual_clip_c=10.0, gate=RandomMask(match=band))
-    lp = x["lp"].clone().requires_grad_(True)
-    torch.manual_seed(3)
-    out = policy_loss(
-        lp,
-        x["old"],
-        x["adv"],
-        entropy=x["h"],
-        old_entropy=x["h_old"],
-        mask=x["mask"],
-        config=dataclasses.replace(ours, aggregation="token-mean" if agg == "token-sum" else agg),
-    )
-    ref = (out.token_loss * x["mask"]).sum() if agg == "token-sum" else out.loss
-    if agg == "seq-mean-token-sum-norm":
-        ref = ref / int(x["mask"].any(-1).sum())
-    (ref_grad,) = torch.autograd.grad(ref, lp)
-    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    ref, ref_grad, out = ours_as_verl(x, ours, agg, seed=3)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
     rho = (x["h"] + 1e-8) / (x["h_old"] + 1e-8)
     erc_count = int((((rho <= 0.95) | (rho >= 1.05)) & x["mask"]).sum())
@@ -767,13 +738,8 @@ def test_plugin_combines_erc_with_a_gate(mode: str, gate: str) -> None:
         erc=ERCConfig(0.95, 1.05),
         gate=gates[gate],
     )
-    lp = x["lp"].clone().requires_grad_(True)
-    torch.manual_seed(9)
-    out = policy_loss(
-        lp, x["old"], x["adv"], entropy=x["h"], old_entropy=x["h_old"], mask=x["mask"], config=ours
-    )
-    (ref_grad,) = torch.autograd.grad(out.loss, lp)
-    torch.testing.assert_close(loss, out.loss.detach(), rtol=1e-12, atol=1e-12)
+    ref, ref_grad, _ = ours_as_verl(x, ours, "token-mean", seed=9)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
     assert metrics["actor/gate_fraction"] > 0 and metrics["actor/erc_clip_fraction"] > 0
 
