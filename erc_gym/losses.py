@@ -938,29 +938,31 @@ def _validate(
             raise ValueError(
                 f"{name} must have the shape of log_prob {shape}, got {tuple(value.shape)}"
             )
-    needs_both = [
-        what
-        for what, on in (
-            (f"ERC (config.erc={config.erc})", config.erc is not None),
-            (
-                "the matched random control (RandomMask(match=...))",
-                isinstance(config.gate, RandomMask) and config.gate.match is not None,
-            ),
-            (f"the equal-step control (equal_step={config.equal_step})", config.equal_step),
+    if (entropy is None or old_entropy is None) and config.needs_entropies:
+        # the message is built only here: formatting it on every call would cost the hot path
+        gate = config.gate
+        if isinstance(gate, HighEntropy) and entropy is None:
+            raise ValueError(
+                "the HighEntropy gate ranks tokens by their current entropy, but entropy is None"
+            )
+        what = (
+            f"ERC (config.erc={config.erc})"
+            if config.erc is not None
+            else f"the equal-step control (equal_step={config.equal_step})"
+            if config.equal_step is not None
+            else "the matched random control (RandomMask(match=...))"
+            if isinstance(gate, RandomMask) and gate.match is not None
+            else None
         )
-        if on
-    ]
-    if needs_both and (entropy is None or old_entropy is None):
-        missing = [n for n, v in (("entropy", entropy), ("old_entropy", old_entropy)) if v is None]
-        raise ValueError(
-            f"{needs_both[0]} is on but {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} None: pass the current and old per-token "
-            "entropies, or turn it off"
-        )
-    if isinstance(config.gate, HighEntropy) and entropy is None:
-        raise ValueError(
-            "the HighEntropy gate ranks tokens by their current entropy, but entropy is None"
-        )
+        if what is not None:
+            missing = [
+                n for n, v in (("entropy", entropy), ("old_entropy", old_entropy)) if v is None
+            ]
+            raise ValueError(
+                f"{what} is on but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} None: pass the current and old "
+                "per-token entropies, or turn it off"
+            )
     if (entropy is None) != (old_entropy is None):
         raise ValueError("entropy and old_entropy must be given together (or both None)")
 
@@ -1353,9 +1355,8 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
                 ),
             }
         scalars: dict[str, float] = {}
-        if _has_methods(config) or any(
-            s.entropy_coef is not None or s.kl_coef is not None for s in stats
-        ):
+        first = stats[0]  # a per-call (adaptive) coefficient is passed to every call or none
+        if _has_methods(config) or first.entropy_coef is not None or first.kl_coef is not None:
             _method_metrics(stats, dtype, indicators, sums, extra, scalars)
         fractions = (torch.stack(list(indicators.values())) & valid).to(dtype).sum(-1) / n1
         means = (torch.stack(list(sums.values())) * v).sum(-1) / n1
@@ -1372,7 +1373,7 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
         )
         names = ["pg_loss", *indicators, *sums, *entropy_names, *extra]
         out = dict(zip(names, flat.to(torch.float64).cpu().tolist(), strict=True))
-    return out | scalars
+    return out | scalars if scalars else out
 
 
 #: The metric naming the share of valid tokens each token gate acted on (beside ``gate_fraction``).
