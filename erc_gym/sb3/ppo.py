@@ -38,7 +38,7 @@ from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
 from erc_gym.sb3.distributions import ERC_ACTION_SPACES, check_erc_action_space, state_entropy
 from erc_gym.sb3.policies import TokenLMPolicy
 
-__all__ = ["ERCPPO"]
+__all__ = ["ERCPPO", "METHOD_KWARGS"]
 
 SelfERCPPO = TypeVar("SelfERCPPO", bound="ERCPPO")
 
