@@ -49,10 +49,10 @@ demo: setup
 	$(PY) -m erc_gym experiment quick
 
 test: setup
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu and not trl and not verl"
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m "slow and not trl and not verl"
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu
@@ -67,7 +67,7 @@ $(VENV_TRL)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 test-trl: $(VENV_TRL)/.installed
-	$(VENV_TRL)/bin/python -m pytest tests/integrations/test_trl.py
+	$(VENV_TRL)/bin/python -m pytest -m trl tests/integrations
 
 # verl pins transformers < 5.11, so its tests run in their own environment, built from scratch
 # (13 min wall on a loaded 2-core machine, 2.7 min of it CPU; docs/scale_out.md).
@@ -79,7 +79,7 @@ $(VERL_VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 test-verl: $(VERL_VENV)/.installed
-	$(VERL_VENV)/bin/python -m pytest tests/integrations/test_verl.py
+	$(VERL_VENV)/bin/python -m pytest -m verl tests/integrations
 
 # Both integration suites (each in its own environment).
 test-integrations: test-trl test-verl
@@ -97,8 +97,8 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 bench: setup
-	$(PY) experiments/bench_entropy.py
-	$(PY) experiments/bench_loss.py
+	$(PY) experiments/bench/bench_entropy.py
+	$(PY) experiments/bench/bench_loss.py
 
 clean:
 	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

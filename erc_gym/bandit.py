@@ -35,9 +35,11 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import group_advantages
+from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import ratio_histogram, unsampled_drift
 from erc_gym.entropy import entropy_from_logits, kl_from_logits, logprob_and_entropy
-from erc_gym.jsonl import append_jsonl
+from erc_gym.jsonl import append_jsonl, truncate_metrics
+from erc_gym.limits import MAX_SEED
 from erc_gym.losses import LossConfig, LossStats, entropy_ratio, loss_metrics, policy_loss
 from erc_gym.methods import MethodRuntime, MethodSettings, method_metrics
 
@@ -133,8 +135,6 @@ class BanditConfig(MethodSettings):
             raise ValueError(f"group must be >= 2 for group advantages, got group={self.group}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got lr={self.lr}")
-        from erc_gym.cli_args import MAX_SEED
-
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
         if self.save_every < 0:
@@ -210,7 +210,7 @@ def train_bandit(
     start = 0
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        atomic_write(path / "config.json", json.dumps(dataclasses.asdict(c), indent=2))
         ckpt = path / "checkpoint.pt"
         metrics_path = path / "metrics.jsonl"
         if resume and ckpt.exists():
@@ -223,9 +223,7 @@ def train_bandit(
             if "methods" in state:
                 methods.load_state_dict(state["methods"])
             start = state["iteration"]
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iteration"] <= start]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
+            truncate_metrics(metrics_path, "iteration", start)
         else:
             metrics_path.unlink(missing_ok=True)
 
@@ -245,8 +243,7 @@ def train_bandit(
         }
         if adaptive is not None:
             state["erc_band"] = adaptive.state_dict()
-        torch.save(state, path / "checkpoint.tmp")
-        (path / "checkpoint.tmp").replace(path / "checkpoint.pt")
+        atomic_write(path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     out: list[dict[str, Any]] = []
     if start == 0:

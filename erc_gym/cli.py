@@ -23,6 +23,7 @@ from erc_gym.cli_args import (
     positive_float,
     positive_int,
     seed,
+    setting,
     writable_dir,
     writable_file,
 )
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:
     """``path`` itself if it is an experiment folder, else its sub-folders that are."""
-    from erc_gym.analysis import experiment_above, find_experiments
+    from erc_gym.lab.analysis import experiment_above, find_experiments
 
     try:
         found, notes = find_experiments(path)
@@ -87,7 +88,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
     import shlex
     import signal
 
-    from erc_gym.runner import list_experiments
+    from erc_gym.lab.config import list_experiments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     shipped = list_experiments()
@@ -108,6 +109,15 @@ def experiment_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seeds", type=positive_int, default=None, help="override the number of seeds"
     )
+    parser.add_argument(
+        "--set",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trainer setting for every run, over the config's settings and envs (repeat it; "
+        "values in JSON, e.g. --set steps=600 --set lr=1e-4 --set ops=+-*)",
+    )
     parser.add_argument("--restart", action="store_true", help="restart unfinished runs")
     parser.add_argument(
         "--overwrite",
@@ -124,14 +134,9 @@ def experiment_main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         parser.exit(2, "erc-gym experiment: error: give an experiment name (--list shows them)\n")
-    from erc_gym.experiment_config import ConfigError
-    from erc_gym.runner import (
-        ConfigMismatch,
-        ExperimentInterrupted,
-        RunsFailed,
-        load_experiment,
-        run_experiment,
-    )
+    from erc_gym.lab.config import ConfigError, load_experiment, override_settings
+    from erc_gym.lab.rundir import ConfigMismatch
+    from erc_gym.lab.runner import ExperimentInterrupted, RunsFailed, run_experiment
 
     # Between the runner restoring its signal handlers and this process exiting, a second Ctrl-C
     # or SIGTERM must not turn a clean "stopped by ..." exit into a KeyboardInterrupt traceback
@@ -140,6 +145,8 @@ def experiment_main(argv: list[str] | None = None) -> None:
     interrupted = False
     try:
         spec = load_experiment(args.name)
+        if args.set:
+            spec = override_settings(spec, dict(args.set))
         run_experiment(
             spec,
             args.runs,
@@ -169,7 +176,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
             for signum, handler in late.items():
                 signal.signal(signum, handler)
     if not args.no_report:
-        from erc_gym.report import write_report
+        from erc_gym.lab.report import write_report
 
         report = write_report(Path(args.runs) / spec["name"])
         print(f"report: {report}")
@@ -184,7 +191,7 @@ def plot_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     args = parser.parse_args(argv)
-    from erc_gym.plots import plot_experiment
+    from erc_gym.lab.plots import plot_experiment
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         for path in plot_experiment(folder):
@@ -199,7 +206,7 @@ def _late_signal(signum: int, frame: Any) -> None:
     import os
     import signal
 
-    from erc_gym.runner import stopped_by
+    from erc_gym.lab.runner import stopped_by
 
     if stopped_by() is not None:
         return
@@ -219,7 +226,7 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
-    from erc_gym.report import write_report
+    from erc_gym.lab.report import write_report
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         try:
@@ -314,8 +321,7 @@ def train_main(argv: list[str] | None = None) -> None:
     from stable_baselines3.common.logger import configure
 
     import erc_gym.envs  # noqa: F401  (registers the erc_gym/* ids)
-    from erc_gym.diagnostics import EntropyDynamicsCallback
-    from erc_gym.sb3 import ERCPPO
+    from erc_gym.sb3 import ERCPPO, EntropyDynamicsCallback
     from erc_gym.sb3.presets import PRESETS, make_env_kwargs, ppo_kwargs
 
     try:

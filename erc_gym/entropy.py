@@ -3,8 +3,8 @@
 ERC compares ``H_new / H_old`` against a band as narrow as +-5%, and acts mostly on low-entropy
 (near-deterministic) states, so the entropy has to be accurate *in relative terms* even when it
 is tiny. The textbook form ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two large, nearly
-equal numbers and loses most of its digits there (ERC_SPEC 5.4). This module uses the
-cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` and
+equal numbers and loses most of its digits there (``docs/method.md`` section 5.4). This module
+uses the cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` and
 ``e = exp(-d)``::
 
     s' = sum_{v != argmax} e_v            (the max element contributes exactly 1)
@@ -380,7 +380,7 @@ def _row_chunks(views: list[tuple[int, Tensor]], chunk_rows: int) -> list[tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU chunk scheduling (issue #11 item 4). Each chunk is ~10 element-wise ops; run with torch's
+# CPU chunk scheduling. Each chunk is ~10 element-wise ops; run with torch's
 # intra-op (OpenMP) threads, every op splits its work statically over all threads and waits at a
 # barrier, so when one core is busy with another process every op waits for the thread sharing
 # that core: 2.4-6x slower than the naive formula's few large ops. Instead, whole chunks go to
@@ -692,7 +692,7 @@ def entropy_from_logits(
 
 # ---------------------------------------------------------------------------------------------
 # Fused LM head: log-probs and entropies straight from hidden states, one chunk of tokens at a
-# time, so the (N, V) logits are never held (issue #13).
+# time, so the (N, V) logits are never held.
 # ---------------------------------------------------------------------------------------------
 
 #: Logit elements (tokens x vocabulary) per chunk of :func:`linear_logprob_and_entropy` when

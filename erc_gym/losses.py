@@ -26,7 +26,7 @@ Every trainer in the project (the SB3 algorithm, the LLM trainer, the TRL / verl
        l    = where(keep, l, sg(l))
 
    Out-of-band tokens keep their forward value and stay in the aggregation denominator; only
-   their gradient is stopped (the reference semantics, ERC_SPEC section 2).
+   their gradient is stopped (the reference semantics, ``docs/method.md`` section 2).
 
 3. :func:`aggregate` -- verl's four ``loss_agg_mode`` values.
 
@@ -57,7 +57,7 @@ configurations of the same function, never copies of it:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -66,9 +66,12 @@ from torch import Tensor
 
 __all__ = [
     "DPPO_VARIANTS",
+    "ENTROPY_METRIC_KEYS",
     "GATE_METRICS",
     "LOG_RATIO_CLAMP",
+    "LOSS_METRIC_KEYS",
     "METHODS",
+    "RECIPES",
     "AggregationMode",
     "ClipCov",
     "ClipVariant",
@@ -94,6 +97,7 @@ __all__ = [
     "method_settings",
     "policy_loss",
     "random_mask",
+    "sb3_recipe_kwargs",
 ]
 
 ClipVariant = Literal["ppo", "gppo", "none", "dppo-tv", "dppo-kl"]
@@ -439,9 +443,8 @@ class LossConfig:
 
         ``erc_low`` and ``erc_high`` must both be set (ERC on) or both be None (ERC off).
         """
-        makers = {"ppo": cls.ppo, "dapo": cls.dapo, "gppo": cls.gppo}
-        if name not in makers:
-            raise ValueError(f"loss must be one of {sorted(makers)}, got loss={name!r}")
+        if name not in RECIPES:
+            raise ValueError(f"loss must be one of {sorted(RECIPES)}, got loss={name!r}")
         if (erc_low is None) != (erc_high is None):
             raise ValueError(
                 f"erc_low and erc_high must both be set or both be None, got "
@@ -450,7 +453,63 @@ class LossConfig:
         erc = None
         if erc_low is not None and erc_high is not None:
             erc = ERCConfig(erc_low, erc_high)
-        return makers[name](erc=erc)
+        return RECIPES[name](erc=erc)
+
+
+#: The published recipes by name -- the ``loss`` of the trainers and the ``algorithms`` of an
+#: experiment grid: name -> :class:`LossConfig` factory taking the ERC band. Names, their order
+#: and their numbers are taken from here everywhere (:func:`sb3_recipe_kwargs` for ERCPPO).
+RECIPES: dict[str, Callable[..., LossConfig]] = {
+    "ppo": LossConfig.ppo,
+    "dapo": LossConfig.dapo,
+    "gppo": LossConfig.gppo,
+}
+
+
+def sb3_recipe_kwargs(name: str) -> dict[str, Any]:
+    """The recipe ``name`` as :class:`~erc_gym.sb3.ERCPPO` keyword arguments.
+
+    SB3's ``clip_range`` (the preset's) stays the lower clip range; the recipe adds what differs
+    from PPO-clip: ``clip_variant``, ``clip_range_high`` (when ``eps_high != eps_low``) and
+    ``dual_clip``. ``{}`` for ``ppo``.
+    """
+    config = RECIPES[name]()
+    out: dict[str, Any] = {}
+    if config.clip != "ppo":
+        out["clip_variant"] = config.clip
+    if config.eps_high != config.eps_low:
+        out["clip_range_high"] = config.eps_high
+    if config.dual_clip_c is not None:
+        out["dual_clip"] = config.dual_clip_c
+    return out
+
+
+#: Keys of :func:`loss_metrics` present when entropies are given (``docs/metrics.md``).
+ENTROPY_METRIC_KEYS = (
+    "erc_clip_fraction",
+    "erc_clip_fraction_low",
+    "erc_clip_fraction_high",
+    "entropy_ratio_mean",
+    "entropy_mean",
+    "entropy_old_mean",
+    "entropy_ratio_min",
+    "entropy_ratio_max",
+    "erc_clipped_entropy_old_mean",
+    "erc_kept_entropy_old_mean",
+)
+#: Every key of :func:`loss_metrics` (``docs/metrics.md`` is the contract). The adapters filter
+#: or rename this list instead of keeping their own.
+LOSS_METRIC_KEYS = (
+    "pg_loss",
+    "clip_fraction",
+    "clip_fraction_low",
+    "clip_fraction_high",
+    "dual_clip_fraction",
+    "approx_kl",
+    "ppo_kl",
+    "ratio_mean",
+    *ENTROPY_METRIC_KEYS,
+)
 
 
 @dataclass

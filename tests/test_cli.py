@@ -96,7 +96,7 @@ def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
     assert any("train/erc_clip_fraction" in r for r in rows)
     assert any("diagnostics/entropy_volatility" in r for r in rows)
     assert (tmp_path / "model.zip").exists()
-    # #12 item 13: a short summary on stdout, not SB3's table after every update
+    # a short summary on stdout, not SB3's table after every update
     out = capsys.readouterr().out
     assert len(out.splitlines()) <= 6, out
     assert "CartPole-v1: ercppo (ERC on), 512 steps" in out
@@ -120,7 +120,7 @@ def _file(tmp_path: Path) -> str:
 #: Options that keep a run which wrongly starts short (a test that fails does so in seconds).
 TINY = ["--steps", "64", "--n-envs", "1", "--no-progress", "--log-dir", "{tmp}/log"]
 
-# #12 item 8: every bad value is one line on stderr and exit 2, never a traceback.
+# Every bad value is one line on stderr and exit 2, never a traceback.
 BAD_INPUTS = [
     (["nope"], "invalid choice: 'nope'"),
     (["train", "Nope-v0"], "unknown environment id 'Nope-v0'"),
@@ -307,3 +307,24 @@ def test_report_of_run_folders_without_the_runner_record_is_one_line(tmp_path, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no runs" in err[0] and str(tmp_path) in err[0]
+
+
+def test_experiment_set_gives_every_run_a_setting(tmp_path, capsys):
+    """``--set KEY=VALUE`` overrides the config's settings and the envs' own values (the knobs
+    of the retired llm_compare script, for any config)."""
+    argv = ["experiment", "quick", "--set", "iterations=2", "--set", "vocab_size=64"]
+    main([*argv, "--seeds", "1", "--runs", str(tmp_path), "--no-report", "--no-progress"])
+    records = sorted((tmp_path / "quick").glob("*/0/run.json"))
+    assert len(records) == 2
+    for path in records:
+        trainer = json.loads(path.read_text())["trainer"]
+        assert (trainer["iterations"], trainer["vocab_size"], trainer["group"]) == (2, 64, 16)
+    for value, needle in (
+        ("iterations=two", "iterations = 'two': Input should be a valid integer"),
+        ("iterations", "--set: expected KEY=VALUE, got 'iterations'"),
+        ("no_such=1", "no_such = 1: unknown key"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["experiment", "quick", "--set", value, "--runs", str(tmp_path / "x")])
+        err = capsys.readouterr().err.splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err

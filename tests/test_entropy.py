@@ -285,7 +285,7 @@ def test_small_action_path_masked_actions_and_errors():
 
 
 def test_cpu_chunk_workers_match_in_order_path_and_leave_threads_alone(monkeypatch):
-    """Chunks on single-threaded worker threads (issue #11 item 4) give the in-order results."""
+    """Chunks on single-threaded worker threads give the in-order results."""
     import erc_gym.entropy as entropy_module
 
     if torch.get_num_threads() < 2:

@@ -9,21 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erc_gym.analysis import Run, load_runs
-from erc_gym.report import write_report
-from erc_gym.runner import expand, load_experiment, run_experiment
-from erc_gym.stress import (
-    _MAP_ROWS,
-    _cell_text,
-    axis_settings,
-    cell_table,
-    check_axes,
-    claims_table,
-    diff_ci,
-    effect_table,
-    instability,
-    probability_of_improvement,
-)
+from erc_gym.lab.analysis import Run, load_runs
+from erc_gym.lab.config import CONFIG_DIR, load_experiment
+from erc_gym.lab.grid import check_axes, expand
+from erc_gym.lab.kinds import axis_settings
+from erc_gym.lab.plots import _MAP_ROWS, _cell_text
+from erc_gym.lab.report import write_report
+from erc_gym.lab.runner import run_experiment
+from erc_gym.lab.stats import diff_ci, probability_of_improvement
+from erc_gym.lab.stress import cell_table, claims_table, effect_table, instability
 
 BAND = [0.9, 1.1]
 MINIATURES = {
@@ -152,8 +146,6 @@ def test_bad_axes_are_named(tmp_path, axes, needle):
 
 
 def test_shipped_stress_configs_load():
-    from erc_gym.runner import CONFIG_DIR
-
     names = sorted(p.stem for p in CONFIG_DIR.glob("stress_*.json"))
     assert names
     for name in names:

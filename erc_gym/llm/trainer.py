@@ -1,6 +1,6 @@
 """GRPO / DAPO / GPPO (+ERC) for transformers causal LMs: one process, one device.
 
-One training step (ERC_SPEC section 3): sample ``prompts_per_step`` prompts x ``group_size``
+One training step (docs/method.md section 3): sample ``prompts_per_step`` prompts x ``group_size``
 responses -> rewards from the shared verifier -> DAPO group filter (optionally generating more
 batches) -> one no-grad scoring pass that gives both ``old_log_prob`` and ``old_entropy`` ->
 GRPO advantages -> ``epochs`` passes over mini-batches of ``mini_batch_prompts`` groups, one
@@ -32,13 +32,14 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-from erc_gym.cli_args import MAX_SEED
+from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.entropy import linear_kl_divergence
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
 from erc_gym.envs.vocab_bandit import MAX_VOCAB
-from erc_gym.jsonl import append_jsonl, repair_jsonl
+from erc_gym.jsonl import append_jsonl, truncate_metrics
+from erc_gym.limits import MAX_SEED
 from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import (
     RolloutBatch,
@@ -835,10 +836,8 @@ class ERCTrainer:
         }
         if self.erc_band_control is not None:
             state["erc_band"] = self.erc_band_control.state_dict()
-        # write-then-rename: a kill mid-save leaves the previous checkpoint intact
-        tmp = self._checkpoint_path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._checkpoint_path())
+        # a kill mid-save leaves the previous checkpoint intact
+        atomic_write(self._checkpoint_path(), lambda tmp: torch.save(state, tmp))
         if export:
             from transformers.utils import logging as hf_logging
 
@@ -910,13 +909,7 @@ class ERCTrainer:
         if self.step == 0:  # nothing restored: every line will be written again
             path.unlink()
             return
-        repair_jsonl(path)
-        lines = path.read_text().splitlines(keepends=True)
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        if len(keep) != len(lines):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(path)
+        truncate_metrics(path, "step", self.step)
 
     def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
         """Run (or continue) training; returns the metrics lines written by this call.
@@ -952,9 +945,7 @@ class ERCTrainer:
         extra = (
             {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
         )
-        tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**extra, **settings}, indent=2))
-        tmp.replace(config_path)
+        atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)

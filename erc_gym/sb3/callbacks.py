@@ -1,7 +1,7 @@
 """SB3 callback that logs ERC's entropy diagnostics for any on-policy algorithm.
 
-Also importable as ``erc_gym.diagnostics.EntropyDynamicsCallback``; the diagnostics themselves are
-pure functions in :mod:`erc_gym.diagnostics`.
+Importable as ``erc_gym.sb3.EntropyDynamicsCallback``; the diagnostics themselves are pure functions
+in :mod:`erc_gym.diagnostics`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from erc_gym.adaptive_coef import AdaptiveEntropyCoef, AdaptiveKLCoef
 from erc_gym.entropy import SMALL_VOCAB, kl_from_logits, small_action_logprob_and_entropy
 from erc_gym.losses import (
     DPPO_VARIANTS,
+    LOSS_METRIC_KEYS,
     ERCConfig,
     LossConfig,
     LossStats,
@@ -42,20 +43,16 @@ __all__ = ["ERCPPO", "METHOD_KWARGS"]
 
 SelfERCPPO = TypeVar("SelfERCPPO", bound="ERCPPO")
 
-#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here).
+#: ``policy_loss`` metrics that SB3 has under its own keys (``train/policy_gradient_loss``,
+#: its two-sided ``train/clip_fraction``, ``train/approx_kl``) or that ERCPPO does not log.
+_NOT_LOGGED = {"pg_loss", "clip_fraction", "approx_kl", "ppo_kl", "ratio_mean"}
+_NOT_LOGGED |= {"erc_kept_entropy_old_mean"}
+#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here):
+#: the loss's list of keys, filtered, with the entropies under SB3-style names.
 _ERC_LOG_KEYS = {
-    "entropy_mean": "entropy",
-    "entropy_old_mean": "entropy_old",
-    "entropy_ratio_mean": "entropy_ratio_mean",
-    "entropy_ratio_min": "entropy_ratio_min",
-    "entropy_ratio_max": "entropy_ratio_max",
-    "erc_clip_fraction": "erc_clip_fraction",
-    "erc_clip_fraction_low": "erc_clip_fraction_low",
-    "erc_clip_fraction_high": "erc_clip_fraction_high",
-    "erc_clipped_entropy_old_mean": "erc_clipped_entropy_old_mean",
-    "clip_fraction_high": "clip_fraction_high",
-    "clip_fraction_low": "clip_fraction_low",
-    "dual_clip_fraction": "dual_clip_fraction",
+    key: {"entropy_mean": "entropy", "entropy_old_mean": "entropy_old"}.get(key, key)
+    for key in LOSS_METRIC_KEYS
+    if key not in _NOT_LOGGED
 }
 
 # Rows per no-grad pass when scoring a rollout's old entropies (bounds memory on big buffers).
@@ -173,7 +170,8 @@ class ERCPPO(PPO):
         if isinstance(clip_range_high, int | float) and not 0 <= clip_range_high < math.inf:
             # a negative or NaN constant became a clip range of 0 (max(0, x)) without a word
             raise ValueError(
-                f"clip_range_high must be a finite number >= 0 (DAPO: 0.28), a schedule or None, "
+                "clip_range_high must be a finite number >= 0 "
+                f"(DAPO: {LossConfig.dapo().eps_high:g}), a schedule or None, "
                 f"got clip_range_high={clip_range_high}"
             )
         if isinstance(erc_low, int | float) and isinstance(erc_high, int | float):
@@ -248,7 +246,7 @@ class ERCPPO(PPO):
             check_erc_action_space(self.action_space)
         # None is "SB3 chooses"; SB3's own RolloutBuffer / DictRolloutBuffer is what a plain PPO
         # checkpoint stores after that choice, so ERCPPO.load() of a PPO model would otherwise
-        # get a buffer without old_entropy (issue #11 item 5). The ERC buffers are drop-in
+        # get a buffer without old_entropy. The ERC buffers are drop-in
         # subclasses of exactly those two; any other class is the user's and is kept.
         if self.rollout_buffer_class in _SB3_DEFAULT_BUFFERS and isinstance(
             self.action_space, ERC_ACTION_SPACES
@@ -276,7 +274,7 @@ class ERCPPO(PPO):
         ``n_steps * n_envs`` the last rollout overshoots and SB3's progress goes below 0: a linear
         schedule then gives a negative learning rate and clip range for the last update (which
         ascends the loss with every ratio "clipped"). Every schedule of ERCPPO (learning rate,
-        clip ranges, ERC band) sees progress in [0, 1] instead (issue #11 item 7).
+        clip ranges, ERC band) sees progress in [0, 1] instead.
         """
         super()._update_current_progress_remaining(num_timesteps, total_timesteps)
         self._current_progress_remaining = max(0.0, self._current_progress_remaining)
@@ -394,7 +392,7 @@ class ERCPPO(PPO):
         ``_get_action_dist_from_latent`` and ``get_distribution`` are SB3's own (an override may
         change the logits, e.g. a temperature or an action mask), and an action distribution that
         is exactly ``CategoricalDistribution``. Feature extractors and networks may be anything:
-        the fused path calls them. Every other policy takes the general path (issue #11 item 6).
+        the fused path calls them. Every other policy takes the general path.
         """
         policy = self.policy
         cls = type(policy)

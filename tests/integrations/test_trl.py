@@ -1,4 +1,4 @@
-"""ERCGRPOTrainer on TRL's GRPOTrainer: equivalence, ERC gradients, metrics, errors (issue #9).
+"""ERCGRPOTrainer on TRL's GRPOTrainer: equivalence, ERC gradients, metrics, errors.
 
 Runs only where TRL is installed (``make test-trl`` builds that environment); the main suite skips
 it. Tiny Qwen2 models from a config and erc_gym's character tokenizer: no downloads.
@@ -201,7 +201,7 @@ def completion_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 AUTHORS = {
-    # ERC_SPEC section 3 in TRL terms: dual-clip c = 10 is TRL's `delta`, no KL, token-mean.
+    # docs/method.md section 3 in TRL terms: dual-clip c = 10 is TRL's `delta`, no KL, token-mean.
     "dapo": (
         {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "delta": 10.0, "beta": 0.0},
         LossConfig.dapo,

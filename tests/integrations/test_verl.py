@@ -431,7 +431,7 @@ def test_use_exact_entropy_replaces_verls_entropy(monkeypatch: pytest.MonkeyPatc
 
     for name in ("entropy_from_logits", "entropy_from_logits_with_chunking"):
         monkeypatch.setattr(verl_f, name, getattr(verl_f, name))  # restored after the test
-    # Near-deterministic rows with a large common logit offset (ERC_SPEC 5.4).
+    # Near-deterministic rows with a large common logit offset (docs/method.md section 5.4).
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 4096, generator=g, dtype=torch.float64) * 2
     logits[:, 0] += torch.linspace(14, 22, 64, dtype=torch.float64)
