@@ -30,7 +30,7 @@ Every trainer in the project (the SB3 algorithm, the LLM trainer, the TRL / verl
 
 3. :func:`aggregate` -- verl's four ``loss_agg_mode`` values.
 
-The rival methods, baselines and controls of the comparison (``docs/methods.md``) are further
+The rival methods, baselines and controls of the comparison (``docs/rivals.md``) are further
 configurations of the same function, never copies of it:
 
 * more clip variants: ``"none"`` (the unclipped ``-A r``, KL-Cov's base) and DPPO's binary
@@ -71,6 +71,7 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "LOSS_METRIC_KEYS",
     "METHODS",
+    "METHOD_METRIC_KEYS",
     "RECIPES",
     "AggregationMode",
     "ClipCov",
@@ -509,6 +510,19 @@ LOSS_METRIC_KEYS = (
     "ppo_kl",
     "ratio_mean",
     *ENTROPY_METRIC_KEYS,
+)
+#: Keys :func:`loss_metrics` adds when a rival method is on (``docs/rivals.md``): the share of
+#: tokens each token gate acted on, the regularisers' coefficients and KL, the equal-step scale.
+METHOD_METRIC_KEYS = (
+    "gate_fraction",
+    "random_mask_fraction",
+    "clip_cov_fraction",
+    "kl_cov_fraction",
+    "entropy_gate_fraction",
+    "entropy_coef",
+    "kl_coef",
+    "kl_mean",
+    "equal_step_scale",
 )
 
 
@@ -1492,7 +1506,7 @@ def _method_metrics(
 
 
 # ---------------------------------------------------------------------------------------------
-# The rival methods, baselines and controls by name (docs/methods.md). Each entry is the flat
+# The rival methods, baselines and controls by name (docs/rivals.md). Each entry is the flat
 # trainer settings it sets -- fields of erc_gym.methods.MethodSettings (loss and trainer parts)
 # and the ERC band -- which BanditConfig, TrainerConfig and ERCPPO all accept, so an experiment
 # config can list methods by name. Entries other than "erc" switch ERC off explicitly (ERCPPO's

@@ -1,4 +1,4 @@
-"""The rival methods, baselines and controls as flat trainer settings (``docs/methods.md``).
+"""The rival methods, baselines and controls as flat trainer settings (``docs/rivals.md``).
 
 Every trainer takes the methods through its existing configuration: :class:`MethodSettings` is a
 base of :class:`~erc_gym.bandit.BanditConfig` and :class:`~erc_gym.llm.TrainerConfig` (so each
@@ -24,7 +24,7 @@ import torch
 from erc_gym.adaptive_coef import AdaptiveEntropyCoef, AdaptiveKLCoef
 from erc_gym.losses import (
     DPPO_VARIANTS,
-    GATE_METRICS,
+    METHOD_METRIC_KEYS,
     ClipCov,
     ClipVariant,
     ERCConfig,
@@ -41,7 +41,6 @@ from erc_gym.losses import (
 
 __all__ = [
     "CLIP_VARIANTS",
-    "METHOD_METRIC_KEYS",
     "MethodRuntime",
     "MethodSettings",
     "approx_kl",
@@ -51,15 +50,6 @@ __all__ = [
     "method_metrics",
 ]
 
-#: Loss metrics of the rival methods (present in a trainer's metrics when the method is on).
-METHOD_METRIC_KEYS = (
-    "gate_fraction",
-    *GATE_METRICS.values(),
-    "entropy_coef",
-    "kl_coef",
-    "kl_mean",
-    "equal_step_scale",
-)
 #: Added to the run's seed for the token gates' random generator, so the draws neither reuse nor
 #: shift the stream that samples the data (runs of different methods with one seed share data).
 GATE_SEED_OFFSET = 0x5EED
