@@ -1,7 +1,7 @@
 """The rival methods, baselines and controls in policy_loss, against independent fp64 formulas.
 
 The reference below is written token by token from the papers' and engines' definitions
-(docs/methods.md): Python loops over tokens, each token's loss a scalar function of its own
+(docs/rivals.md): Python loops over tokens, each token's loss a scalar function of its own
 log-prob, the token selections computed with plain Python (sorted lists, numpy's quantile), and
 the aggregation by loops. It shares no helper with ``erc_gym.losses``. Values *and* per-token
 gradients are compared. Random draws are checked by their count, support and uniformity, and the

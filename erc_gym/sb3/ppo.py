@@ -104,7 +104,7 @@ class ERCPPO(PPO):
         baselines and controls of :class:`erc_gym.methods.MethodSettings` by their field names
         (``control_low``, ``random_mask_matched``, ``equal_step``, ``clip_cov_ratio``,
         ``kl_cov_ratio``, ``top_entropy_quantile``, ``entropy_target``, ``kl_coef``,
-        ``kl_target``, ...; ``docs/methods.md``). ``clip_variant`` also takes ``"none"``,
+        ``kl_target``, ...; ``docs/rivals.md``). ``clip_variant`` also takes ``"none"``,
         ``"dppo-tv"`` and ``"dppo-kl"``. SB3's ``ent_coef`` is the entropy bonus (its starting
         value with ``entropy_target``) and ``target_kl`` SB3's early stop. A KL penalty is the
         exact per-state KL(pi_old || pi) for ``Discrete`` actions (the old logits are stored
