@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from erc_gym.diagnostics import entropy_volatility, grad_norm_spikes
+from erc_gym.diagnostics import entropy_jitter, entropy_trend, entropy_volatility, grad_norm_spikes
 from erc_gym.jsonl import read_jsonl
 from erc_gym.lab.grid import expand
 from erc_gym.lab.kinds import get_kind, kind_names
@@ -251,6 +251,11 @@ def experiment_above(path: str | Path) -> Path | None:
     return None
 
 
+def _positive(metric: Any, entropies: np.ndarray) -> float:
+    """``metric(entropies)``, NaN where some entropy is not positive (no log change)."""
+    return metric(entropies) if bool(np.all(entropies[np.isfinite(entropies)] > 0)) else math.nan
+
+
 def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]:
     """One row per variant (in first-seen order) with the final-score IQM, CI and diagnostics.
 
@@ -258,7 +263,8 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
     ``mean``, ``per_seed`` (final scores), ``score_start`` (mean first logged score: the warm
     start / initial policy where it is evaluated before training), ``score_mean`` (mean of each
     run's logged scores -- an area under the learning curve -- averaged over runs),
-    ``entropy_final``, ``entropy_volatility``,
+    ``entropy_final``, ``entropy_trend`` and ``entropy_jitter`` (the steady part and the noise of
+    log mean entropy, :mod:`erc_gym.diagnostics`), ``entropy_volatility`` (which mixes both),
     ``grad_norm_spikes`` (mean per run), ``erc_clip_fraction``, ``clip_fraction`` and
     ``tv_unsampled``, ``entropy_old_clipped`` and ``entropy_old_kept`` (mean old entropy of the
     states / tokens ERC clipped and kept; the SB3 callback's split uses its band even with ERC off)
@@ -294,6 +300,8 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 ),
                 "score_mean": finite_mean([finite_mean(r.series("score")[1]) for r in group]),
                 "entropy_final": finite_mean([e[-1] if e.size else math.nan for e in entropies]),
+                "entropy_trend": finite_mean([_positive(entropy_trend, e) for e in entropies]),
+                "entropy_jitter": finite_mean([_positive(entropy_jitter, e) for e in entropies]),
                 "entropy_volatility": finite_mean([entropy_volatility(e) for e in entropies]),
                 "grad_norm_spikes": finite_mean(
                     [grad_norm_spikes(r.series("grad_norm")[1], spike_k) for r in group]

@@ -12,7 +12,8 @@ listed by ``erc-gym experiment --list``)::
       "envs": [{"label": "V4096", "vocab_size": 4096}],
       "settings": {"iterations": 40},        # shared by every run
       "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]},  # optional stress grid
-      "baseline": "stress_bandit"            # optional: an experiment the report compares with
+      "baseline": "stress_bandit",           # optional: an experiment the report compares with
+      "primary": [{"env": "V4096", "erc": [0.95, 1.05]}]  # optional: the main comparisons
     }
 
 ``axes`` (optional) repeats the grid on every point of an off-policy stress map
@@ -20,6 +21,12 @@ listed by ``erc-gym experiment --list``)::
 names another experiment in the same runs folder whose stress-map runs the report adds (e.g. the
 fixed bands an adaptive band is compared with). A run with ``erc_target_clip_fraction`` in its
 settings (:mod:`erc_gym.adaptive_band`) gets ``-target<f>`` after its band in the variant name.
+``primary`` (optional) declares the study's main comparisons before it runs: each entry selects
+the cells (and so their comparisons with the baseline at the same point) whose values match every
+key it gives, of ``env`` (a label), ``algorithm``, ``erc`` (a band, or ``null``),
+``steps_per_rollout`` and ``lr`` (stress-axis values). The report adjusts the selected
+comparisons for multiple testing as one family and calls the others exploratory
+(:func:`erc_gym.lab.stress.adjust_family`, ``docs/statistics.md``).
 ``kind`` chooses the trainer (:mod:`erc_gym.lab.kinds`); the settings are the trainer's own.
 
 A config is validated with pydantic in two passes:
@@ -111,6 +118,42 @@ class EnvEntry(BaseModel):
         return self.label or str(self.kwargs().get("id") or "env")
 
 
+class PrimaryCell(BaseModel):
+    """One entry of ``primary``: the cells whose values match every key given."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    env: str | None = None
+    algorithm: str | None = None
+    erc: Band | None = None
+    steps_per_rollout: int | None = None
+    lr: float | int | None = None
+
+    def check_in(self, config: ExperimentConfig, where: str) -> None:
+        """Raise ``ValueError`` when a given key names a value the grid does not have."""
+        given = self.model_dump(exclude_unset=True)
+        if not given:
+            keys = list(type(self).model_fields)
+            raise ValueError(f"{where}: select cells with at least one of {keys}")
+        axes = config.axes or {}
+        have: dict[str, list[Any]] = {
+            "env": [e.resolved_label() for e in config.envs],
+            "algorithm": list(config.algorithms),
+            "erc": [None if b is None else [float(v) for v in b] for b in config.erc],
+            "steps_per_rollout": list(axes.get("steps_per_rollout", [])),
+            "lr": [float(v) for v in axes.get("lr", [])],
+        }
+        for key, value in given.items():
+            if key == "erc" and value is not None:
+                value = [float(v) for v in value]
+            elif key == "lr":
+                value = float(value)
+            if value not in have[key]:
+                raise ValueError(
+                    f"{where}.{key} = {value!r}: not a value of the grid (choose from {have[key]})"
+                )
+
+
 class ExperimentConfig(BaseModel):
     """An experiment config file (see the module docstring for the meaning of each key)."""
 
@@ -144,6 +187,9 @@ class ExperimentConfig(BaseModel):
     report adds, e.g. the fixed band that an adaptive band (``erc_target_clip_fraction``) is
     compared with (:func:`erc_gym.lab.stress.band_rule_table`)."""
 
+    primary: Annotated[list[PrimaryCell], Field(min_length=1)] | None = None
+    """Optional main comparisons, declared up front: cell selectors (:class:`PrimaryCell`)."""
+
     @field_validator("kind", mode="before")
     @classmethod
     def _known_kind(cls, value: Any) -> Any:
@@ -165,6 +211,8 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(
                     f"erc[{i}] = {list(band)}: an ERC band is [low, high] with 0 < low < 1 < high"
                 )
+        for i, cell in enumerate(self.primary or []):
+            cell.check_in(self, f"primary[{i}]")
         grid: list[tuple[str, list[Any]]] = [
             ("erc", [tuple(b) if b else None for b in self.erc]),
             ("algorithms", list(self.algorithms)),
@@ -323,9 +371,14 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
     out = config.model_dump(exclude_unset=False)
     out["envs"] = [{**({"label": e.label} if e.label else {}), **e.kwargs()} for e in config.envs]
     out["erc"] = [list(b) if b is not None else None for b in config.erc]
+    if config.primary is not None:
+        out["primary"] = [c.model_dump(exclude_unset=True) for c in config.primary]
+        for c in out["primary"]:
+            if c.get("erc") is not None:
+                c["erc"] = list(c["erc"])
     if not out["description"]:
         out.pop("description")
-    for key in ("axes", "baseline"):
+    for key in ("axes", "baseline", "primary"):
         if out[key] is None:
             out.pop(key)
     return out

@@ -322,28 +322,38 @@ def _cell_text(value: float) -> str:
 #: the band columns show ERC's effect, coloured so that blue is always "better with ERC".
 _MAP_ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("score", "iqm", "d_score", "RdBu"),  # higher score = better = blue
-    ("volatility", "volatility", "d_volatility", "RdBu_r"),  # lower volatility = blue
+    ("jitter", "jitter", "d_jitter", "RdBu_r"),  # less jitter = blue
+    ("trend", "trend", "d_trend", "RdBu"),  # a slower fall (or a faster rise) = blue
     ("unstable", "unstable", "unstable", "Reds"),
 )
 
 
-def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path) -> list[Path]:
+def plot_stress_map(
+    cells: Sequence[dict[str, Any]],
+    env: str,
+    path: str | Path,
+    primary: Sequence[dict[str, Any]] | None = None,
+) -> list[Path]:
     """One heat-map figure of an environment's stress map; returns the PNG and SVG paths.
 
-    Columns: ERC off, then one per ERC band (fixed or adaptive). For each algorithm three rows of
+    Columns: ERC off, then one per ERC band (fixed or adaptive). For each algorithm four rows of
     panels, each over x = optimiser steps per rollout and y = learning rate:
 
-    * final score: the IQM without ERC, and ERC's effect on it (IQM difference, ERC minus off);
-    * entropy volatility: the value without ERC, and ERC's effect (mean difference);
+    * final score: the IQM without ERC, and ERC's effect on it (mean paired difference by seed,
+      ERC minus off);
+    * entropy jitter and entropy trend (:mod:`erc_gym.diagnostics`): the value without ERC, and
+      ERC's effect (mean paired difference);
     * the share of unstable runs (:func:`erc_gym.lab.stress.instability`) in each column.
 
-    In the effect panels blue means better with ERC (higher score, smoother entropy) and red
-    worse, on one colour scale per metric; a framed cell with a ``*``: the 95% bootstrap CI of the
-    difference excludes 0.
+    In the effect panels blue means higher score, less jitter or a slower fall of the entropy
+    with ERC, on one colour scale per metric; a framed cell with a ``*``: the paired difference is
+    significant after Holm's adjustment over the map's cells
+    (:func:`erc_gym.lab.stress.effect_table`; with ``primary``, the config's declared cells form
+    one family across environments).
     """
     plt = pyplot()
     env_cells = [c for c in cells if c["env"] == env]
-    effects = effect_table(env_cells)
+    effects = [e for e in effect_table(cells, primary) if e["env"] == env]
     algos = list(dict.fromkeys(c["algorithm"] for c in env_cells))
     bands = list(dict.fromkeys(c["band"] for c in env_cells if c["band"] != "off"))
     columns = ["off", *bands]
@@ -352,16 +362,18 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
     ns = sorted({c["n"] for c in env_cells})
     # one colour scale per effect metric across algorithms and bands, so colours compare
     lims = {}
-    for metric in ("d_score", "d_volatility"):
+    for metric in ("d_score", "d_jitter", "d_trend"):
         values = np.abs(finite([e[metric] for e in effects]))
         lims[metric] = float(values.max()) if values.size and values.any() else 1.0
     kind = str(env_cells[0]["kind"]) if env_cells else ""
     score_unit = SCORE_LABELS.get(kind, "score")
     titles = {
         ("score", True): "final score IQM, ERC off\n(" + score_unit + ")",
-        ("score", False): "Δ final score IQM, ERC {b} − off\n(blue = higher with ERC)",
-        ("volatility", True): "entropy volatility, ERC off",
-        ("volatility", False): "Δ entropy volatility, ERC {b} − off\n(blue = smoother with ERC)",
+        ("score", False): "Δ final score (paired), ERC {b} − off\n(blue = higher with ERC)",
+        ("jitter", True): "entropy jitter, ERC off",
+        ("jitter", False): "Δ entropy jitter, ERC {b} − off\n(blue = less jitter with ERC)",
+        ("trend", True): "entropy trend (log H / update), ERC off",
+        ("trend", False): "Δ entropy trend, ERC {b} − off\n(blue = slower fall with ERC)",
         ("unstable", True): "share of unstable runs, ERC off",
         ("unstable", False): "share of unstable runs, ERC {b}",
     }
@@ -423,8 +435,8 @@ def plot_stress_map(cells: Sequence[dict[str, Any]], env: str, path: str | Path)
     n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     fig.suptitle(
         f"{env}: off-policy stress map ({n_text} seeds per cell). Columns: ERC off, then each ERC "
-        "band; blue = better with ERC.\nFramed * = the 95% bootstrap CI of the difference to ERC "
-        "off excludes 0. Empty cell = not run.\n"
+        "band.\nFramed * = the paired difference to ERC off is significant (t-test, Holm over "
+        "the map's cells). Empty cell = not run.\n"
         f"Unstable run = final entropy < {COLLAPSE_FACTOR:g}x its start, or any entropy > "
         f"{EXPLOSION_FACTOR:g}x its start, or the score lost > {SCORE_DROP_SHARE:.0%} of its "
         "best gain.",

@@ -35,6 +35,7 @@ from erc_gym.lab.stress import (
 __all__ = [
     "COLUMNS",
     "band_rule_markdown",
+    "effects_markdown",
     "markdown_table",
     "stress_markdown",
     "write_report",
@@ -49,6 +50,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("per_seed", "per seed"),
     ("score_mean", "mean score over training"),
     ("entropy_final", "final entropy"),
+    ("entropy_trend", "entropy trend / update"),
+    ("entropy_jitter", "entropy jitter"),
     ("entropy_volatility", "entropy volatility"),
     ("grad_norm_spikes", "grad-norm spikes / run"),
     ("erc_clip_fraction", "ERC clip fraction"),
@@ -125,10 +128,14 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
         f"Reproduce: `erc-gym experiment {name}` then `erc-gym report {experiment_dir}`.",
         "",
         "Final score: the last logged score of each run; IQM = interquartile mean over seeds, "
-        "95% percentile-bootstrap CI over seeds (with 3 seeds the IQM is the mean and the CI is "
-        "wide). Mean score over training: the average of all logged scores (an area under the "
-        "learning curve; higher = learnt sooner). Entropy volatility: std of the per-update "
-        "change of log mean entropy. Grad-norm spikes: updates above 3x the running median. "
+        "95% percentile-bootstrap CI over seeds (descriptive: with few seeds it is too narrow; "
+        "differences are tested in the paired table below). Mean score over training: "
+        "the average of all logged scores (an area under the "
+        "learning curve; higher = learnt sooner). Entropy trend: least-squares slope of log mean "
+        "entropy per update (-0.01 = falls about 1% per update); entropy jitter: its noise "
+        "around the trend (std of second differences / sqrt 6); entropy volatility: std of the "
+        "per-update change of log mean entropy, which mixes the two (a slower fall also lowers "
+        "it). Grad-norm spikes: updates above 3x the running median. "
         "Clip fractions, TV on un-sampled actions and the mean old entropy of ERC-clipped / kept "
         "states (tokens): means over training. "
         "`–`: not logged for this run type.",
@@ -154,10 +161,12 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     for note in notes:
         md += [f"**Note:** {note}", ""]
         page.append(f"<p><b>Note:</b> {html.escape(note)}</p>")
+    cells = [] if spec.get("axes") else cell_table([r for r in runs if r.done])
     for env, env_rows in envs.items():
         kind = env_rows[0]["kind"]
         md += [f"## {env}", "", f"Score: {SCORE_LABELS.get(kind, 'score')}.", ""]
         md += [markdown_table(env_rows), ""]
+        md += _paired_effects(cells, env, _primary(experiment_dir))
         page.append(f"<h2>{html.escape(env)}</h2><table border='1' cellpadding='4'>")
         page.append("<tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr>")
         for r in env_rows:
@@ -227,15 +236,22 @@ def stress_markdown(
             ]
         runs += base_runs
     cells = cell_table(runs)
+    primary = _primary(experiment_dir)
     md = [
         "## Off-policy stress map",
         "",
         f"Unstable run: final entropy < {COLLAPSE_FACTOR:g} x its first value (collapse), any "
         f"entropy > {EXPLOSION_FACTOR:g} x its first value (blow-up), or a final score that lost "
         f"more than {SCORE_DROP_SHARE:.0%} of the run's best gain over its first score. "
-        "Differences are ERC minus the same algorithm without ERC at the same point; CIs are 95% "
-        "percentile bootstrap over seeds (groups resampled separately); PoI = probability that an "
-        "ERC run beats a no-ERC run. `*`: the CI excludes 0 (PoI: 0.5).",
+        + _EFFECTS_TEXT.format(
+            method="ERC", base="the same algorithm without ERC at the same point"
+        )
+        + (
+            " This experiment declares primary cells (`primary` in its config): they form one "
+            "family for the adjustment, the other cells are exploratory."
+            if primary
+            else ""
+        ),
         "",
         *notes,
     ]
@@ -244,50 +260,113 @@ def stress_markdown(
         if plots:
             fig_dir = experiment_dir / "figures"
             fig_dir.mkdir(exist_ok=True)
-            png = plot_stress_map(cells, env, fig_dir / f"{env}_stress_map")[0]
+            png = plot_stress_map(cells, env, fig_dir / f"{env}_stress_map", primary)[0]
             md += [f"![{env} stress map]({png.relative_to(experiment_dir).as_posix()})", ""]
         md += ["The paper's claims at this scale:", ""]
         md += ["| claim (paper) | measured as | values | verdict |", "|---|---|---|---|"]
         md += [
             f"| {r['paper']} | {r['measured']} | {r['values']} | {r['verdict']} |"
-            for r in claims_table(cells, env)
+            for r in claims_table(cells, env, primary)
         ]
-        md += [
-            "",
-            "| algorithm | band | steps | lr | n | final IQM [95% CI] | volatility | spikes "
-            "| unstable | ERC clip | PPO clip | Δ score [CI] | PoI [CI] | Δ volatility [CI] |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        effects = {
-            (e["algorithm"], e["band"], e["steps"], e["lr"]): e
-            for e in effect_table([c for c in cells if c["env"] == env])
-        }
-        for c in (c for c in cells if c["env"] == env):
-            e = effects.get((c["algorithm"], c["band"], c["steps"], c["lr"]))
-            extra = ["", "", ""]
-            if e is not None:
-                star = {
-                    k: "*" if k in e["significant"] else "" for k in ("score", "poi", "volatility")
-                }
-                extra = [
-                    f"{_f(e['d_score'])} [{_f(e['d_score_lo'])}, "
-                    f"{_f(e['d_score_hi'])}]{star['score']}",
-                    f"{_f(e['poi'], 2)} [{_f(e['poi_lo'], 2)}, {_f(e['poi_hi'], 2)}]{star['poi']}",
-                    f"{_f(e['d_volatility'])} [{_f(e['d_volatility_lo'])}, "
-                    f"{_f(e['d_volatility_hi'])}]{star['volatility']}",
-                ]
-            md.append(
-                f"| {c['algorithm']} | {c['band']} | {c['steps']} | {c['lr']:g} | {c['n']} | "
-                f"{_f(c['iqm'])} [{_f(c['ci_low'])}, {_f(c['ci_high'])}] | "
-                f"{_f(c['volatility'])} | {_f(c['spikes'])} | {_f(c['unstable'], 2)} | "
-                f"{_f(c['erc_clip_fraction'])} | {_f(c['clip_fraction'])} | "
-                + " | ".join(extra)
-                + " |"
-            )
-        md.append("")
+        md += ["", *effects_markdown(cells, env, primary)]
     if any(c["target"] is not None for c in cells):
         md += band_rule_markdown(cells)
     return md
+
+
+_EFFECTS_TEXT = (
+    "Differences are {method} minus {base}, paired by seed (each seed's two runs share the "
+    "environment's seeds and the initial weights): the mean of the per-seed differences with its "
+    "95% Student-t interval; p: the same t-test; p exact: the sign-flip test, which assumes no "
+    "distribution but cannot go below 2 / 2^n with n seeds (0.25 at 3, 0.0625 at 5); q: p after "
+    "Holm's adjustment over the map's cells. `*`: q < 0.05. PoI (probability that a run of "
+    "{method} beats a baseline run) and the IQMs describe, they decide nothing. Jitter: noise "
+    "of log mean entropy around its trend; trend: its slope per update (docs/statistics.md)."
+)
+
+
+def _primary(experiment_dir: Path) -> list[dict[str, Any]] | None:
+    """The ``primary`` cells its ``experiment.json`` declares, if any."""
+    try:
+        spec = json.loads((experiment_dir / "experiment.json").read_text())
+    except (OSError, ValueError):
+        return None
+    primary = spec.get("primary") if isinstance(spec, dict) else None
+    return primary if isinstance(primary, list) and primary else None
+
+
+def _ci(row: dict[str, Any], name: str) -> str:
+    star = "*" if name in row["significant"] else ""
+    return f"{_f(row[f'd_{name}'])} [{_f(row[f'd_{name}_lo'])}, {_f(row[f'd_{name}_hi'])}]{star}"
+
+
+def _p(row: dict[str, Any], name: str) -> str:
+    p, p_exact, q = row[f"p_{name}"], row[f"p_exact_{name}"], row[f"q_{name}"]
+    return f"{_f(p, 2)} / {_f(p_exact, 2)} / {_f(q, 2)}"
+
+
+def effects_markdown(
+    cells: Sequence[dict[str, Any]], env: str, primary: Sequence[dict[str, Any]] | None = None
+) -> list[str]:
+    """The cell table of one environment of a map: per cell its statistics, and ERC's paired
+    effect where the cell has an ERC-off partner (:func:`erc_gym.lab.stress.effect_table` over
+    all ``cells``, so that declared ``primary`` cells form one family across environments)."""
+    effects = {
+        (e["algorithm"], e["band"], e["steps"], e["lr"]): e
+        for e in effect_table(cells, primary)
+        if e["env"] == env
+    }
+    cells = [c for c in cells if c["env"] == env]
+    md = [
+        "| algorithm | band | steps | lr | n | final IQM [95% CI] | jitter | trend | spikes "
+        "| unstable | ERC clip | PPO clip | Δ score [CI] | p / p exact / q | PoI "
+        "| Δ jitter [CI] | Δ trend [CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        e = effects.get((c["algorithm"], c["band"], c["steps"], c["lr"]))
+        extra = ["", "", "", "", ""]
+        if e is not None:
+            extra = [
+                _ci(e, "score") + ("" if e["paired"] else " (unpaired)"),
+                _p(e, "score"),
+                _f(e["poi"], 2),
+                _ci(e, "jitter"),
+                _ci(e, "trend"),
+            ]
+        md.append(
+            f"| {c['algorithm']} | {c['band']} | {c['steps']} | {c['lr']:g} | {c['n']} | "
+            f"{_f(c['iqm'])} [{_f(c['ci_low'])}, {_f(c['ci_high'])}] | "
+            f"{_f(c['jitter'])} | {_f(c['trend'])} | {_f(c['spikes'])} | "
+            f"{_f(c['unstable'], 2)} | "
+            f"{_f(c['erc_clip_fraction'])} | {_f(c['clip_fraction'])} | " + " | ".join(extra) + " |"
+        )
+    md.append("")
+    return md
+
+
+def _paired_effects(
+    cells: Sequence[dict[str, Any]], env: str, primary: Sequence[dict[str, Any]] | None
+) -> list[str]:
+    """ERC against ERC off for one environment of an experiment without stress axes."""
+    rows = [e for e in effect_table(cells, primary) if e["env"] == env]
+    if not rows:
+        return []
+    md = [
+        "ERC against the same algorithm without ERC. "
+        + _EFFECTS_TEXT.format(method="ERC", base="off").replace("the map's cells", "the table"),
+        "",
+        "| algorithm | band | seeds paired | Δ final score [CI] | p / p exact / q | PoI "
+        "| Δ entropy jitter [CI] | Δ entropy trend [CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        paired = str(e["n_pairs"]) if e["paired"] else f"none ({e['n_erc']} vs {e['n_off']})"
+        md.append(
+            f"| {e['algorithm']} | {e['band']} | {paired} | {_ci(e, 'score')} | "
+            f"{_p(e, 'score')} | {_f(e['poi'], 2)} | {_ci(e, 'jitter')} | {_ci(e, 'trend')} |"
+        )
+    return [*md, ""]
 
 
 def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -298,12 +377,11 @@ def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
         "## Adaptive band vs fixed band",
         "",
         "This project's adaptive band (`erc_target_clip_fraction`, `erc_gym.adaptive_band`; not "
-        "the paper's) against each fixed band at the same point. Differences are "
-        "adaptive minus fixed, with 95% bootstrap CIs over seeds; PoI = probability that an "
-        "adaptive run beats a fixed-band run. ERC clip: mean share of samples ERC clipped, on "
-        "the off-policy steps (what the target is about) / on all steps. Final band: the mean "
-        "over seeds of the band in force at the last update. "
-        "`*`: the CI excludes 0 (PoI: 0.5).",
+        "the paper's) against each fixed band at the same point. "
+        + _EFFECTS_TEXT.format(method="adaptive", base="fixed")
+        + " ERC clip: mean share of samples ERC clipped, on the off-policy steps (what the target "
+        "is about) / on all steps. Final band: the mean over seeds of the band in force at the "
+        "last update.",
         "",
     ]
     if not rows:
@@ -317,23 +395,22 @@ def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
         group = [r for r in rows if (r["target"], r["start"], r["fixed_band"]) == rule]
         up = sum("score" in r["significant"] and r["d_score"] > 0 for r in group)
         down = sum("score" in r["significant"] and r["d_score"] < 0 for r in group)
-        smooth = sum("volatility" in r["significant"] and r["d_volatility"] < 0 for r in group)
-        rough = sum("volatility" in r["significant"] and r["d_volatility"] > 0 for r in group)
+        smooth = sum("jitter" in r["significant"] and r["d_jitter"] < 0 for r in group)
+        rough = sum("jitter" in r["significant"] and r["d_jitter"] > 0 for r in group)
         md.append(
             f"* target {rule[0]:g} from {rule[1]} vs fixed {rule[2]}, {len(group)} cells: final "
-            f"score higher in {up}, lower in {down} (CI excludes 0); entropy volatility lower in "
+            f"score higher in {up}, lower in {down} (q < 0.05); entropy jitter lower in "
             f"{smooth}, higher in {rough}."
         )
     md += [
         "",
         "| env | algorithm | target | from | vs fixed | steps | lr | n "
         "| ERC clip off-policy / all, fixed -> adaptive "
-        "| final band | final IQM fixed -> adaptive | Δ score [CI] | PoI [CI] "
-        "| volatility fixed -> adaptive | Δ volatility [CI] |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final band | final IQM fixed -> adaptive | Δ score [CI] | p / p exact / q | PoI "
+        "| volatility fixed -> adaptive | Δ jitter [CI] | Δ trend [CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        star = {k: "*" if k in r["significant"] else "" for k in ("score", "poi", "volatility")}
         md.append(
             f"| {r['env']} | {r['algorithm']} | {r['target']:g} | {r['start']} | "
             f"{r['fixed_band']} | "
@@ -342,11 +419,9 @@ def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
             f"{_f(r['erc_clip_off_policy_adaptive'], 2)} / {_f(r['erc_clip_adaptive'], 2)} | "
             f"({_f(r['erc_low_final'])}, {_f(r['erc_high_final'])}) | "
             f"{_f(r['iqm_fixed'])} -> {_f(r['iqm_adaptive'])} | "
-            f"{_f(r['d_score'])} [{_f(r['d_score_lo'])}, {_f(r['d_score_hi'])}]{star['score']} | "
-            f"{_f(r['poi'], 2)} [{_f(r['poi_lo'], 2)}, {_f(r['poi_hi'], 2)}]{star['poi']} | "
+            f"{_ci(r, 'score')} | {_p(r, 'score')} | {_f(r['poi'], 2)} | "
             f"{_f(r['volatility_fixed'])} -> {_f(r['volatility_adaptive'])} | "
-            f"{_f(r['d_volatility'])} [{_f(r['d_volatility_lo'])}, "
-            f"{_f(r['d_volatility_hi'])}]{star['volatility']} |"
+            f"{_ci(r, 'jitter')} | {_ci(r, 'trend')} |"
         )
     md.append("")
     return md

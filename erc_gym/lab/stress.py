@@ -35,11 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from erc_gym.diagnostics import entropy_volatility, grad_norm_spikes
+from erc_gym.diagnostics import (
+    entropy_jitter,
+    entropy_steepest_fall,
+    entropy_trend,
+    entropy_volatility,
+    grad_norm_spikes,
+)
 from erc_gym.lab.analysis import Run, load_runs
 from erc_gym.lab.stats import (
+    Comparison,
+    adjust,
     bootstrap_ci,
-    diff_ci,
+    compare,
     finite,
     finite_mean,
     iqm,
@@ -49,9 +57,11 @@ from erc_gym.lab.stats import (
 __all__ = [
     "CLAIMS",
     "COLLAPSE_FACTOR",
+    "COMPARED",
     "EXPLOSION_FACTOR",
     "SCORE_DROP_SHARE",
     "CellKey",
+    "adjust_family",
     "band_rule_table",
     "cell_table",
     "claims_table",
@@ -103,9 +113,14 @@ def _run_mean(run: Run, name: str) -> float:
 def _run_stats(run: Run, spike_k: float = 3.0) -> dict[str, float]:
     _, h = run.series("entropy")
     flags = instability(run)
+    positive = bool(np.all(h > 0))
     return {
+        "seed": float(run.seed),
         "score": run.final_score(),
-        "volatility": entropy_volatility(h) if h.size >= 3 and np.all(h > 0) else math.nan,
+        "volatility": entropy_volatility(h) if h.size >= 3 and positive else math.nan,
+        "trend": entropy_trend(h) if positive else math.nan,
+        "jitter": entropy_jitter(h) if positive else math.nan,
+        "steepest_fall": entropy_steepest_fall(h) if positive else math.nan,
         "spikes": float(grad_norm_spikes(run.series("grad_norm")[1], spike_k)),
         "unstable": float(flags["unstable"]),
         "collapse": float(flags["collapse"]),
@@ -172,9 +187,12 @@ def _key(run: Run) -> CellKey:
 def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per cell: the key fields, ``n``, per-seed ``scores`` and the cell statistics.
 
-    ``iqm``/``ci_low``/``ci_high``: final score; ``volatility``, ``spikes``, ``unstable`` (share
-    of runs), ``erc_clip_fraction``, ``clip_fraction``, ``grad_norm``, ``entropy_old_clipped``,
-    ``entropy_old_kept``: means over the cell's runs.
+    ``iqm``/``ci_low``/``ci_high``: final score (95% percentile bootstrap, descriptive);
+    ``volatility``, ``trend``, ``jitter``, ``steepest_fall`` (of log mean entropy, see
+    :mod:`erc_gym.diagnostics`), ``spikes``, ``unstable`` (share of runs), ``erc_clip_fraction``,
+    ``clip_fraction``, ``grad_norm``, ``entropy_old_clipped``, ``entropy_old_kept``: means over
+    the cell's runs. ``per_run`` keeps each run's values (with its ``seed``) for the paired
+    comparisons of :func:`effect_table`.
     """
     cells: dict[CellKey, list[dict[str, float]]] = {}
     kinds: dict[CellKey, str] = {}
@@ -204,7 +222,7 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "ci_high": hi,
         }
         for name in stats[0]:
-            if name != "score":
+            if name not in ("score", "seed"):
                 row[name] = finite_mean([s[name] for s in stats])
         row["per_run"] = stats
         rows.append(row)
@@ -214,42 +232,104 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+#: The per-run values :func:`effect_table` compares, with the name of each difference.
+COMPARED = (
+    "score",
+    "volatility",
+    "trend",
+    "jitter",
+    "steepest_fall",
+    "spikes",
+    "unstable",
+    "erc_clip_fraction",
+)
+
+
+def _by_seed(cell: dict[str, Any], name: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[name]) for r in cell["per_run"]}
+
+
 def _compare(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Cell ``c`` against cell ``base`` at the same point: differences with 95% bootstrap CIs."""
+    """Cell ``c`` against cell ``base`` at the same point: paired differences by seed.
+
+    Each value of :data:`COMPARED` gets ``d_<name>`` (mean difference, ``c`` minus ``base``),
+    ``d_<name>_lo`` / ``_hi`` (95% t-interval), ``p_<name>`` (t-test) and ``p_exact_<name>``
+    (sign-flip or permutation) from :func:`erc_gym.lab.stats.compare`; ``tests`` keeps the
+    :class:`~erc_gym.lab.stats.Comparison` objects for the family's adjustment. ``poi`` (with its
+    bootstrap interval) describes the score, but decides nothing.
+    """
     row: dict[str, Any] = {k: c[k] for k in ("env", "algorithm", "band", "steps", "lr")}
     row["n_erc"], row["n_off"] = c["n"], base["n"]
-    # a bootstrap over one run per group has no spread: call nothing significant there
-    can_test = min(c["n"], base["n"]) >= 2
-    row["d_score"], row["d_score_lo"], row["d_score_hi"] = diff_ci(c["scores"], base["scores"])
     row["poi"], row["poi_lo"], row["poi_hi"] = probability_of_improvement(
         c["scores"], base["scores"]
     )
-    significant = []
-    if can_test and (row["d_score_lo"] > 0 or row["d_score_hi"] < 0):
-        significant.append("score")
-    if can_test and (row["poi_lo"] > 0.5 or row["poi_hi"] < 0.5):
-        significant.append("poi")
-    for name in ("volatility", "spikes", "unstable", "erc_clip_fraction"):
-        d, lo, hi = diff_ci(
-            [s[name] for s in c["per_run"]],
-            [s[name] for s in base["per_run"]],
-            statistic="mean",
-        )
-        row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = d, lo, hi
-        if can_test and (lo > 0 or hi < 0):
-            significant.append(name)
-    row["significant"] = significant
+    tests: dict[str, Comparison] = {}
+    for name in COMPARED:
+        t = compare(_by_seed(c, name), _by_seed(base, name))
+        tests[name] = t
+        row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = t.diff, t.ci_low, t.ci_high
+        row[f"p_{name}"], row[f"p_exact_{name}"] = t.p, t.p_exact
+    row["paired"] = tests["score"].paired
+    row["n_pairs"] = tests["score"].n
+    row["tests"] = tests
     return row
 
 
-def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _selected(row: dict[str, Any], selector: dict[str, Any]) -> bool:
+    """Whether an effect row is one of a config's ``primary`` cells (every given key matches)."""
+    for key, want in selector.items():
+        have = row.get({"steps_per_rollout": "steps", "erc": "band"}.get(key, key))
+        if key == "erc":
+            want = "off" if want is None else f"({want[0]:g}, {want[1]:g})"
+        if isinstance(want, float) or isinstance(have, float):
+            if have is None or not math.isclose(float(have), float(want), rel_tol=1e-9):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+def adjust_family(
+    rows: list[dict[str, Any]],
+    primary: Sequence[dict[str, Any]] | None = None,
+    method: str = "holm",
+) -> list[dict[str, Any]]:
+    """Adjust the p-values of effect rows for multiple comparisons, per compared value.
+
+    Without ``primary``, each environment's rows are one family per compared value (a map's
+    cells); with it (a config's ``primary`` list of cell selectors, e.g. ``{"env": "CartPole",
+    "algorithm": "gppo", "steps_per_rollout": 16, "lr": 0.001, "erc": [0.95, 1.05]}``), the
+    selected rows form one family across environments, declared before the runs, and the other
+    rows are exploratory families per environment. Each row gets ``q_<name>`` (the adjusted p),
+    ``primary`` (bool) and ``significant`` -- the names whose adjusted p is below 0.05.
+    """
+    for row in rows:
+        row["primary"] = bool(primary) and any(_selected(row, sel) for sel in primary or ())
+    families: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        families.setdefault(("primary",) if row["primary"] else ("env", row["env"]), []).append(row)
+    for members in families.values():
+        for name in COMPARED:
+            adjusted = adjust([r["tests"][name] for r in members], method)
+            for r, t in zip(members, adjusted, strict=True):
+                r["tests"][name] = t
+                r[f"q_{name}"] = t.p_adjusted
+    for row in rows:
+        row["significant"] = [n for n in COMPARED if row["tests"][n].significant()]
+    return rows
+
+
+def effect_table(
+    cells: Sequence[dict[str, Any]], primary: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """ERC's effect per cell: each ERC cell against the ERC-off cell of the same point.
 
-    Keys: the cell's key fields, ``n_erc``, ``n_off``, ``d_score`` (IQM difference, ERC minus off)
-    with ``d_score_lo``/``d_score_hi`` (95% bootstrap CI), ``poi`` with ``poi_lo``/``poi_hi``,
-    ``d_volatility``/``d_spikes``/``d_unstable``/``d_erc_clip_fraction`` (mean differences) with
-    CIs, and ``significant`` -- the names of the differences whose CI excludes 0 (PoI: excludes
-    0.5); none where either group has fewer than two runs.
+    Keys: the cell's key fields, ``n_erc``, ``n_off``, ``n_pairs`` and ``paired`` (runs matched
+    by seed), and for each value of :data:`COMPARED` the paired difference (ERC minus off)
+    ``d_<name>`` with its 95% t-interval ``d_<name>_lo`` / ``_hi``, ``p_<name>``,
+    ``p_exact_<name>`` and the Holm-adjusted ``q_<name>`` (:func:`adjust_family`, over the map's
+    cells or over the config's ``primary`` cells); ``poi`` with ``poi_lo`` / ``poi_hi``
+    (descriptive); ``significant`` -- the names whose adjusted p is below 0.05.
     """
     off = {(c["env"], c["algorithm"], c["steps"], c["lr"]): c for c in cells if c["band"] == "off"}
     out = []
@@ -259,7 +339,7 @@ def effect_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         base = off.get((c["env"], c["algorithm"], c["steps"], c["lr"]))
         if base is not None:
             out.append(_compare(c, base))
-    return out
+    return adjust_family(out, primary)
 
 
 def band_rule_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -285,7 +365,7 @@ def band_rule_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         bases = fixed.get((c["env"], c["algorithm"], c["steps"], c["lr"]), [])
         for base in sorted(bases, key=lambda b: b["fixed_band"] != c["fixed_band"]):
             out.append(_with_rule(c, base))
-    return out
+    return adjust_family(out)
 
 
 def _with_rule(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -310,7 +390,9 @@ def _with_rule(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the paper's claims
 
-#: (claim id, the paper's statement (``docs/method.md``), what is measured here).
+#: (claim id, the paper's statement (``docs/method.md``; the paper's numbers come from secondary
+#: summaries), what is measured here). The comparative claims (all but the first two) count a cell
+#: only where the paired difference is significant after Holm's adjustment over the map's cells.
 CLAIMS: tuple[tuple[str, str, str], ...] = (
     (
         "clip_share",
@@ -320,67 +402,86 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     (
         "low_entropy",
         "the clipped tokens are mostly low-entropy ones",
-        "mean old entropy of ERC-clipped < of kept states",
+        "mean old entropy of ERC-clipped < of kept states (a comparison of two means)",
     ),
     (
         "smoother_entropy",
         "entropy curves are smoother with ERC",
-        "entropy volatility lower with ERC than without",
+        "entropy jitter (second differences of log H) lower with ERC",
+    ),
+    (
+        "slower_decline",
+        "(not a claim of the paper: what entropy volatility also measured)",
+        "entropy trend (slope of log H per update) higher, i.e. a slower fall, with ERC",
     ),
     (
         "fewer_spikes",
         "gradient norms are smoother, fewer spikes",
-        "grad-norm spikes per run lower with ERC (cells with spikes)",
+        "grad-norm spikes per run lower with ERC",
     ),
     (
         "no_collapse",
         "no entropy collapse / explosion with ERC",
-        "share of unstable runs lower with ERC (cells where the baseline has some)",
+        "share of unstable runs lower with ERC",
     ),
     (
         "score",
         "accuracy gains over DAPO / GPPO",
-        "final-score IQM higher with ERC, 95% CI of the difference excludes 0",
+        "final score higher with ERC",
     ),
 )
 
+#: Comparative claims: the compared value and the sign of the difference that supports the claim.
+_CLAIM_TESTS = {
+    "smoother_entropy": ("jitter", -1),
+    "slower_decline": ("trend", +1),
+    "fewer_spikes": ("spikes", -1),
+    "no_collapse": ("unstable", -1),
+    "score": ("score", +1),
+}
+
 
 def _claim_outcome(claim: str, cell: dict[str, Any], effect: dict[str, Any]) -> bool | None:
-    """True (holds), False (does not) or None (not measurable in this cell)."""
+    """True (holds), False (the opposite holds) or None (not measurable, or for a comparative
+    claim no significant difference in this cell)."""
     if claim == "clip_share":
         erc, ppo = cell["erc_clip_fraction"], cell["clip_fraction"]
         return None if not (math.isfinite(erc) and math.isfinite(ppo)) else erc >= 10 * ppo
     if claim == "low_entropy":
         a, b = cell["entropy_old_clipped"], cell["entropy_old_kept"]
         return None if not (math.isfinite(a) and math.isfinite(b)) else a < b
-    if claim == "smoother_entropy":
-        d = effect["d_volatility"]
-        return None if not math.isfinite(d) else d < 0
-    if claim == "fewer_spikes":
-        base = cell["spikes"] - effect["d_spikes"]
-        if not math.isfinite(base) or (base == 0 and cell["spikes"] == 0):
-            return None
-        return bool(effect["d_spikes"] < 0)
-    if claim == "no_collapse":
-        base = cell["unstable"] - effect["d_unstable"]
-        if not math.isfinite(base) or base == 0:
-            return None
-        return bool(effect["d_unstable"] < 0)
-    if claim == "score":
-        if "score" not in effect["significant"]:
-            return None
-        return bool(effect["d_score"] > 0)
-    raise ValueError(f"unknown claim {claim!r}")
+    if claim not in _CLAIM_TESTS:
+        raise ValueError(f"unknown claim {claim!r}")
+    name, sign = _CLAIM_TESTS[claim]
+    if name not in effect["significant"]:
+        return None
+    return bool(sign * effect[f"d_{name}"] > 0)
 
 
-def _verdict(outcomes: list[tuple[CellKey, bool]], claim: str) -> str:
-    if not outcomes:
-        return "not measurable here" if claim != "score" else "no significant difference"
-    held = [k for k, ok in outcomes if ok]
-    if len(held) == len(outcomes):
-        return f"holds ({len(held)}/{len(outcomes)} cells)"
-    if not held:
-        return f"does not hold (0/{len(outcomes)} cells)"
+def _verdict(outcomes: list[tuple[CellKey, bool | None]], claim: str) -> str:
+    """``outcomes``: every cell with a baseline, True / False / None (:func:`_claim_outcome`)."""
+    if claim in _CLAIM_TESTS:
+        held = sum(ok is True for _, ok in outcomes)
+        against = sum(ok is False for _, ok in outcomes)
+        if not held and not against:
+            return f"no significant difference in {len(outcomes)} cells"
+        where = _depends([(k, ok is True) for k, ok in outcomes]) if held else ""
+        return f"holds in {held}, opposite in {against} of {len(outcomes)} cells{where}"
+    measured = [(k, ok) for k, ok in outcomes if ok is not None]
+    if not measured:
+        return "not measurable here"
+    held_keys = [k for k, ok in measured if ok]
+    if len(held_keys) == len(measured):
+        return f"holds ({len(held_keys)}/{len(measured)} cells)"
+    if not held_keys:
+        return f"does not hold (0/{len(measured)} cells)"
+    return f"{len(held_keys)}/{len(measured)} cells" + _depends(
+        [(k, bool(ok)) for k, ok in measured]
+    )
+
+
+def _depends(outcomes: list[tuple[CellKey, bool]]) -> str:
+    """``"; depends on <axis>: holds at ..."`` when one axis separates the outcomes, else ``""``."""
     for axis in ("steps", "lr", "algorithm", "band"):
         by_value: dict[Any, set[bool]] = {}
         for key, ok in outcomes:
@@ -388,19 +489,27 @@ def _verdict(outcomes: list[tuple[CellKey, bool]], claim: str) -> str:
         if len(by_value) > 1 and all(len(v) == 1 for v in by_value.values()):
             where = sorted(str(v) for v, s in by_value.items() if True in s)
             name = {"steps": "steps per rollout", "lr": "lr"}.get(axis, axis)
-            return f"depends on {name}: holds at {', '.join(where)} ({len(held)}/{len(outcomes)})"
-    return f"depends on the cell ({len(held)}/{len(outcomes)} cells)"
+            return f"; depends on {name}: holds at {', '.join(where)}"
+    return ""
 
 
-def claims_table(cells: Sequence[dict[str, Any]], env: str) -> list[dict[str, str]]:
+def claims_table(
+    cells: Sequence[dict[str, Any]], env: str, primary: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, str]]:
     """The paper's claims for one environment: statement, measurement, per-cell verdict.
 
     Rows: ``claim``, ``paper``, ``measured`` (what is compared), ``values`` (the ranges seen),
-    ``verdict``. Only ERC cells with an ERC-off partner count; a verdict "depends on <axis>" means
-    the outcome is constant along every other axis value of that axis.
+    ``verdict``. Only ERC cells with an ERC-off partner count. A comparative claim holds in a
+    cell where the paired difference is significant in its direction after the adjustment of
+    :func:`adjust_family`; a verdict "depends on <axis>" means the outcome is constant along
+    every other axis value of that axis.
     """
     env_cells = [c for c in cells if c["env"] == env]
-    effects = {(e["algorithm"], e["band"], e["steps"], e["lr"]): e for e in effect_table(env_cells)}
+    effects = {
+        (e["algorithm"], e["band"], e["steps"], e["lr"]): e
+        for e in effect_table(cells, primary)
+        if e["env"] == env
+    }
     pairs = [
         (c, effects[(c["algorithm"], c["band"], c["steps"], c["lr"])])
         for c in env_cells
@@ -408,11 +517,7 @@ def claims_table(cells: Sequence[dict[str, Any]], env: str) -> list[dict[str, st
     ]
     rows = []
     for claim, paper, measured in CLAIMS:
-        outcomes = []
-        for cell, effect in pairs:
-            ok = _claim_outcome(claim, cell, effect)
-            if ok is not None:
-                outcomes.append((cell["key"], ok))
+        outcomes = [(cell["key"], _claim_outcome(claim, cell, effect)) for cell, effect in pairs]
         rows.append(
             {
                 "claim": claim,
@@ -443,18 +548,9 @@ def _claim_values(claim: str, cells: list[dict[str, Any]], effects: list[dict[st
             f"clipped {_rng([c['entropy_old_clipped'] for c in cells])}, "
             f"kept {_rng([c['entropy_old_kept'] for c in cells])} nats"
         )
-    if claim == "smoother_entropy":
-        return f"Δ volatility {_rng([e['d_volatility'] for e in effects])}"
-    if claim == "fewer_spikes":
-        return f"Δ spikes/run {_rng([e['d_spikes'] for e in effects])}"
-    if claim == "no_collapse":
-        return f"Δ unstable share {_rng([e['d_unstable'] for e in effects])}"
-    up = sum(1 for e in effects if "score" in e["significant"] and e["d_score"] > 0)
-    down = sum(1 for e in effects if "score" in e["significant"] and e["d_score"] < 0)
-    return (
-        f"Δ IQM {_rng([e['d_score'] for e in effects])}; CI > 0 in {up}, < 0 in {down} "
-        f"of {len(effects)} cells"
-    )
+    name = _CLAIM_TESTS[claim][0]
+    label = {"unstable": "unstable share", "spikes": "spikes/run"}.get(name, name)
+    return f"Δ {label} {_rng([e[f'd_{name}'] for e in effects])}"
 
 
 def finished_stress_runs(experiment_dir: str | Path) -> list[Run]:
