@@ -40,7 +40,7 @@ from erc_gym.adaptive_band import (
 from erc_gym.advantages import group_advantages
 from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import ratio_histogram, unsampled_drift
-from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
+from erc_gym.entropy import entropy_from_logits, kl_from_logits, logprob_and_entropy
 from erc_gym.jsonl import append_jsonl, truncate_metrics
 from erc_gym.limits import MAX_SEED
 from erc_gym.losses import (
@@ -51,6 +51,7 @@ from erc_gym.losses import (
     loss_metrics,
     policy_loss,
 )
+from erc_gym.methods import MethodRuntime, MethodSettings, method_metrics
 
 __all__ = ["BANDIT_METRIC_KEYS", "BanditConfig", "RolloutDrift", "rollout_drift", "train_bandit"]
 
@@ -78,12 +79,19 @@ BANDIT_METRIC_KEYS = (
     "approx_kl",
     "grad_norm",
     "entropy_ratio_hist",
+    "update_steps",
 )
 
 
 @dataclass
-class BanditConfig:
-    """One VocabBandit run (env, policy, optimiser, loss)."""
+class BanditConfig(MethodSettings):
+    """One VocabBandit run (env, policy, optimiser, loss).
+
+    The rival methods, baselines and controls (:class:`~erc_gym.methods.MethodSettings`: token
+    gates, entropy bonus, KL penalty, DPPO, the equal-step control, ``target_kl``) are settings of
+    this config too; all are off by default. A KL penalty uses the exact per-context
+    KL(pi_old || pi) of the full distributions.
+    """
 
     vocab_size: int = 4096
     """Actions per context, ``V``."""
@@ -120,11 +128,13 @@ class BanditConfig:
 
     def loss_config(self) -> LossConfig:
         """The :class:`~erc_gym.losses.LossConfig` of this run."""
-        return LossConfig.named(self.loss, self.erc_low, self.erc_high)
+        # the bandit has the full distributions: the KL penalty is exact
+        base = LossConfig.named(self.loss, self.erc_low, self.erc_high)
+        return self.apply_to(base, kl_estimator="exact")
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an inconsistent configuration."""
-        self.loss_config()
+        self.loss_config()  # checks the methods too
         check_target_clip_fraction(self.erc_target_clip_fraction, self.erc_low, self.erc_high)
         if self.policy not in ("tabular", "shared"):
             raise ValueError(f"policy must be 'tabular' or 'shared', got {self.policy!r}")
@@ -220,6 +230,7 @@ def train_bandit(
         adaptive = AdaptiveERCBand(
             c.erc_target_clip_fraction, low=loss_config.erc.low, high=loss_config.erc.high
         )
+    methods = MethodRuntime(c, c.seed)
     batch = len(ctx)
 
     path = None if run_dir is None else Path(run_dir)
@@ -236,6 +247,8 @@ def train_bandit(
             gen.set_state(state["generator"])
             if adaptive is not None:
                 adaptive.load_state_dict(state["erc_band"])
+            if "methods" in state:
+                methods.load_state_dict(state["methods"])
             start = state["iteration"]
             truncate_metrics(metrics_path, "iteration", start)
         else:
@@ -253,6 +266,7 @@ def train_bandit(
             "optimizer": opt.state_dict(),
             "generator": gen.get_state(),
             "iteration": iteration,
+            "methods": methods.state_dict(),
         }
         if adaptive is not None:
             state["erc_band"] = adaptive.state_dict()
@@ -279,7 +293,7 @@ def train_bandit(
     for it in range(start, last):
         if adaptive is not None:
             loss_config = dataclasses.replace(loss_config, erc=adaptive.band)
-        line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c)
+        line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c, methods)
         if adaptive is not None:
             adaptive.update(line["erc_clip_fraction_off_policy"])
         line = {"step": (it + 1) * batch, "iteration": it + 1, **line}
@@ -304,12 +318,17 @@ def _iteration(
     ctx: torch.Tensor,
     gen: torch.Generator,
     c: BanditConfig,
+    methods: MethodRuntime | None = None,
     on_step: Callable[[int, _Batch], None] | None = None,
 ) -> dict[str, Any]:
     """One sampled batch and its ``minibatches`` updates; returns the metrics line.
 
     ``on_step(k, batch)`` is called before the first update (``k = 0``) and after the ``k``-th.
+    ``methods`` carries the state of the run's methods (:class:`~erc_gym.methods.MethodRuntime`;
+    a fresh one when None).
     """
+    if methods is None:
+        methods = MethodRuntime(c, c.seed)
     with torch.no_grad():
         old_logits = policy().detach().clone()
         old_probs = torch.softmax(old_logits, -1)
@@ -325,7 +344,8 @@ def _iteration(
     if on_step is not None:
         on_step(0, batch)
     for k, idx in enumerate(perm.chunk(c.minibatches), 1):
-        lp, h = logprob_and_entropy(policy()[ctx[idx]], actions[idx])
+        logits = policy()[ctx[idx]]
+        lp, h = logprob_and_entropy(logits, actions[idx], entropy_grad=c.needs_entropy_grad)
         pg = policy_loss(
             lp,
             old_lp[idx],
@@ -334,14 +354,21 @@ def _iteration(
             old_entropy=old_h[idx],
             config=loss_config,
             metrics=False,
+            kl=kl_from_logits(old_logits[ctx[idx]], logits) if c.needs_kl else None,
+            **methods.loss_kwargs(),
         )
+        stats.append(pg.stats)
+        if methods.should_stop(pg.stats):  # SB3: this mini-batch is logged, not trained on
+            break
         opt.zero_grad()
         pg.loss.backward()
         grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), math.inf))
-        opt.step()
-        stats.append(pg.stats)
+        with methods.scaled_lr(opt, pg):
+            opt.step()
+        methods.after_step(pg)
         if on_step is not None:
             on_step(k, batch)
+    methods.after_update(stats)
     m = loss_metrics(stats)
     # the entropy ratio of every sample the loss saw (the same formula when ERC is off)
     rho = torch.cat([entropy_ratio(s.entropy, s.old_entropy).reshape(-1) for s in stats])  # type: ignore[arg-type]
@@ -376,8 +403,10 @@ def _iteration(
         "erc_clipped_entropy_old_mean": m.get("erc_clipped_entropy_old_mean", math.nan),
         "erc_kept_entropy_old_mean": m.get("erc_kept_entropy_old_mean", math.nan),
         "approx_kl": m["approx_kl"],
-        "grad_norm": float(torch.stack(grad_norms).mean()),
+        "grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else math.nan,
         "entropy_ratio_hist": ratio_histogram(rho),
+        "update_steps": len(grad_norms),
+        **method_metrics(m),
     }
 
 

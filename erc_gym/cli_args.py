@@ -101,6 +101,8 @@ def setting(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw
     return key.strip(), value
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
     try:

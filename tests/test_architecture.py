@@ -16,13 +16,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Core: the loss, entropies, advantages, diagnostics and the run-log primitives.
+#: Core: the loss (and the rival methods' settings), entropies, advantages, adaptive controllers,
+#: diagnostics and the run-log primitives.
 CORE = {
     "erc_gym.losses",
     "erc_gym.entropy",
     "erc_gym._entropy_triton",
     "erc_gym.advantages",
     "erc_gym.adaptive_band",
+    "erc_gym.adaptive_coef",
+    "erc_gym.methods",
     "erc_gym.diagnostics",
     "erc_gym.jsonl",
     "erc_gym.atomic",
@@ -342,6 +345,35 @@ def test_one_list_of_loss_metric_keys():
     assert set(without.metrics) == set(LOSS_METRIC_KEYS) - set(ENTROPY_METRIC_KEYS)
     assert set(_ERC_LOG_KEYS) < set(LOSS_METRIC_KEYS)
     assert _ERC_LOG_KEYS["entropy_mean"] == "entropy"
+
+
+def test_the_rival_methods_add_only_their_listed_keys():
+    """Every method of ``METHODS`` adds to ``LOSS_METRIC_KEYS`` only ``METHOD_METRIC_KEYS``."""
+    import torch
+
+    from erc_gym.losses import (
+        LOSS_METRIC_KEYS,
+        METHOD_METRIC_KEYS,
+        METHODS,
+        LossConfig,
+        policy_loss,
+    )
+    from erc_gym.methods import MethodSettings
+
+    lp, h = torch.randn(4, 3), (torch.rand(4, 3) + 0.1).requires_grad_(True)
+    seen: set[str] = set()
+    for name, settings in METHODS.items():
+        band = (settings.get("erc_low"), settings.get("erc_high"))
+        methods = MethodSettings(**{k: v for k, v in settings.items() if not k.startswith("erc_")})
+        config = methods.apply_to(LossConfig.named("dapo", *band), kl_estimator="k3")
+        coef = {"entropy_coef": 0.01} if methods.entropy_target is not None else {}
+        out = policy_loss(
+            lp, lp + 0.1, torch.randn(4), entropy=h, old_entropy=h.detach(), config=config, **coef
+        )
+        extra = set(out.metrics) - set(LOSS_METRIC_KEYS)
+        assert extra <= set(METHOD_METRIC_KEYS), (name, extra)
+        seen |= extra
+    assert seen == set(METHOD_METRIC_KEYS)  # and each listed key is some method's
 
 
 def test_comments_point_into_the_repository():

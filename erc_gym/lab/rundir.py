@@ -72,8 +72,9 @@ def resolved_config(run: RunSpec) -> dict[str, Any]:
     (:class:`ConfigMismatch`) unless asked to start over.
     """
     identity = {k: v for k, v in run.meta().items() if k in _IDENTITY}
-    trainer = get_kind(run.kind).trainer_config(run)
-    for key, default in _ADDED_SETTINGS.items():
+    kind = get_kind(run.kind)
+    trainer = kind.trainer_config(run)
+    for key, default in {**_ADDED_SETTINGS, **getattr(kind, "added_settings", {})}.items():
         if key in trainer and trainer[key] == default:
             del trainer[key]
     return {**identity, "trainer": json.loads(json.dumps(trainer))}

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from erc_gym.methods import method_defaults
+
 if TYPE_CHECKING:
     from erc_gym.lab.grid import RunSpec
 
@@ -141,6 +143,10 @@ class DataclassKind:
 
     #: Config fields that the runner sets (the run folder, the progress display).
     runner_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Config fields added after run folders were first recorded, with the default that
+    #: reproduces the older runs (the rival methods, all off): ``run.json`` leaves them out at
+    #: that default, so those folders still match and resume.
+    added_settings: ClassVar[dict[str, Any]] = method_defaults()
 
     def config_class(self) -> type:
         """The trainer's config dataclass."""

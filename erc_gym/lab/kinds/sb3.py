@@ -43,9 +43,10 @@ def _settings_model() -> type[BaseModel]:
     from stable_baselines3 import PPO
 
     from erc_gym.sb3 import ERCPPO
+    from erc_gym.sb3.ppo import METHOD_KWARGS
 
     names = set(inspect.signature(PPO.__init__).parameters)
-    names |= set(inspect.signature(ERCPPO.__init__).parameters)
+    names |= set(inspect.signature(ERCPPO.__init__).parameters) | set(METHOD_KWARGS)
     fields: dict[str, Any] = {name: (Any, None) for name in sorted(names - _FIXED)}
     positive = Annotated[StrictInt, Field(gt=0)]
     fields |= {"id": (str, ...), **{k: (positive | None, None) for k in sorted(RUNNER_KEYS)}}
