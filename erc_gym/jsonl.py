@@ -9,14 +9,16 @@ run never writes after a broken line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_jsonl", "dumps_strict", "read_jsonl", "repair_jsonl"]
+__all__ = ["append_jsonl", "atomic_write", "dumps_strict", "read_jsonl", "repair_jsonl"]
 
 
 def _finite(value: Any) -> Any:
@@ -34,6 +36,35 @@ def dumps_strict(row: Any, **kwargs: Any) -> str:
     return json.dumps(_finite(row), allow_nan=False, **kwargs)
 
 
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Replace the file ``path`` with ``data`` all at once, or leave it as it was.
+
+    The data go to a temporary file in the same folder, are flushed to the disk (``fsync``) and
+    then renamed over ``path`` (``os.replace``, atomic on POSIX and Windows). A reader never sees
+    a half-written file, and a kill or a full disk (``ENOSPC``) keeps the previous ``path``; the
+    temporary file is removed on failure.
+
+    Raises:
+        OSError: the write failed; its ``filename`` is ``path`` (an ``ENOSPC`` raised by a write
+            call names no file on its own).
+    """
+    p = Path(path)
+    blob = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename in (None, tmp):
+            raise OSError(err.errno, err.strerror, str(p)) from err
+        raise
+
+
 def append_jsonl(path: str | Path, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
     """Append one row (a mapping) or several rows to ``path``, one strict JSON object a line.
 
@@ -42,10 +73,15 @@ def append_jsonl(path: str | Path, rows: Mapping[str, Any] | Iterable[Mapping[st
     """
     batch = [rows] if isinstance(rows, Mapping) else list(rows)
     text = "".join(dumps_strict(r) + "\n" for r in batch)
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename is None:  # a full disk shows in write/flush, which name no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def repair_jsonl(path: str | Path) -> int:
