@@ -307,3 +307,21 @@ def test_report_of_run_folders_without_the_runner_record_is_one_line(tmp_path, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no runs" in err[0] and str(tmp_path) in err[0]
+
+
+REFUSED_LATE = [
+    ["train", "Nope-v0"],
+    ["train", "CartPole-v1", "--save", "x/y/m.zip", "--erc-low", "1.2", "--erc-high", "0.9"],
+    ["llm", "--max-new-tokens", "100000", "--sft-steps", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", REFUSED_LATE, ids=" ".join)
+def test_a_refused_command_leaves_no_folders(argv, tmp_path, monkeypatch, capsys):
+    """The write checks of --log-dir, --save and --run-dir created the folders before the
+    command was refused for another reason, leaving empty runs/ trees behind."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2, capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
