@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -325,3 +328,106 @@ def test_a_refused_command_leaves_no_folders(argv, tmp_path, monkeypatch, capsys
         main(argv)
     assert exc.value.code == 2, capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write call raises it: no file
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_train_save_on_a_full_disk_keeps_the_previous_model(tmp_path, monkeypatch, capsys):
+    """A full disk at --save was an OSError traceback after training, and the model was lost."""
+    import tempfile
+
+    from erc_gym.sb3 import ERCPPO
+
+    target = tmp_path / "m.zip"
+    target.write_bytes(b"the previous model")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    monkeypatch.setattr(os, "fsync", _no_space)
+    argv = ["train", "CartPole-v1", "--save", str(target), *TINY]
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exc.value.code == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"erc-gym train: error: --save {target}: cannot write {target} (No ")
+    assert f"the previous {target} is unchanged" in line
+    assert target.read_bytes() == b"the previous model"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.zip")] == []
+    (rescued,) = (tmp_path / "rescue").glob("erc-gym-m-*.zip")
+    assert f"saved to {rescued} instead" in line
+    assert ERCPPO.load(rescued).num_timesteps == 64  # the trained model, not lost
+
+
+def test_train_save_and_logs_on_a_real_full_disk(full_disk, tmp_path, capsys):
+    target = full_disk / "m.zip"
+    target.write_bytes(b"old")
+    argv = ["train", "CartPole-v1", "--save", str(target), *TINY]
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exc.value.code == 1
+    line = _one_error_line(capsys)
+    assert f"cannot write {target} (No space left on device)" in line
+    assert target.read_bytes() == b"old"
+    # --log-dir on the full disk: every byte taken, the first log row cannot be written
+    with open(full_disk / ".filler2", "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * 2**20)
+    log_dir = full_disk / "log"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "CartPole-v1", "--steps", "64", "--n-envs", "1", "--no-progress",
+              "--log-dir", str(log_dir)])  # fmt: skip
+    assert exc.value.code == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("erc-gym train: error: training stopped at step ")
+    assert f"cannot write {log_dir}/progress.json (No space left on device)" in line
+
+
+def test_train_logs_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    from stable_baselines3.common.logger import JSONOutputFormat
+
+    monkeypatch.setattr(JSONOutputFormat, "write", _no_space)
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(tmp=tmp_path) for a in ["train", "CartPole-v1", *TINY]])
+    assert exc.value.code == 1
+    line = _one_error_line(capsys)
+    assert line == (
+        "erc-gym train: error: training stopped at step 32: cannot write "  # the first update
+        f"{tmp_path}/log/progress.json (No space left on device)"
+    )
+
+
+def test_train_without_log_dir_keeps_earlier_runs(tmp_path, monkeypatch, capsys):
+    """Every run without --log-dir wrote runs/train/progress.json over the previous run's."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        main(["train", "CartPole-v1", "--steps", "64", "--n-envs", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    first, second = (tmp_path / "runs/train" / f"CartPole-v1-ercppo-{n}" for n in (1, 2))
+    assert first.joinpath("progress.json").stat().st_size > 0
+    assert second.joinpath("progress.json").stat().st_size > 0
+    assert "logs: runs/train/CartPole-v1-ercppo-1/progress.json" in out
+    assert "logs: runs/train/CartPole-v1-ercppo-2/progress.json" in out
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [pytest.param("ercppo", marks=pytest.mark.slow), "a2c"],  # ercppo: 2048-step rollouts
+)
+def test_train_continuous_actions_without_erc(algo, tmp_path, capsys):
+    """``train Pendulum-v1 --no-erc`` (and --algo a2c) ended in a traceback from the entropy
+    callback, which needs discrete actions; ERC itself is refused there (test above)."""
+    argv = ["train", "Pendulum-v1", *TINY, "--algo", algo]
+    main([a.format(tmp=tmp_path) for a in argv] + (["--no-erc"] if algo == "ercppo" else []))
+    captured = capsys.readouterr()
+    assert "Pendulum-v1: " in captured.out
+    assert "no diagnostics/* keys" in captured.err
+    rows = (tmp_path / "log" / "progress.json").read_text().splitlines()
+    assert rows and not any("diagnostics/" in r for r in rows)
