@@ -14,11 +14,18 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["append_jsonl", "atomic_write", "dumps_strict", "read_jsonl", "repair_jsonl"]
+__all__ = [
+    "append_jsonl",
+    "atomic_open",
+    "atomic_write",
+    "dumps_strict",
+    "read_jsonl",
+    "repair_jsonl",
+]
 
 
 def _finite(value: Any) -> Any:
@@ -36,24 +43,49 @@ def dumps_strict(row: Any, **kwargs: Any) -> str:
     return json.dumps(_finite(row), allow_nan=False, **kwargs)
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Replace the file ``path`` with ``data`` all at once, or leave it as it was.
+class _KeepsWriteErrors:
+    """A binary file whose first ``OSError`` is kept: some writers (``torch.save``) re-raise a
+    full disk as their own exception, which names neither the cause nor the file."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[Any]:
+    """A binary file that replaces ``path`` when the ``with`` block ends without an error.
 
     The data go to a temporary file in the same folder, are flushed to the disk (``fsync``) and
     then renamed over ``path`` (``os.replace``, atomic on POSIX and Windows). A reader never sees
-    a half-written file, and a kill or a full disk (``ENOSPC``) keeps the previous ``path``; the
-    temporary file is removed on failure.
+    a half-written file, and a kill, an error or a full disk (``ENOSPC``) keeps the previous
+    ``path``; the temporary file is removed on failure.
 
     Raises:
-        OSError: the write failed; its ``filename`` is ``path`` (an ``ENOSPC`` raised by a write
-            call names no file on its own).
+        OSError: the write failed (also when the writer turned it into another exception); its
+            ``filename`` is ``path`` (an ``ENOSPC`` raised by a write call names no file).
     """
     p = Path(path)
-    blob = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            kept = _KeepsWriteErrors(f)
+            try:
+                yield kept
+            except Exception:
+                if kept.error is None:
+                    raise
+                raise kept.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -63,6 +95,15 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         if isinstance(err, OSError) and err.filename in (None, tmp):
             raise OSError(err.errno, err.strerror, str(p)) from err
         raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Replace the file ``path`` with ``data`` all at once, or leave it as it was.
+
+    See :func:`atomic_open` (temporary file, ``fsync``, rename; the error names ``path``).
+    """
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def append_jsonl(path: str | Path, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:

@@ -9,7 +9,14 @@ import os
 
 import pytest
 
-from erc_gym.jsonl import append_jsonl, atomic_write, dumps_strict, read_jsonl, repair_jsonl
+from erc_gym.jsonl import (
+    append_jsonl,
+    atomic_open,
+    atomic_write,
+    dumps_strict,
+    read_jsonl,
+    repair_jsonl,
+)
 
 
 def test_nan_and_inf_are_written_as_null(tmp_path):
@@ -76,3 +83,18 @@ def test_atomic_write_on_a_real_full_disk(full_disk):
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert path.read_bytes() == b"good"
     assert sorted(p.name for p in full_disk.iterdir()) == [".filler", "state.bin"]
+
+
+def test_atomic_open_recovers_the_os_error_a_writer_turned_into_its_own(full_disk):
+    """torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos",
+    naming neither the cause nor the file."""
+    import torch
+
+    path = full_disk / "checkpoint.pt"
+    with atomic_open(path) as f:
+        torch.save({"step": 1}, f)
+    with pytest.raises(OSError) as info, atomic_open(path) as f:
+        torch.save({"step": 2, "w": torch.zeros(2**18)}, f)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert torch.load(path)["step"] == 1
+    assert sorted(p.name for p in full_disk.iterdir()) == [".filler", "checkpoint.pt"]
