@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,20 +39,27 @@ from erc_gym.diagnostics import ratio_histogram
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
 from erc_gym.envs.vocab_bandit import MAX_VOCAB
-from erc_gym.jsonl import append_jsonl, repair_jsonl
+from erc_gym.jsonl import append_jsonl, atomic_open, atomic_write, repair_jsonl
 from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 
 __all__ = [
+    "CHECKPOINTS",
     "METRIC_KEYS",
     "RESUMABLE_CHANGES",
+    "Checkpoint",
     "ERCTrainer",
     "TrainerConfig",
     "check_resume",
     "config_changes",
+    "find_checkpoint",
     "split_held_out",
 ]
+
+#: A run folder's checkpoints, newest first: each save renames the last one to the second name,
+#: so a damaged newest checkpoint leaves the one before it to resume from.
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 
 #: Keys written to every line of ``metrics.jsonl`` (loss keys: see docs/metrics.md).
 METRIC_KEYS = (
@@ -168,7 +177,8 @@ class TrainerConfig:
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
     dtype: str = "auto"
-    """``auto`` (bf16 on CUDA, fp32 on CPU), ``float32`` or ``bfloat16``."""
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16`` (CUDA only:
+    without loss scaling fp16 weights overflow to NaN on the CPU)."""
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (large models)."""
     score_micro_batch: int = 64
@@ -343,17 +353,61 @@ def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     }
 
 
-def check_resume(config: TrainerConfig) -> None:
-    """Refuse to continue a run whose recorded settings differ from ``config``.
+@dataclass
+class Checkpoint:
+    """The checkpoint a run resumes from (see :func:`find_checkpoint`)."""
 
-    A run folder with a checkpoint or metrics and a ``config.json`` whose settings differ (other
-    than :data:`RESUMABLE_CHANGES`) would mix two runs under one name.
+    path: Path
+    """The file."""
+    step: int
+    """Training steps it holds."""
+    damaged: list[str] = field(default_factory=list)
+    """Newer checkpoints that could not be read, each as ``"<path> (<why>)"``."""
+
+
+def find_checkpoint(run_path: str | Path) -> Checkpoint | None:
+    """The newest readable checkpoint of a run folder (:data:`CHECKPOINTS`), or None if it has
+    none. Only the step is read (the tensors are memory-mapped, not loaded).
 
     Raises:
-        ValueError: naming every differing setting, old and new value.
+        ValueError: the folder has checkpoints and none can be read (a truncated file): the
+            message names them and says what to do.
+    """
+    damaged: list[str] = []
+    for name in CHECKPOINTS:
+        path = Path(run_path) / name
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            return Checkpoint(path, int(state["step"]), damaged)
+        except Exception as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            damaged.append(f"{path} ({type(err).__name__}: {why})")
+    if damaged:
+        raise ValueError(
+            f"damaged checkpoint: {' and '.join(damaged)} cannot be read (a truncated or "
+            "overwritten file) and no earlier checkpoint is intact; put a good copy back, or "
+            "start over with --restart (train(resume=False)), which deletes the run's "
+            "checkpoints and metrics"
+        )
+    return None
+
+
+def check_resume(config: TrainerConfig) -> Checkpoint | None:
+    """Refuse to continue a run whose recorded settings differ from ``config`` or whose
+    checkpoints are all damaged; return the checkpoint the run resumes from (None: step 0).
+
+    A run folder with a checkpoint or metrics and a ``config.json`` whose settings differ (other
+    than :data:`RESUMABLE_CHANGES`) would mix two runs under one name. Cheap (no model is built,
+    no checkpoint tensor read): the command line calls it before the warm start.
+
+    Raises:
+        ValueError: naming every differing setting, old and new value; or naming the damaged
+            checkpoints (see :func:`find_checkpoint`).
     """
     run_path = Path(config.run_dir) / config.name
-    has_run = (run_path / "checkpoint.pt").exists() or (run_path / "metrics.jsonl").exists()
+    has_run = any((run_path / name).exists() for name in (*CHECKPOINTS, "metrics.jsonl"))
     changes = config_changes(config) if has_run else {}
     if changes:
         diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
@@ -362,6 +416,7 @@ def check_resume(config: TrainerConfig) -> None:
             "--restart (train(resume=False)), which deletes its checkpoint and metrics, or "
             "choose another --name"
         )
+    return find_checkpoint(run_path)
 
 
 class ERCTrainer:
@@ -400,6 +455,11 @@ class ERCTrainer:
                 f"device={config.device!r}, but this torch has no CUDA device "
                 f"(torch {torch.__version__}); use device='cpu' or 'auto'"
             )
+        if config.dtype == "float16" and self.device.type == "cpu":
+            raise ValueError(
+                "dtype='float16' needs a CUDA device: on the CPU the fp16 weights overflow to NaN "
+                "in training (no loss scaling); use dtype='float32' or 'bfloat16'"
+            )
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -410,18 +470,11 @@ class ERCTrainer:
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = None if context is None else context - config.max_new_tokens
         self._check_context()  # before the warm start: a bad setting fails in seconds
-        if config.model in TINY_PRESETS and config.sft_steps > 0:
-            from erc_gym.llm.model import sft_warmstart
-
-            sft_warmstart(
-                self.model,
-                self.tokenizer,
-                self.train_problems,
-                steps=config.sft_steps,
-                lr=config.sft_lr,
-                seed=config.seed,
-                progress=config.progress,
-            )
+        self._warm = not (config.model in TINY_PRESETS and config.sft_steps > 0)
+        # A run folder with checkpoints resumes from one (the warm start would be overwritten),
+        # or is refused, or starts over: train() decides, and warm-starts only from step 0.
+        if not any((self.run_path / name).exists() for name in CHECKPOINTS):
+            self._warm_start()
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(
@@ -437,8 +490,27 @@ class ERCTrainer:
         self.nan_rewards = 0
         self._tb: Any = None
         self._fused_head_checked = False
+        #: The step of the last checkpoint written or restored (None: none yet).
+        self.saved_step: int | None = None
 
     # ------------------------------------------------------------------ set-up
+
+    def _warm_start(self) -> None:
+        """The presets' supervised warm start, once (:func:`~erc_gym.llm.model.sft_warmstart`)."""
+        if self._warm:
+            return
+        from erc_gym.llm.model import sft_warmstart
+
+        sft_warmstart(
+            self.model,
+            self.tokenizer,
+            self.train_problems,
+            steps=self.config.sft_steps,
+            lr=self.config.sft_lr,
+            seed=self.config.seed,
+            progress=self.config.progress,
+        )
+        self._warm = True
 
     def _load_data(self) -> tuple[list[Problem], list[Problem]]:
         c = self.config
@@ -550,6 +622,15 @@ class ERCTrainer:
                 kept.append(batch.select(rows))
                 n_kept += rows.numel() // g
         generated = torch.cat(all_rewards)
+        if not generated.numel():
+            name = getattr(self.verifier, "__name__", repr(self.verifier))
+            raise ValueError(
+                f"verifier {name!r} returned NaN for every one of the {rounds * len(batch)} "
+                f"responses of step {self.step + 1} (e.g. prompt {batch.prompts[0]!r}, "
+                f"completion {batch.completions[0]!r}, answer {batch.answers[0]!r}); a NaN reward "
+                "excludes its response, so the step would train on nothing: return a number "
+                "(e.g. 0.0) for a response the verifier cannot check"
+            )
         stats = {
             "gen_batches": rounds,
             "reward": float(generated.mean()) if generated.numel() else math.nan,
@@ -767,10 +848,20 @@ class ERCTrainer:
         }
         if self.erc_band_control is not None:
             state["erc_band"] = self.erc_band_control.state_dict()
-        # write-then-rename: a kill mid-save leaves the previous checkpoint intact
-        tmp = self._checkpoint_path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._checkpoint_path())
+        path = self._checkpoint_path()
+        previous = self.run_path / CHECKPOINTS[1]
+        if path.exists():  # keep it as checkpoint.prev.pt (a second name for the same file)
+            link = previous.with_name(f".{previous.name}.link")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)
+                os.replace(link, previous)
+            except OSError:  # no hard links on this file system: the last checkpoint only
+                link.unlink(missing_ok=True)
+        # temporary file + rename: a kill or a full disk mid-save leaves the previous one intact
+        with atomic_open(path) as f:
+            torch.save(state, f)
+        self.saved_step = self.step
         if export:
             from transformers.utils import logging as hf_logging
 
@@ -779,18 +870,55 @@ class ERCTrainer:
             if not self.config.progress:
                 hf_logging.disable_progress_bar()
             try:
-                self.model.save_pretrained(self.run_path / "model")
-                self.tokenizer.save_pretrained(self.run_path / "model")
+                self._export(self.run_path / "model")
             finally:
                 if shown:
                     hf_logging.enable_progress_bar()
 
+    def _export(self, folder: Path) -> None:
+        """``save_pretrained`` into a new folder that then replaces ``folder`` (a failed export,
+        e.g. on a full disk, keeps the previous one)."""
+        new = folder.with_name(f".{folder.name}.new")
+        old = folder.with_name(f".{folder.name}.old")
+        for stale in (new, old):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            self.model.save_pretrained(new)
+            self.tokenizer.save_pretrained(new)
+        except Exception as err:
+            shutil.rmtree(new, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, err.strerror, err.filename or str(folder)) from err
+            if "No space left on device" in str(err):  # safetensors' own error type
+                raise OSError(28, os.strerror(28), str(folder)) from err
+            raise
+        if folder.exists():
+            folder.rename(old)
+        new.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
     def load_checkpoint(self) -> bool:
-        """Restore the last checkpoint if there is one; returns whether it did."""
-        path = self._checkpoint_path()
-        if not path.exists():
+        """Restore the newest intact checkpoint if there is one; returns whether it did.
+
+        A damaged ``checkpoint.pt`` (a truncated file) is passed over for ``checkpoint.prev.pt``
+        with a warning naming both.
+
+        Raises:
+            ValueError: the run folder has checkpoints and none can be read.
+        """
+        found = find_checkpoint(self.run_path)
+        if found is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        if found.damaged:
+            warnings.warn(
+                f"damaged checkpoint {' and '.join(found.damaged)}; resuming from {found.path} "
+                f"(step {found.step})",
+                stacklevel=2,
+            )
+        try:
+            state = torch.load(found.path, map_location=self.device, weights_only=False)
+        except Exception as err:
+            raise ValueError(f"damaged checkpoint {found.path}: {err}") from err
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -801,6 +929,7 @@ class ERCTrainer:
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         self.step = state["step"]
+        self.saved_step = self.step
         self.skipped_steps = state["skipped_steps"]
         self.nan_rewards = state["nan_rewards"]
         if self.erc_band_control is not None and "erc_band" in state:
@@ -824,7 +953,7 @@ class ERCTrainer:
 
     def _clear_run(self) -> None:
         """Delete a previous run's checkpoint, metrics, exported model and TensorBoard files."""
-        for name in ("checkpoint.pt", "checkpoint.tmp", "metrics.jsonl"):
+        for name in (*CHECKPOINTS, "checkpoint.tmp", "metrics.jsonl"):
             (self.run_path / name).unlink(missing_ok=True)
         for name in ("model", "tb"):
             shutil.rmtree(self.run_path / name, ignore_errors=True)
@@ -844,9 +973,7 @@ class ERCTrainer:
         lines = path.read_text().splitlines(keepends=True)
         keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
         if len(keep) != len(lines):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(path)
+            atomic_write(path, "".join(keep))
 
     def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
         """Run (or continue) training; returns the metrics lines written by this call.
@@ -882,9 +1009,9 @@ class ERCTrainer:
         extra = (
             {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
         )
-        tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**extra, **settings}, indent=2))
-        tmp.replace(config_path)
+        atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
+        if not (resume and find_checkpoint(self.run_path)):
+            self._warm_start()  # deferred by __init__ when the folder had checkpoints
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)
