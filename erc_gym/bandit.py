@@ -203,7 +203,14 @@ def train_bandit(
         ckpt = path / "checkpoint.pt"
         metrics_path = path / "metrics.jsonl"
         if resume and ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
+            try:
+                state = torch.load(ckpt, weights_only=False)
+            except Exception as err:  # a truncated or overwritten file
+                raise ValueError(
+                    f"damaged checkpoint {ckpt} ({type(err).__name__}: "
+                    f"{' '.join(str(err).split()) or 'unreadable'}); delete it to start this run "
+                    "over from iteration 0, or restart it (erc-gym experiment --restart)"
+                ) from None
             policy.load_state_dict(state["policy"])
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["generator"])
