@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from erc_gym import __version__
 from erc_gym.cli_args import (
     CliParser,
     fail,
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(COMMANDS),
         help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()),
     )
+    parser.add_argument("--version", action="version", version=f"erc-gym {__version__}")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0 if argv else 2)
