@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"erc-gym {__version__}")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
-        raise SystemExit(0 if argv else 2)
+        if not argv:
+            fail(parser.prog, f"give a command: {', '.join(COMMANDS)}")
+        raise SystemExit(0)
     args = parser.parse_args(argv[:1])
     module, func = COMMANDS[args.command][0].split(":")
     try:
@@ -74,6 +77,8 @@ def _experiment_dirs(path: Path, prog: str) -> list[Path]:
         found, notes = find_experiments(path)
     except FileNotFoundError as err:
         fail(prog, str(err))
+    except OSError as err:  # e.g. a name longer than the file system allows
+        fail(prog, f"{path}: {err.strerror or err}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if not found:
@@ -141,7 +146,12 @@ def experiment_main(argv: list[str] | None = None) -> None:
     late = {s: signal.signal(s, _late_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     interrupted = False
     try:
-        spec = load_experiment(args.name)
+        try:
+            spec = load_experiment(args.name)
+        except OSError as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            parser.exit(2, f"erc-gym experiment: error: {args.name}: {err.strerror or err}\n")
         run_experiment(
             spec,
             args.runs,
@@ -238,6 +248,20 @@ def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, 
     return (0.95, 1.05) if low is None or high is None else (low, high)
 
 
+#: Most environments ``erc-gym train`` runs: SB3's DummyVecEnv steps them one after another in
+#: this process, so more only cost memory and time (a typo of 10**9 would hang the command).
+MAX_ENVS = 1024
+
+
+def _n_envs(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_ENVS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_ENVS} (they step one after another in this process), got {value}"
+        )
+    return value
+
+
 def train_main(argv: list[str] | None = None) -> None:
     """``erc-gym train ENV_ID``: an SB3 algorithm with ERC options and entropy diagnostics."""
     parser = CliParser(
@@ -283,7 +307,9 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dual-clip", type=positive_float, default=None, help="dual-clip constant c > 1"
     )
-    parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
+    parser.add_argument(
+        "--n-envs", type=_n_envs, default=None, help=f"default: preset or 8 (at most {MAX_ENVS})"
+    )
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument(
         "--log-dir",

@@ -107,8 +107,11 @@ def _check_can_create(prog: str, flag: str, path: str, folder: Path) -> None:
     temporary one, removed at once), so a refused command leaves no empty folders behind.
     """
     ancestor = folder
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    try:
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+    except OSError as err:  # e.g. a name longer than the file system allows
+        fail(prog, f"{flag} {path}: {err.strerror or err}")
     if not ancestor.is_dir():
         fail(prog, f"{flag} {path}: {ancestor} is a file, not a folder")
     try:
@@ -124,7 +127,11 @@ def writable_file(prog: str, flag: str, path: str) -> None:
     Its folder may be missing (the writer creates it); nothing is created here.
     """
     target = Path(path).expanduser().absolute()
-    if target.is_dir():
+    try:
+        is_dir = target.is_dir()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        fail(prog, f"{flag} {path}: {err.strerror or err}")
+    if is_dir:
         fail(prog, f"{flag} {path}: is a folder, expected a file path")
     _check_can_create(prog, flag, path, target.parent)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import math
@@ -32,6 +33,7 @@ from erc_gym.llm.trainer import (
 RESTART_FLAGS = ("--restart", "--overwrite", "--no-resume")
 
 
+@functools.cache  # parsing the module's source costs ~0.1 s: once per process
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal under each field)."""
     tree = ast.parse(inspect.getsource(cls))

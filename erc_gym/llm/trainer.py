@@ -220,6 +220,12 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be {what}>= {low}, got {name}={value}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
+        for name in ("num_train", "num_eval"):
+            if getattr(self, name) > MAX_PROBLEMS:
+                raise ValueError(
+                    f"{name} must be <= {MAX_PROBLEMS} (problems are made or split up front), "
+                    f"got {name}={getattr(self, name)}"
+                )
         if self.vocab_size is not None and self.vocab_size > MAX_VOCAB:
             raise ValueError(
                 f"vocab_size must be <= {MAX_VOCAB} (Qwen2's vocabulary, the largest this "
@@ -257,6 +263,9 @@ class TrainerConfig:
                 f"mini_batch_prompts={self.mini_batch_prompts}"
             )
 
+
+#: Most training or held-out problems (a typo of 10**9 would hang in making them).
+MAX_PROBLEMS = 1_000_000
 
 #: Lower bounds of the numeric settings (``validate`` names the setting and the value).
 _MIN_VALUES: dict[str, float] = {
