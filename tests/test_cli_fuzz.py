@@ -169,6 +169,20 @@ def run_case(argv: list[str]) -> tuple[int | str, str]:
     return code, err.getvalue()
 
 
+def check_case(
+    case: int, argv: list[str], allowed: tuple[int | str, ...], outcomes: dict[str, int]
+) -> None:
+    """Run one case; its exit status must be allowed, an exit 2 must end with one error line."""
+    code, err = run_case(argv)
+    where = f"case {case}: erc-gym {' '.join(map(repr, argv))}"
+    assert code in allowed, f"{where}: {code}\n{err[-2000:]}"
+    assert "Traceback" not in err, f"{where}\n{err[-2000:]}"
+    if code == 2:
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert ERROR_LINE.match(last), f"{where}: exit 2 without an error line: {err!r}"
+    outcomes[str(code)] = outcomes.get(str(code), 0) + 1
+
+
 def _stop(*args: Any, **kwargs: Any) -> Any:
     raise Reached
 
@@ -239,14 +253,7 @@ def test_cli_fuzz(command: str | None, playground: Path) -> None:
             argv = [rng.choice(firsts), *argv] if rng.random() < 0.7 else argv
         else:
             argv = make_argv(parser, rng, _first_args(command, rng))
-        code, err = run_case(argv)
-        where = f"case {case}: erc-gym {' '.join(map(repr, argv))}"
-        assert code in (0, 2, 130, "reached"), f"{where}: {code}\n{err[-2000:]}"
-        assert "Traceback" not in err, f"{where}\n{err[-2000:]}"
-        if code == 2:
-            last = err.strip().splitlines()[-1] if err.strip() else ""
-            assert ERROR_LINE.match(last), f"{where}: exit 2 without an error line: {err!r}"
-        outcomes[str(code)] = outcomes.get(str(code), 0) + 1
+        check_case(case, argv, (0, 2, 130, "reached"), outcomes)
     seconds = time.perf_counter() - start
     print(f"{command or 'top level'}: {CASES} cases in {seconds:.1f} s: {outcomes}")
     # the fuzz must reach both sides: accepted cases and refused ones
@@ -296,14 +303,7 @@ def test_train_and_llm_construction_fuzz(
         argv = make_argv(parser, rng, first)
         if command == "train":
             argv += ["--no-progress"]
-        code, err = run_case(argv)
-        where = f"case {case}: erc-gym {' '.join(map(repr, argv))}"
-        assert code in (0, 2), f"{where}: {code}\n{err[-2000:]}"
-        assert "Traceback" not in err, f"{where}\n{err[-2000:]}"
-        if code == 2:
-            last = err.strip().splitlines()[-1] if err.strip() else ""
-            assert ERROR_LINE.match(last), f"{where}: exit 2 without an error line: {err!r}"
-        outcomes[str(code)] = outcomes.get(str(code), 0) + 1
+        check_case(case, argv, (0, 2), outcomes)
     seconds = time.perf_counter() - start
     print(f"{command} (built): {BUILD_CASES} cases in {seconds:.1f} s: {outcomes}")
     assert outcomes.get("0", 0) > 0 and outcomes.get("2", 0) > 0, outcomes

@@ -41,8 +41,9 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON = {"python", "py", "python3"}
 SHELL = {"bash", "sh", "shell"}
 RUNNABLE = PYTHON | SHELL | {"console"}
-#: Seconds a block may run (a slow one too: a block that needs more is no-run with a reason).
-TIMEOUT = {False: 300, True: 1200}
+#: Seconds a block may run (a slow one too: a block that needs more is no-run with a reason);
+#: a 50,000-step SB3 run took 20 minutes on a loaded 2-core machine.
+TIMEOUT = {False: 300, True: 3600}
 MARKER = re.compile(r"<!--\s*(no-run|slow|output-tolerance|no-compare)\s*(?::\s*(.*?))?\s*-->")
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 #: What the copy of the checkout leaves out (environments, caches, earlier outputs).
