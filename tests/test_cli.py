@@ -338,23 +338,31 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def test_train_save_on_a_full_disk_keeps_the_previous_model(tmp_path, monkeypatch, capsys):
-    """A full disk at --save was an OSError traceback after training, and the model was lost."""
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=errno.errorcode.get)
+def test_train_save_on_a_full_disk_keeps_the_previous_model(code, tmp_path, monkeypatch, capsys):
+    """A full disk at --save was an OSError traceback after training, and the model was lost;
+    so was a folder that turned read-only during training."""
     import tempfile
 
     from erc_gym.sb3 import ERCPPO
+
+    def failed_write(fd):
+        raise OSError(code, os.strerror(code))
 
     target = tmp_path / "m.zip"
     target.write_bytes(b"the previous model")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
     (tmp_path / "rescue").mkdir()
-    monkeypatch.setattr(os, "fsync", _no_space)
+    monkeypatch.setattr(os, "fsync", failed_write)
     argv = ["train", "CartPole-v1", "--save", str(target), *TINY]
     with pytest.raises(SystemExit) as exc:
         main([a.format(tmp=tmp_path) for a in argv])
     assert exc.value.code == 1
     line = _one_error_line(capsys)
-    assert line.startswith(f"erc-gym train: error: --save {target}: cannot write {target} (No ")
+    cause = os.strerror(code)
+    assert line.startswith(
+        f"erc-gym train: error: --save {target}: cannot write {target} ({cause})"
+    )
     assert f"the previous {target} is unchanged" in line
     assert target.read_bytes() == b"the previous model"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.zip")] == []
