@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -38,7 +39,10 @@ class TokenEnv(gym.Env[dict[str, np.ndarray], np.int64]):
 
     ## Rewards
 
-    ``0`` until the end, then ``verifier(decoded_completion, answer)``.
+    ``0`` until the end, then ``verifier(decoded_completion, answer)``. A verifier that returns
+    NaN raises ``ValueError`` naming the verifier, the prompt and the completion: an RL algorithm
+    (SB3) cannot learn from it -- one update turns every weight NaN. (The LLM trainer, which scores
+    whole batches, drops a NaN sample and counts it instead.)
 
     ## Starting State
 
@@ -163,6 +167,13 @@ class TokenEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             reward = score_completions(
                 [text], [self.problem["answer"]], self.verifier, prompts=[self.problem["prompt"]]
             )[0]
+            if math.isnan(reward):
+                name = getattr(self.verifier, "__name__", repr(self.verifier))
+                raise ValueError(
+                    f"verifier {name!r} returned NaN for prompt {self.problem['prompt']!r}, "
+                    f"completion {text!r}: an RL update on a NaN reward makes every weight NaN; "
+                    "return a number (e.g. 0.0 for a completion it cannot check)"
+                )
             info = {"completion": text, "answer": self.problem["answer"]}
         return self._obs(), reward, terminated, truncated, info
 

@@ -7,8 +7,11 @@ Every file that a kill, a full disk or a second process could catch half written
 ``.zip``), flushed to disk and renamed over the target (:func:`os.replace`, atomic on POSIX and
 Windows). A reader, or a second writer, sees the old file or the new one.
 
-A write that fails removes its temporary file. One cut short by SIGKILL leaves it behind; the next
-write to the same target removes such files of processes that are gone.
+A write that fails removes its temporary file and raises an ``OSError`` that names the target
+(a full disk shows in a ``write`` call, which names no file); a writer that turns the
+``OSError`` of its writes into its own exception (``torch.save`` does) gets it back when it writes
+to the file object of :func:`atomic_open`. One cut short by SIGKILL leaves its temporary file
+behind; the next write to the same target removes such files of processes that are gone.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_open", "atomic_write"]
 
 
 def _temp_name(path: Path, pid: int) -> Path:
@@ -46,6 +50,66 @@ def _remove_stale(path: Path) -> None:
                 other.unlink(missing_ok=True)
 
 
+def _naming(err: OSError, path: Path, tmp: Path) -> OSError:
+    """``err`` with ``path`` as its file name when it names no file or the temporary one."""
+    if err.filename in (None, str(tmp), tmp):
+        return OSError(err.errno, err.strerror, str(path))
+    return err
+
+
+class _KeepsWriteErrors:
+    """A binary file whose first ``OSError`` is kept: some writers (``torch.save``) re-raise a
+    full disk as their own exception, which names neither the cause nor the file."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, *, fsync: bool = True) -> Iterator[Any]:
+    """A binary file that replaces ``path`` when the ``with`` block ends without an error.
+
+    The file form of :func:`atomic_write`, for writers that take a file object
+    (``torch.save(state, f)``): a reader never sees a half-written file, and an error, a kill or a
+    full disk keeps the previous ``path``.
+
+    Raises:
+        OSError: the write failed, also when the writer turned it into another exception; it
+            names ``path``.
+    """
+    path = Path(path)
+    _remove_stale(path)
+    tmp = _temp_name(path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            kept = _KeepsWriteErrors(f)
+            try:
+                yield kept
+            except Exception:
+                if kept.error is None:
+                    raise
+                raise kept.error from None
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _naming(err, path, tmp) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write(
     path: str | Path, data: str | bytes | Callable[[Path], object], *, fsync: bool = True
 ) -> Path:
@@ -59,22 +123,22 @@ def atomic_write(
             power loss cannot leave an empty file under the final name.
 
     Raises:
-        OSError: the write failed (disk full, no permission); ``path`` is unchanged.
+        OSError: the write failed (disk full, no permission), naming ``path``; ``path`` is
+            unchanged.
     """
     path = Path(path)
+    if not callable(data):
+        raw = data.encode() if isinstance(data, str) else data
+        with atomic_open(path, fsync=fsync) as f:
+            f.write(raw)
+        return path
     _remove_stale(path)
     tmp = _temp_name(path, os.getpid())
     try:
-        if callable(data):
-            data(tmp)
-        else:
-            raw = data.encode() if isinstance(data, str) else data
-            with open(tmp, "wb") as f:
-                f.write(raw)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
+        data(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _naming(err, path, tmp) from err
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -38,7 +38,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import group_advantages
-from erc_gym.atomic import atomic_write
+from erc_gym.atomic import atomic_open, atomic_write
 from erc_gym.diagnostics import ratio_histogram, unsampled_drift
 from erc_gym.entropy import entropy_from_logits, kl_from_logits, logprob_and_entropy
 from erc_gym.jsonl import append_jsonl, truncate_metrics
@@ -241,7 +241,14 @@ def train_bandit(
         ckpt = path / "checkpoint.pt"
         metrics_path = path / "metrics.jsonl"
         if resume and ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
+            try:
+                state = torch.load(ckpt, weights_only=False)
+            except Exception as err:  # a truncated or overwritten file
+                raise ValueError(
+                    f"damaged checkpoint {ckpt} ({type(err).__name__}: "
+                    f"{' '.join(str(err).split()) or 'unreadable'}); delete it to start this run "
+                    "over from iteration 0, or restart it (erc-gym experiment --restart)"
+                ) from None
             policy.load_state_dict(state["policy"])
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["generator"])
@@ -270,7 +277,8 @@ def train_bandit(
         }
         if adaptive is not None:
             state["erc_band"] = adaptive.state_dict()
-        atomic_write(path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        with atomic_open(path / "checkpoint.pt") as f:  # a full disk keeps the previous one
+            torch.save(state, f)
 
     out: list[dict[str, Any]] = []
     if start == 0:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from erc_gym import __version__
 from erc_gym.cli_args import (
     CliParser,
     fail,
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(COMMANDS),
         help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()),
     )
+    parser.add_argument("--version", action="version", version=f"erc-gym {__version__}")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
-        raise SystemExit(0 if argv else 2)
+        if not argv:
+            fail(parser.prog, f"give a command: {', '.join(COMMANDS)}")
+        raise SystemExit(0)
     args = parser.parse_args(argv[:1])
     module, func = COMMANDS[args.command][0].split(":")
     try:
@@ -76,6 +80,8 @@ def _experiment_dirs(path: Path, prog: str) -> list[Path]:
         found, notes = find_experiments(path)
     except FileNotFoundError as err:
         fail(prog, str(err))
+    except OSError as err:  # e.g. a name longer than the file system allows
+        fail(prog, f"{path}: {err.strerror or err}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if not found:
@@ -147,7 +153,12 @@ def experiment_main(argv: list[str] | None = None) -> None:
     late = {s: signal.signal(s, _late_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     interrupted = False
     try:
-        spec = load_experiment(args.name)
+        try:
+            spec = load_experiment(args.name)
+        except OSError as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            parser.exit(2, f"erc-gym experiment: error: {args.name}: {err.strerror or err}\n")
         if args.set:
             spec = override_settings(spec, dict(args.set))
         run_experiment(
@@ -254,14 +265,31 @@ def _batch_size(text: str) -> int:
     return value
 
 
+#: Most environments ``erc-gym train`` runs: SB3's DummyVecEnv steps them one after another in
+#: this process, so more only cost memory and time (a typo of 10**9 would hang the command).
+MAX_ENVS = 1024
+
+
+def _n_envs(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_ENVS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_ENVS} (they step one after another in this process), got {value}"
+        )
+    return value
+
+
 def train_main(argv: list[str] | None = None) -> None:
     """``erc-gym train ENV_ID``: an SB3 algorithm with ERC options and entropy diagnostics."""
     parser = CliParser(
         prog="erc-gym train",
-        description="Train ERCPPO (or SB3's PPO / A2C) on a Gymnasium id with discrete actions. "
-        "Zoo hyperparameters are used when erc_gym.sb3.presets has the id. Logs SB3's keys and "
-        "the diagnostics/* keys of EntropyDynamicsCallback to LOG_DIR/progress.json; prints a "
-        "progress bar and a short summary (SB3's tables with --verbose).",
+        description="Train ERCPPO (or SB3's PPO / A2C) on a Gymnasium id (ERC and the entropy "
+        "diagnostics need discrete actions; --no-erc or --algo ppo/a2c train any). Zoo "
+        "hyperparameters are used when erc_gym.sb3.presets has the id. Logs SB3's keys and "
+        "the diagnostics/* keys of EntropyDynamicsCallback to LOG_DIR/progress.json (a new "
+        "folder per run by default); prints a progress bar and a short summary (SB3's tables "
+        "with --verbose). A --save or log write that fails (a full disk) ends with one line: "
+        "the previous model file is kept, and the new one saved to the temporary folder.",
     )
     parser.add_argument("env_id", help="Gymnasium id, e.g. CartPole-v1 or erc_gym/VocabBandit-v0")
     parser.add_argument("--algo", choices=["ercppo", "ppo", "a2c"], default="ercppo")
@@ -328,7 +356,9 @@ def train_main(argv: list[str] | None = None) -> None:
         default=None,
         help="entropy bonus coefficient (default: preset or SB3's 0)",
     )
-    parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
+    parser.add_argument(
+        "--n-envs", type=_n_envs, default=None, help=f"default: preset or 8 (at most {MAX_ENVS})"
+    )
     parser.add_argument(
         "--eval-episodes",
         type=non_negative_int,
@@ -337,7 +367,11 @@ def train_main(argv: list[str] | None = None) -> None:
         "separately seeded env (default 0: none)",
     )
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="SB3 logger folder (default: a new folder per run, runs/train/<env>-<algo>-<n>)",
+    )
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
     parser.add_argument(
         "--log-interval", type=positive_int, default=1, help="updates between log dumps"
@@ -367,7 +401,7 @@ def train_main(argv: list[str] | None = None) -> None:
     given = [f"{flag} {value}" for flag, value in ppo_only.items() if value is not None]
     if given and args.algo == "a2c":  # A2C has no epochs, mini-batches or KL early stop
         fail(prog, f"{given[0]} needs --algo ercppo or ppo, got --algo a2c")
-    writable_dir(prog, "--log-dir", args.log_dir)
+    writable_dir(prog, "--log-dir", args.log_dir or TRAIN_LOGS)
     if args.save is not None:
         if not args.save.strip():
             fail(prog, "--save '': give a file path, e.g. --save model.zip")
@@ -425,18 +459,35 @@ def train_main(argv: list[str] | None = None) -> None:
             model = cls("MlpPolicy", env, **kwargs)
     except (ValueError, AssertionError, gym.error.Error) as err:
         fail(prog, f"{args.env_id} with --algo {args.algo}: {err}")
+    # the entropy diagnostics need the full action distribution: a Discrete action space
+    discrete = isinstance(model.action_space, gym.spaces.Discrete)
+    if not discrete:
+        print(
+            f"note: {args.env_id} has a {type(model.action_space).__name__} action space: no "
+            "diagnostics/* keys (they need discrete actions)",
+            file=sys.stderr,
+        )
+    log_dir = args.log_dir or _new_log_dir(args.env_id, args.algo)
     formats = (["stdout"] if args.verbose else []) + ["json"]
     formats += ["tensorboard"] if args.tensorboard else []
-    model.set_logger(configure(args.log_dir, formats))
+    model.set_logger(configure(log_dir, formats))
     start = time.perf_counter()
-    model.learn(
-        steps,
-        callback=EntropyDynamicsCallback(band=band),
-        log_interval=args.log_interval,
-        progress_bar=not args.no_progress,
-    )
-    last = dict(model.logger.name_to_value)
-    model.logger.dump(model.num_timesteps)  # the last update's keys
+    try:
+        model.learn(
+            steps,
+            callback=EntropyDynamicsCallback(band=band) if discrete else None,
+            log_interval=args.log_interval,
+            progress_bar=not args.no_progress,
+        )
+        last = dict(model.logger.name_to_value)
+        model.logger.dump(model.num_timesteps)  # the last update's keys
+    except OSError as err:  # the logs are what this process writes while it trains
+        where = err.filename or f"{log_dir}/progress.json"
+        sys.stderr.write(
+            f"{prog}: error: training stopped at step {model.num_timesteps}: cannot write "
+            f"{where} ({err.strerror or err})\n"
+        )
+        raise SystemExit(1) from None
     seconds = time.perf_counter() - start
     print(_train_summary(args, model, last, seconds))
     if args.eval_episodes:
@@ -452,9 +503,65 @@ def train_main(argv: list[str] | None = None) -> None:
             "deterministic episodes"
         )
     if args.save is not None:
-        model.save(args.save)
-        print(f"saved {args.save}")
-    print(f"logs: {Path(args.log_dir) / 'progress.json'}")
+        print(f"saved {_save_model(prog, model, args.save)}")
+    print(f"logs: {Path(log_dir) / 'progress.json'}")
+
+
+#: Parent of ``erc-gym train``'s log folders when no --log-dir is given.
+TRAIN_LOGS = "runs/train"
+
+
+def _new_log_dir(env_id: str, algo: str) -> str:
+    """A folder no earlier run used: ``runs/train/<env>-<algo>-<n>``, n one above the largest.
+
+    ``mkdir`` claims it, so two commands started at once get two folders.
+    """
+    stem = f"{env_id.replace('/', '-')}-{algo}"
+    base = Path(TRAIN_LOGS)
+    taken = [p.name[len(stem) + 1 :] for p in base.glob(f"{stem}-*")] if base.is_dir() else []
+    n = 1 + max((int(t) for t in taken if t.isdigit()), default=0)
+    while True:
+        folder = base / f"{stem}-{n}"
+        try:
+            folder.mkdir(parents=True)
+            return str(folder)
+        except FileExistsError:
+            n += 1
+
+
+def _save_model(prog: str, model: Any, path: str) -> str:
+    """Save ``model`` as SB3 would, to ``path`` (``.zip`` added when it has no suffix), atomically.
+
+    A save that fails (a full disk, a read-only folder) keeps the previous file, tries the
+    temporary folder instead so the trained model is not lost, and ends with one line and exit 1.
+    Returns the path written.
+    """
+    import io
+    import tempfile
+
+    from erc_gym.atomic import atomic_write
+
+    target = Path(path)
+    if not target.suffix:
+        target = target.with_suffix(".zip")  # as SB3's save() names it
+    buffer = io.BytesIO()
+    model.save(buffer)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, buffer.getvalue())
+        return str(target)
+    except OSError as err:
+        cause = f"cannot write {err.filename or target} ({err.strerror or err})"
+    kept = f"; the previous {target} is unchanged" if target.exists() else ""
+    rescue = Path(tempfile.gettempdir()) / f"erc-gym-{target.stem}-{os.getpid()}.zip"
+    try:
+        rescue.write_bytes(buffer.getvalue())
+        instead = f"; the model was saved to {rescue} instead"
+    except OSError:
+        rescue.unlink(missing_ok=True)
+        instead = "; the model could not be saved anywhere"
+    sys.stderr.write(f"{prog}: error: --save {path}: {cause}{kept}{instead}\n")
+    raise SystemExit(1)
 
 
 def _train_summary(args: Any, model: Any, last: dict[str, Any], seconds: float) -> str:

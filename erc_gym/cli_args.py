@@ -124,29 +124,42 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _check_can_create(prog: str, flag: str, path: str, folder: Path) -> None:
+    """Exit 2 unless ``folder`` (existing or not) could be created and written.
+
+    Nothing is created: the nearest existing ancestor must be a folder that accepts a file (a
+    temporary one, removed at once), so a refused command leaves no empty folders behind.
+    """
+    ancestor = folder
+    try:
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+    except OSError as err:  # e.g. a name longer than the file system allows
+        fail(prog, f"{flag} {path}: {err.strerror or err}")
+    if not ancestor.is_dir():
+        fail(prog, f"{flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        fail(prog, f"{flag} {path}: cannot write to {ancestor} ({err.strerror or err})")
+
+
 def writable_file(prog: str, flag: str, path: str) -> None:
     """Exit 2 now, not after a long run, if the file ``path`` cannot be written.
 
-    Its folder is created if missing (as the writer would).
+    Its folder may be missing (the writer creates it); nothing is created here.
     """
-    parent = Path(path).expanduser().absolute().parent
-    if parent.exists() and not parent.is_dir():
-        fail(prog, f"{flag} {path}: {parent} is a file, not a folder")
+    target = Path(path).expanduser().absolute()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        fail(prog, f"{flag} {path}: cannot write to {parent} ({err.strerror or err})")
-    if Path(path).is_dir():
+        is_dir = target.is_dir()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        fail(prog, f"{flag} {path}: {err.strerror or err}")
+    if is_dir:
         fail(prog, f"{flag} {path}: is a folder, expected a file path")
+    _check_can_create(prog, flag, path, target.parent)
 
 
 def writable_dir(prog: str, flag: str, path: str) -> None:
-    """Exit 2 now if the folder ``path`` cannot be created or written."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        fail(prog, f"{flag} {path}: cannot write there ({err.strerror or err})")
+    """Exit 2 now if the folder ``path`` cannot be created or written (nothing is created)."""
+    _check_can_create(prog, flag, path, Path(path).expanduser().absolute())

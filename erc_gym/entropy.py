@@ -588,6 +588,22 @@ def _check_inputs(logits: Tensor, temperature: float, chunk_size: int | None) ->
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
 
 
+def _meta_stats(
+    logits: Tensor, labels: Tensor | None, temperature: float, entropy_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """``(log_prob, entropy)`` of ``meta`` tensors (shape inference, deferred initialisation):
+    they have no values to check or stream, so the plain formula stands in; on ``meta`` it
+    allocates nothing. ``log_prob`` is the entropy again when ``labels`` is None."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    if not entropy_grad:
+        entropy = entropy.detach()
+    if labels is None:
+        return entropy, entropy
+    index = labels.to(logits.device).long().unsqueeze(-1)
+    return logp.gather(-1, index).squeeze(-1), entropy
+
+
 def logprob_and_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -638,11 +654,13 @@ def logprob_and_entropy(
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     vocab = logits.shape[-1]
-    if labels.numel() and bool(((labels < 0) | (labels >= vocab)).any()):
+    if labels.numel() and not labels.is_meta and bool(((labels < 0) | (labels >= vocab)).any()):
         raise ValueError(
             f"labels must lie in [0, {vocab}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
+    if logits.is_meta or labels.is_meta:
+        return _meta_stats(logits.to("meta"), labels, float(temperature), entropy_grad)
     lead = logits.shape[:-1]
     flat_labels = labels.reshape(-1).long()
     rows = _rows_per_chunk(flat_labels.numel(), vocab, chunk_size, logits.device)
@@ -675,6 +693,8 @@ def entropy_from_logits(
         fp32 tensor of shape ``logits.shape[:-1]``, in nats.
     """
     _check_inputs(logits, temperature, chunk_size)
+    if logits.is_meta:
+        return _meta_stats(logits.detach(), None, float(temperature), False)[1]
     vocab = logits.shape[-1]
     n = math.prod(logits.shape[:-1])
     rows = _rows_per_chunk(n, vocab, chunk_size, logits.device)
@@ -1120,7 +1140,7 @@ def _check_head_inputs(
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if labels.numel() and bool(((labels < 0) | (labels >= vocab)).any()):
+    if labels.numel() and not labels.is_meta and bool(((labels < 0) | (labels >= vocab)).any()):
         raise ValueError(
             f"labels must lie in [0, {vocab}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
@@ -1199,6 +1219,11 @@ def linear_logprob_and_entropy(
     _check_head_inputs(
         hidden, weight, labels, bias, temperature, chunk_tokens, logit_scale, softcap
     )
+    if any(t is not None and t.is_meta for t in (hidden, weight, bias, labels)):
+        z = hidden.to("meta") @ weight.to("meta").T
+        z = (z if bias is None else z + bias.to("meta")).float() * logit_scale
+        z = z if softcap is None else softcap * torch.tanh(z / softcap)
+        return _meta_stats(z, labels, float(temperature), entropy_grad)
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()

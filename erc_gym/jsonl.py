@@ -53,10 +53,15 @@ def append_jsonl(path: str | Path, rows: Mapping[str, Any] | Iterable[Mapping[st
     """
     batch = [rows] if isinstance(rows, Mapping) else list(rows)
     text = "".join(dumps_strict(r) + "\n" for r in batch)
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename is None:  # a full disk shows in write/flush, which name no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def _complete_lines(data: bytes) -> list[bytes]:

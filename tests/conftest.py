@@ -1,6 +1,6 @@
 """Shared pytest configuration: `gpu` tests skip without CUDA; the integration suites carry the
 `trl` and `verl` markers, so `make test` leaves them out by marker whether or not the engine
-happens to be installed."""
+happens to be installed; a full disk to write to."""
 
 from __future__ import annotations
 
@@ -33,3 +33,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 2 MB tmpfs whose free space is filled to a few KB: a full disk, for real.
+
+    Mounting needs root (or CAP_SYS_ADMIN); the test is skipped where it is not allowed. Tests that
+    must run everywhere simulate ``ENOSPC`` by patching the write instead.
+    """
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        with open(folder / ".filler", "wb") as f:  # leave 16 KB: small files still fit
+            f.write(b"\0" * (shutil.disk_usage(folder).free - 16 * 1024))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

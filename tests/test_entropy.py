@@ -13,6 +13,7 @@ from erc_gym.entropy import (
     entropy_from_logits,
     kl_from_logits,
     linear_kl_divergence,
+    linear_logprob_and_entropy,
     logprob_and_entropy,
 )
 
@@ -433,3 +434,22 @@ def test_linear_kl_divergence_against_materialised_logits(scale, softcap, chunk)
     ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight, bias))
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-3, atol=1e-5)
+
+
+def test_meta_tensors_give_shapes_and_gradients():
+    """``meta`` tensors (shape inference, deferred initialisation) failed in the labels' range
+    check and the NaN repair, which read values a meta tensor does not have."""
+    logits = torch.empty(2, 3, 11, device="meta", requires_grad=True)
+    labels = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    log_prob, entropy = logprob_and_entropy(logits, labels, entropy_grad=True)
+    assert log_prob.shape == entropy.shape == (2, 3) and log_prob.is_meta
+    assert log_prob.dtype == entropy.dtype == torch.float32
+    (log_prob.sum() + entropy.sum()).backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+    assert entropy_from_logits(logits).shape == (2, 3)
+    hidden = torch.empty(2, 3, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    head = torch.empty(11, 8, device="meta", dtype=torch.bfloat16)
+    log_prob, entropy = linear_logprob_and_entropy(hidden, head, labels, softcap=30.0)
+    assert log_prob.shape == entropy.shape == (2, 3) and log_prob.dtype == torch.float32
+    log_prob.sum().backward()
+    assert hidden.grad is not None and hidden.grad.shape == hidden.shape

@@ -9,19 +9,33 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import math
+import shlex
+import sys
 import textwrap
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from erc_gym.cli_args import CliParser, boolean, fail, writable_dir
-from erc_gym.jsonl import dumps_strict
-from erc_gym.llm.trainer import PRESETS, ERCTrainer, TrainerConfig, check_resume
+from erc_gym.jsonl import dumps_strict, read_jsonl
+from erc_gym.llm.trainer import (
+    PRESETS,
+    ERCTrainer,
+    TrainerConfig,
+    check_resume,
+    find_checkpoint,
+)
 from erc_gym.methods import MethodSettings
 
+#: The flags that start a run over; the resume command drops them.
+RESTART_FLAGS = ("--restart", "--overwrite", "--no-resume")
 
+
+@functools.cache  # parsing the module's source costs ~0.1 s: once per process
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass and its dataclass bases (the string under a field)."""
     docs: dict[str, str] = {}
@@ -80,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings, applied first")
     parser.add_argument(
-        "--restart",
-        "--overwrite",
-        "--no-resume",
+        *RESTART_FLAGS,
         dest="restart",
         action="store_true",
         help="start over: delete the run folder's checkpoint and metrics (a run is otherwise "
@@ -130,29 +142,92 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``erc-gym llm`` / ``python -m erc_gym.llm``.
 
-    Bad settings, a missing model or dataset and a run folder made with other settings end with
-    one line on stderr and exit status 2.
+    Bad settings, a missing model or dataset, a run folder made with other settings and a run
+    whose checkpoints are all damaged end with one line on stderr and exit status 2, before the
+    model is built. A run folder with a checkpoint resumes from it (a line says from which step)
+    or, if it has all its steps, ends at once. A full disk, a broken verifier or Ctrl-C during
+    training end with one line naming the last checkpoint and the command that resumes (exit 1,
+    or 130 for Ctrl-C).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = parser.prog
     try:
         config = config_from_args(args)
         config.validate()
-        if not args.restart:
-            check_resume(config)
-        writable_dir(parser.prog, "--run-dir", str(Path(config.run_dir) / config.name))
-        trainer = ERCTrainer(config)
-    except (ValueError, OSError) as err:
-        fail(parser.prog, str(err))
-    lines = trainer.train(resume=not args.restart)
-    evals = [ln["eval_accuracy"] for ln in lines if "eval_accuracy" in ln]
-    summary = {
-        "run": str(trainer.run_path),
-        "steps": trainer.step,
+    except ValueError as err:
+        fail(prog, str(err))
+    run_path = Path(config.run_dir) / config.name
+    trainer: ERCTrainer | None = None
+    try:
+        try:
+            found = None if args.restart else check_resume(config)
+            writable_dir(prog, "--run-dir", str(run_path))
+            if found is not None:
+                damaged = f" ({', '.join(found.damaged)} is damaged)" if found.damaged else ""
+                if found.step >= config.steps and (run_path / "model").is_dir():
+                    note(
+                        f"{run_path} already finished: step {found.step} of {config.steps}; "
+                        "nothing to do (a larger --steps continues it, --restart starts over)"
+                    )
+                    print(dumps_strict(_summary(run_path, found.step)))
+                    return
+                note(f"resuming {run_path} from step {found.step} ({found.path}){damaged}")
+            trainer = ERCTrainer(config)
+        except (ValueError, OSError) as err:
+            fail(prog, str(err))
+        with warnings.catch_warnings():  # the "resuming" line above has said it
+            warnings.filterwarnings("ignore", message="damaged checkpoint")
+            trainer.train(resume=not args.restart)
+    except KeyboardInterrupt:
+        where = "" if trainer is None else f" at step {trainer.step}"
+        stopped(prog, 130, f"stopped by SIGINT{where}", run_path, argv, newline=config.progress)
+    except OSError as err:  # a full disk or a read-only folder mid-run
+        what = f"cannot write {err.filename or run_path} ({err.strerror or err})"
+        stopped(prog, 1, what, run_path, argv)
+    except ValueError as err:  # e.g. a verifier that returns NaN for everything
+        stopped(prog, 1, str(err), run_path, argv)
+    print(dumps_strict(_summary(trainer.run_path, trainer.step)))
+
+
+def note(message: str) -> None:
+    """One ``erc-gym llm: <message>`` line on stderr (stdout keeps the JSON summary)."""
+    sys.stderr.write(f"erc-gym llm: {message}\n")
+
+
+def stopped(
+    prog: str, code: int, what: str, run_path: Path, argv: list[str], newline: bool = False
+) -> NoReturn:
+    """One line: what stopped the run, the checkpoint it resumes from, the command; exit."""
+    try:
+        found = find_checkpoint(run_path)
+    except ValueError:
+        found = None
+    kept = (
+        "no checkpoint yet (the same command starts from step 0)"
+        if found is None
+        else f"the last checkpoint ({found.path}, step {found.step}) is intact"
+    )
+    again = shlex.join(["erc-gym", "llm", *(a for a in argv if a not in RESTART_FLAGS)])
+    text = " ".join(f"{what}; {kept}; resume with: {again}".split())
+    sys.stderr.write(("\n" if newline else "") + f"{prog}: error: {text}\n")
+    raise SystemExit(code)
+
+
+def _summary(run_path: Path, step: int) -> dict[str, Any]:
+    """The closing JSON line: run folder, steps, first and last held-out accuracy."""
+    evals = [
+        row["eval_accuracy"]
+        for row in read_jsonl(run_path / "metrics.jsonl")
+        if "eval_accuracy" in row
+    ]
+    return {
+        "run": str(run_path),
+        "steps": step,
         "eval_accuracy_first": evals[0] if evals else math.nan,
         "eval_accuracy_last": evals[-1] if evals else math.nan,
     }
-    print(dumps_strict(summary))
 
 
 if __name__ == "__main__":

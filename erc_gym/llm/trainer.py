@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-from erc_gym.atomic import atomic_write
+from erc_gym.atomic import atomic_open, atomic_write
 from erc_gym.diagnostics import ratio_histogram
 from erc_gym.entropy import linear_kl_divergence
 from erc_gym.envs.rewards import numeric_match
@@ -52,14 +54,21 @@ from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
 from erc_gym.methods import MethodRuntime, MethodSettings, method_defaults
 
 __all__ = [
+    "CHECKPOINTS",
     "METRIC_KEYS",
     "RESUMABLE_CHANGES",
+    "Checkpoint",
     "ERCTrainer",
     "TrainerConfig",
     "check_resume",
     "config_changes",
+    "find_checkpoint",
     "split_held_out",
 ]
+
+#: A run folder's checkpoints, newest first: each save renames the last one to the second name,
+#: so a damaged newest checkpoint leaves the one before it to resume from.
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 
 #: Keys written to every line of ``metrics.jsonl`` (loss keys: see docs/metrics.md).
 METRIC_KEYS = (
@@ -183,7 +192,8 @@ class TrainerConfig(MethodSettings):
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
     dtype: str = "auto"
-    """``auto`` (bf16 on CUDA, fp32 on CPU), ``float32`` or ``bfloat16``."""
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16`` (CUDA only:
+    without loss scaling fp16 weights overflow to NaN on the CPU)."""
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (large models)."""
     score_micro_batch: int = 64
@@ -232,6 +242,12 @@ class TrainerConfig(MethodSettings):
                 raise ValueError(f"{name} must be {what}>= {low}, got {name}={value}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
+        for name in ("num_train", "num_eval"):
+            if getattr(self, name) > MAX_PROBLEMS:
+                raise ValueError(
+                    f"{name} must be <= {MAX_PROBLEMS} (problems are made or split up front), "
+                    f"got {name}={getattr(self, name)}"
+                )
         if self.vocab_size is not None and self.vocab_size > MAX_VOCAB:
             raise ValueError(
                 f"vocab_size must be <= {MAX_VOCAB} (Qwen2's vocabulary, the largest this "
@@ -269,6 +285,9 @@ class TrainerConfig(MethodSettings):
                 f"mini_batch_prompts={self.mini_batch_prompts}"
             )
 
+
+#: Most training or held-out problems (a typo of 10**9 would hang in making them).
+MAX_PROBLEMS = 1_000_000
 
 #: Lower bounds of the numeric settings (``validate`` names the setting and the value).
 _MIN_VALUES: dict[str, float] = {
@@ -367,17 +386,61 @@ def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
     }
 
 
-def check_resume(config: TrainerConfig) -> None:
-    """Refuse to continue a run whose recorded settings differ from ``config``.
+@dataclass
+class Checkpoint:
+    """The checkpoint a run resumes from (see :func:`find_checkpoint`)."""
 
-    A run folder with a checkpoint or metrics and a ``config.json`` whose settings differ (other
-    than :data:`RESUMABLE_CHANGES`) would mix two runs under one name.
+    path: Path
+    """The file."""
+    step: int
+    """Training steps it holds."""
+    damaged: list[str] = field(default_factory=list)
+    """Newer checkpoints that could not be read, each as ``"<path> (<why>)"``."""
+
+
+def find_checkpoint(run_path: str | Path) -> Checkpoint | None:
+    """The newest readable checkpoint of a run folder (:data:`CHECKPOINTS`), or None if it has
+    none. Only the step is read (the tensors are memory-mapped, not loaded).
 
     Raises:
-        ValueError: naming every differing setting, old and new value.
+        ValueError: the folder has checkpoints and none can be read (a truncated file): the
+            message names them and says what to do.
+    """
+    damaged: list[str] = []
+    for name in CHECKPOINTS:
+        path = Path(run_path) / name
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            return Checkpoint(path, int(state["step"]), damaged)
+        except Exception as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            damaged.append(f"{path} ({type(err).__name__}: {why})")
+    if damaged:
+        raise ValueError(
+            f"damaged checkpoint: {' and '.join(damaged)} cannot be read (a truncated or "
+            "overwritten file) and no earlier checkpoint is intact; put a good copy back, or "
+            "start over with --restart (train(resume=False)), which deletes the run's "
+            "checkpoints and metrics"
+        )
+    return None
+
+
+def check_resume(config: TrainerConfig) -> Checkpoint | None:
+    """Refuse to continue a run whose recorded settings differ from ``config`` or whose
+    checkpoints are all damaged; return the checkpoint the run resumes from (None: step 0).
+
+    A run folder with a checkpoint or metrics and a ``config.json`` whose settings differ (other
+    than :data:`RESUMABLE_CHANGES`) would mix two runs under one name. Cheap (no model is built,
+    no checkpoint tensor read): the command line calls it before the warm start.
+
+    Raises:
+        ValueError: naming every differing setting, old and new value; or naming the damaged
+            checkpoints (see :func:`find_checkpoint`).
     """
     run_path = Path(config.run_dir) / config.name
-    has_run = (run_path / "checkpoint.pt").exists() or (run_path / "metrics.jsonl").exists()
+    has_run = any((run_path / name).exists() for name in (*CHECKPOINTS, "metrics.jsonl"))
     changes = config_changes(config) if has_run else {}
     if changes:
         diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
@@ -386,6 +449,7 @@ def check_resume(config: TrainerConfig) -> None:
             "--restart (train(resume=False)), which deletes its checkpoint and metrics, or "
             "choose another --name"
         )
+    return find_checkpoint(run_path)
 
 
 class ERCTrainer:
@@ -424,6 +488,11 @@ class ERCTrainer:
                 f"device={config.device!r}, but this torch has no CUDA device "
                 f"(torch {torch.__version__}); use device='cpu' or 'auto'"
             )
+        if config.dtype == "float16" and self.device.type == "cpu":
+            raise ValueError(
+                "dtype='float16' needs a CUDA device: on the CPU the fp16 weights overflow to NaN "
+                "in training (no loss scaling); use dtype='float32' or 'bfloat16'"
+            )
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -434,18 +503,11 @@ class ERCTrainer:
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = None if context is None else context - config.max_new_tokens
         self._check_context()  # before the warm start: a bad setting fails in seconds
-        if config.model in TINY_PRESETS and config.sft_steps > 0:
-            from erc_gym.llm.model import sft_warmstart
-
-            sft_warmstart(
-                self.model,
-                self.tokenizer,
-                self.train_problems,
-                steps=config.sft_steps,
-                lr=config.sft_lr,
-                seed=config.seed,
-                progress=config.progress,
-            )
+        self._warm = not (config.model in TINY_PRESETS and config.sft_steps > 0)
+        # A run folder with checkpoints resumes from one (the warm start would be overwritten),
+        # or is refused, or starts over: train() decides, and warm-starts only from step 0.
+        if not any((self.run_path / name).exists() for name in CHECKPOINTS):
+            self._warm_start()
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(
@@ -465,8 +527,27 @@ class ERCTrainer:
         self.nan_rewards = 0
         self._tb: Any = None
         self._fused_head_checked = False
+        #: The step of the last checkpoint written or restored (None: none yet).
+        self.saved_step: int | None = None
 
     # ------------------------------------------------------------------ set-up
+
+    def _warm_start(self) -> None:
+        """The presets' supervised warm start, once (:func:`~erc_gym.llm.model.sft_warmstart`)."""
+        if self._warm:
+            return
+        from erc_gym.llm.model import sft_warmstart
+
+        sft_warmstart(
+            self.model,
+            self.tokenizer,
+            self.train_problems,
+            steps=self.config.sft_steps,
+            lr=self.config.sft_lr,
+            seed=self.config.seed,
+            progress=self.config.progress,
+        )
+        self._warm = True
 
     def _load_data(self) -> tuple[list[Problem], list[Problem]]:
         c = self.config
@@ -578,6 +659,15 @@ class ERCTrainer:
                 kept.append(batch.select(rows))
                 n_kept += rows.numel() // g
         generated = torch.cat(all_rewards)
+        if not generated.numel():
+            name = getattr(self.verifier, "__name__", repr(self.verifier))
+            raise ValueError(
+                f"verifier {name!r} returned NaN for every one of the {rounds * len(batch)} "
+                f"responses of step {self.step + 1} (e.g. prompt {batch.prompts[0]!r}, "
+                f"completion {batch.completions[0]!r}, answer {batch.answers[0]!r}); a NaN reward "
+                "excludes its response, so the step would train on nothing: return a number "
+                "(e.g. 0.0) for a response the verifier cannot check"
+            )
         stats = {
             "gen_batches": rounds,
             "reward": float(generated.mean()) if generated.numel() else math.nan,
@@ -837,8 +927,20 @@ class ERCTrainer:
         }
         if self.erc_band_control is not None:
             state["erc_band"] = self.erc_band_control.state_dict()
-        # a kill mid-save leaves the previous checkpoint intact
-        atomic_write(self._checkpoint_path(), lambda tmp: torch.save(state, tmp))
+        path = self._checkpoint_path()
+        previous = self.run_path / CHECKPOINTS[1]
+        if path.exists():  # keep it as checkpoint.prev.pt (a second name for the same file)
+            link = previous.with_name(f".{previous.name}.link")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)
+                os.replace(link, previous)
+            except OSError:  # no hard links on this file system: the last checkpoint only
+                link.unlink(missing_ok=True)
+        # temporary file + rename: a kill or a full disk mid-save leaves the previous one intact
+        with atomic_open(path) as f:
+            torch.save(state, f)
+        self.saved_step = self.step
         if export:
             from transformers.utils import logging as hf_logging
 
@@ -847,18 +949,55 @@ class ERCTrainer:
             if not self.config.progress:
                 hf_logging.disable_progress_bar()
             try:
-                self.model.save_pretrained(self.run_path / "model")
-                self.tokenizer.save_pretrained(self.run_path / "model")
+                self._export(self.run_path / "model")
             finally:
                 if shown:
                     hf_logging.enable_progress_bar()
 
+    def _export(self, folder: Path) -> None:
+        """``save_pretrained`` into a new folder that then replaces ``folder`` (a failed export,
+        e.g. on a full disk, keeps the previous one)."""
+        new = folder.with_name(f".{folder.name}.new")
+        old = folder.with_name(f".{folder.name}.old")
+        for stale in (new, old):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            self.model.save_pretrained(new)
+            self.tokenizer.save_pretrained(new)
+        except Exception as err:
+            shutil.rmtree(new, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, err.strerror, err.filename or str(folder)) from err
+            if "No space left on device" in str(err):  # safetensors' own error type
+                raise OSError(28, os.strerror(28), str(folder)) from err
+            raise
+        if folder.exists():
+            folder.rename(old)
+        new.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
     def load_checkpoint(self) -> bool:
-        """Restore the last checkpoint if there is one; returns whether it did."""
-        path = self._checkpoint_path()
-        if not path.exists():
+        """Restore the newest intact checkpoint if there is one; returns whether it did.
+
+        A damaged ``checkpoint.pt`` (a truncated file) is passed over for ``checkpoint.prev.pt``
+        with a warning naming both.
+
+        Raises:
+            ValueError: the run folder has checkpoints and none can be read.
+        """
+        found = find_checkpoint(self.run_path)
+        if found is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        if found.damaged:
+            warnings.warn(
+                f"damaged checkpoint {' and '.join(found.damaged)}; resuming from {found.path} "
+                f"(step {found.step})",
+                stacklevel=2,
+            )
+        try:
+            state = torch.load(found.path, map_location=self.device, weights_only=False)
+        except Exception as err:
+            raise ValueError(f"damaged checkpoint {found.path}: {err}") from err
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -869,6 +1008,7 @@ class ERCTrainer:
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         self.step = state["step"]
+        self.saved_step = self.step
         self.skipped_steps = state["skipped_steps"]
         self.nan_rewards = state["nan_rewards"]
         if self.erc_band_control is not None and "erc_band" in state:
@@ -894,7 +1034,7 @@ class ERCTrainer:
 
     def _clear_run(self) -> None:
         """Delete a previous run's checkpoint, metrics, exported model and TensorBoard files."""
-        for name in ("checkpoint.pt", "checkpoint.tmp", "metrics.jsonl"):
+        for name in (*CHECKPOINTS, "checkpoint.tmp", "metrics.jsonl"):
             (self.run_path / name).unlink(missing_ok=True)
         for name in ("model", "tb"):
             shutil.rmtree(self.run_path / name, ignore_errors=True)
@@ -947,6 +1087,8 @@ class ERCTrainer:
             {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
         )
         atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
+        if not (resume and find_checkpoint(self.run_path)):
+            self._warm_start()  # deferred by __init__ when the folder had checkpoints
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)

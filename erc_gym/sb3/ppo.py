@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal, TypeVar
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -68,6 +69,30 @@ METHOD_KWARGS = tuple(
     for f in MethodSettings.__dataclass_fields__
     if f not in ("ent_coef", "target_kl", "clip_variant")
 )
+
+
+def make_env(env_id: str) -> gym.Env:
+    """Make a Gymnasium id as SB3 does for ``ERCPPO("MlpPolicy", "CartPole-v1")``, with two
+    differences: the ``erc_gym/*`` ids are registered first (no ``import erc_gym.envs`` needed),
+    and ``render_mode="rgb_array"`` (SB3's default, for video recording) is asked only of an env
+    that has it -- the token envs render text, and Gymnasium warns on a mode they lack.
+    """
+    from gymnasium.envs.registration import load_env_creator
+
+    import erc_gym.envs  # noqa: F401  (registers the erc_gym/* ids)
+
+    spec = gym.spec(env_id)
+    creator = (
+        load_env_creator(spec.entry_point)
+        if isinstance(spec.entry_point, str)
+        else spec.entry_point
+    )
+    if "rgb_array" not in getattr(creator, "metadata", {}).get("render_modes", ()):
+        return gym.make(env_id)
+    try:
+        return gym.make(env_id, render_mode="rgb_array")
+    except TypeError:  # as SB3: an env whose constructor takes no render_mode
+        return gym.make(env_id)
 
 
 class ERCPPO(PPO):
@@ -198,6 +223,8 @@ class ERCPPO(PPO):
         #: Adaptive coefficients' controllers (None: fixed), saved with the model.
         self.entropy_control: AdaptiveEntropyCoef | None = None
         self.kl_control: AdaptiveKLCoef | None = None
+        if isinstance(env, str):
+            env = make_env(env)
         super().__init__(policy, env, *args, _init_setup_model=False, **kwargs)  # type: ignore[arg-type,misc]
         if _init_setup_model:
             self._setup_model()

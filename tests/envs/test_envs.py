@@ -262,3 +262,19 @@ def test_verifiers():
     with pytest.raises(ValueError, match="prompt '1\\+1='"):
         score_completions(["2"], ["2"], lambda c, a: 1 / 0, prompts=["1+1="])
     assert np.isnan(score_completions(["2"], ["2"], lambda c, a: float("nan"))[0])
+
+
+def test_token_env_refuses_a_nan_reward():
+    """A verifier's NaN went straight to SB3: after one update every weight was NaN and the
+    error surfaced later as a Categorical validation traceback."""
+    tokenizer = CharTokenizer.build(list("0123456789+="))
+    problems = [{"prompt": "1+1=", "answer": "2"}]
+
+    def unsure(completion: str, answer: str) -> float:
+        return float("nan")
+
+    env = TokenEnv(problems, unsure, tokenizer, max_new_tokens=2)
+    env.reset(seed=0)
+    env.step(tokenizer.convert_tokens_to_ids("2"))
+    with pytest.raises(ValueError, match=r"verifier 'unsure' returned NaN for prompt '1\+1='"):
+        env.step(tokenizer.convert_tokens_to_ids("3"))  # the token limit: scored

@@ -3,8 +3,10 @@ held-out splits of dataset files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -170,3 +172,203 @@ def test_dataset_file_without_eval_dataset_holds_out_disjoint_prompts(tmp_path):
 def test_trainer_config_default_checkpoints_periodically():
     cfg = TrainerConfig()
     assert cfg.save_every > 0 and cfg.save_minutes > 0
+
+
+def _stderr_lines(capsys) -> list[str]:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err.strip().splitlines()
+
+
+@pytest.fixture
+def warm_starts(monkeypatch):
+    """Counts the supervised warm starts (each is 300 steps with the presets' defaults)."""
+    import erc_gym.llm.model as model_module
+
+    calls = []
+    real = model_module.sft_warmstart
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["steps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "sft_warmstart", counted)
+    return calls
+
+
+def test_rerun_of_a_finished_or_resumable_run_says_so_and_skips_the_warm_start(
+    tmp_path, capsys, warm_starts
+):
+    """Re-running recomputed the warm start first and said nothing about resuming."""
+    main(_llm_argv(tmp_path, "--steps", "1", "--sft-steps", "3"))
+    assert warm_starts == [3]
+    capsys.readouterr()
+    main(_llm_argv(tmp_path, "--steps", "1", "--sft-steps", "3"))
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"erc-gym llm: {tmp_path}/r already finished: step 1 of 1; nothing to do (a larger "
+        "--steps continues it, --restart starts over)"
+    ]
+    assert json.loads(captured.out)["steps"] == 1
+    main(_llm_argv(tmp_path, "--steps", "2", "--sft-steps", "3"))
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"erc-gym llm: resuming {tmp_path}/r from step 1 ({tmp_path}/r/checkpoint.pt)"
+    ]
+    assert json.loads(captured.out)["steps"] == 2
+    assert warm_starts == [3]  # a checkpoint replaces the warm-started weights: not recomputed
+    main(_llm_argv(tmp_path, "--steps", "1", "--sft-steps", "3", "--restart"))
+    assert warm_starts == [3, 3]
+
+
+def test_a_truncated_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
+    """A truncated checkpoint.pt was an OSError traceback after the warm start; the only way
+    out offered was --restart."""
+    main(_llm_argv(tmp_path, "--steps", "2", "--save-every", "1"))
+    run = tmp_path / "r"
+    assert torch.load(run / "checkpoint.prev.pt", weights_only=False)["step"] == 1
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    main(_llm_argv(tmp_path, "--steps", "3", "--save-every", "1"))
+    err = _stderr_lines(capsys)
+    assert len(err) == 1
+    assert err[0].startswith(f"erc-gym llm: resuming {run} from step 1 ({run}/checkpoint.prev.pt)")
+    assert f"({run}/checkpoint.pt (" in err[0] and "is damaged" in err[0]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_damaged_checkpoints_are_named_before_the_warm_start(tmp_path, capsys, warm_starts):
+    main(_llm_argv(tmp_path, "--steps", "1", "--sft-steps", "3"))
+    run = tmp_path / "r"
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(_llm_argv(tmp_path, "--steps", "2", "--sft-steps", "3"))
+    assert exc.value.code == 2
+    (line,) = _stderr_lines(capsys)
+    assert line.startswith(f"erc-gym llm: error: damaged checkpoint: {run}/checkpoint.pt (")
+    assert "no earlier checkpoint is intact; put a good copy back, or start over with" in line
+    assert warm_starts == [3]  # refused before the second warm start
+    main(_llm_argv(tmp_path, "--steps", "2", "--sft-steps", "3", "--restart"))
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2]
+
+
+class _AlmostFullDisk:
+    """A file on a disk with a few KB left: writes larger than that raise ENOSPC, as a write
+    call does (naming no file); small files (config.json) still fit."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        import errno
+
+        if len(data) > 8192:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _fail_checkpoint_writes(monkeypatch):
+    """Every file atomic_open writes (a checkpoint: torch.save turns the OSError of its write
+    into its own RuntimeError) is on the almost full disk."""
+    from erc_gym import jsonl
+
+    real = os.fdopen
+    monkeypatch.setattr(jsonl.os, "fdopen", lambda fd, mode: _AlmostFullDisk(real(fd, mode)))
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_last_one(tmp_path, capsys, monkeypatch):
+    """A full disk ended in torch's "[enforce fail at inline_container.cc] unexpected pos"."""
+    main(_llm_argv(tmp_path, "--steps", "1"))
+    run = tmp_path / "r"
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        _fail_checkpoint_writes(patch)
+        with pytest.raises(SystemExit) as exc:
+            main(_llm_argv(tmp_path, "--steps", "3", "--save-every", "1"))
+    assert exc.value.code == 1
+    err = _stderr_lines(capsys)
+    assert err[-1] == (
+        f"erc-gym llm: error: cannot write {run}/checkpoint.pt (No space left on device); the "
+        f"last checkpoint ({run}/checkpoint.pt, step 1) is intact; resume with: "
+        f"{shlex.join(['erc-gym', *_llm_argv(tmp_path, '--steps', '3', '--save-every', '1')])}"
+    )
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    main(_llm_argv(tmp_path, "--steps", "3", "--save-every", "1"))  # the same command resumes
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_checkpoint_and_export_on_a_real_full_disk(full_disk, capsys):
+    filler = full_disk / ".filler"
+    room = filler.stat().st_size
+    filler.unlink()  # room for the first run
+    main(_llm_argv(full_disk, "--steps", "1"))
+    run = full_disk / "r"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * room)  # now full, but for a few KB
+    capsys.readouterr()
+    for steps in ("3", "1"):  # a periodic checkpoint; the final export of a finished run
+        with pytest.raises(SystemExit) as exc:
+            main(_llm_argv(full_disk, "--steps", steps, "--save-every", "1"))
+        assert exc.value.code == 1
+        err = _stderr_lines(capsys)
+        assert "(No space left on device); the last checkpoint" in err[-1], err
+        assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+        (run / "model").rename(full_disk / "moved") if steps == "3" else None
+    assert f"cannot write {run}/" in err[-1]
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a 76-line traceback and no resume line."""
+    real = ERCTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    argv = _llm_argv(tmp_path, "--steps", "4", "--save-every", "2", "--restart")
+    with monkeypatch.context() as patch:
+        patch.setattr(ERCTrainer, "train_step", interrupted)
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+    assert exc.value.code == 130
+    (line,) = _stderr_lines(capsys)
+    again = [a for a in argv if a != "--restart"]
+    run = tmp_path / "r"
+    assert line == (
+        f"erc-gym llm: error: stopped by SIGINT at step 3; the last checkpoint ({run}/"
+        f"checkpoint.pt, step 2) is intact; resume with: {shlex.join(['erc-gym', *again])}"
+    )
+    main(again)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_sigint_to_a_real_process_is_one_line_and_exit_130(tmp_path):
+    argv = [sys.executable, "-m", "erc_gym", *_llm_argv(tmp_path, "--steps", "200")]
+    proc = subprocess.Popen(
+        [*argv, "--save-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (tmp_path / "r" / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert "stopped by SIGINT at step" in line and "resume with: erc-gym llm" in line

@@ -183,6 +183,18 @@ def test_nan_reward_is_excluded_and_counted(tmp_path):
     assert math.isfinite(lines[-1]["pg_loss"])
 
 
+def test_a_verifier_that_returns_only_nan_is_an_error(tmp_path):
+    """Every reward NaN: each step trained on nothing, and the run ended with exit 0."""
+
+    def unparseable(completion: str, answer: str) -> float:
+        return math.nan
+
+    trainer = ERCTrainer(small_config(tmp_path, steps=2), verifier=unparseable)
+    with pytest.raises(ValueError, match=r"verifier 'unparseable' returned NaN for every one of"):
+        trainer.train()
+    assert [r["step"] for r in read_jsonl(tmp_path / "llm" / "metrics.jsonl")] == [0]
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "needle"),
     [
@@ -191,6 +203,8 @@ def test_nan_reward_is_excluded_and_counted(tmp_path):
         ({"steps": 0}, ValueError, "steps must be >= 1, got steps=0"),
         ({"top_p": 0.0}, ValueError, "top_p must be in"),
         ({"dtype": "fp8"}, ValueError, "dtype='fp8'"),
+        # was a traceback in generate after the warm start: fp16 weights overflow on the CPU
+        ({"dtype": "float16", "sft_steps": 20}, ValueError, "dtype='float16' needs a CUDA"),
         ({"dataset": "/nonexistent.jsonl"}, ValueError, "no such file"),
         ({"mini_batch_prompts": 0}, ValueError, "mini_batch_prompts must be >= 1"),
         ({"group_size": 1}, ValueError, "group_size must be >= 2"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -518,3 +520,23 @@ def test_schedules_never_go_below_zero_on_an_overshooting_last_rollout(algo):
     lr, clip = seen[-1]
     assert lr >= 0.0 and clip >= 0.0
     assert seen[0][0] > 0.0 and seen[0][1] > 0.0
+
+
+def test_an_erc_gym_id_works_without_importing_gymnasium_first():
+    """docs/envs.md's snippet: ``ERCPPO("TokenLMPolicy", "erc_gym/TokenArithmetic-v0")`` raised
+    ``NamespaceNotFound: Namespace erc_gym not found`` in a fresh interpreter (``import erc_gym``
+    registers the ids only once gymnasium is imported), and SB3's render_mode="rgb_array" made
+    Gymnasium warn about the token envs, which render text."""
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    from erc_gym import ERCPPO\n"
+        "    ERCPPO('MultiInputPolicy', 'erc_gym/TokenSequence-v0', n_steps=8, batch_size=8)\n"
+        "    model = ERCPPO('MlpPolicy', 'CartPole-v1', n_steps=8, batch_size=8)\n"
+        "print(model.env.envs[0].render_mode)\n"
+        "print([str(w.message) for w in caught if 'render' in str(w.message)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["rgb_array", "[]"]  # SB3's default kept where it exists
