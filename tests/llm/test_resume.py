@@ -282,10 +282,14 @@ class _AlmostFullDisk:
 def _fail_checkpoint_writes(monkeypatch):
     """Every file atomic_open writes (a checkpoint: torch.save turns the OSError of its write
     into its own RuntimeError) is on the almost full disk."""
-    from erc_gym import jsonl
+    import builtins
 
-    real = os.fdopen
-    monkeypatch.setattr(jsonl.os, "fdopen", lambda fd, mode: _AlmostFullDisk(real(fd, mode)))
+    from erc_gym import atomic
+
+    real = builtins.open
+    monkeypatch.setattr(
+        atomic, "open", lambda path, mode: _AlmostFullDisk(real(path, mode)), raising=False
+    )
 
 
 def test_checkpoint_on_a_full_disk_keeps_the_last_one(tmp_path, capsys, monkeypatch):
