@@ -52,7 +52,7 @@ def _remove_stale(path: Path) -> None:
 
 def _naming(err: OSError, path: Path, tmp: Path) -> OSError:
     """``err`` with ``path`` as its file name when it names no file or the temporary one."""
-    if err.filename in (None, str(tmp), tmp):
+    if err.errno is not None and err.filename in (None, str(tmp), tmp):
         return OSError(err.errno, err.strerror, str(path))
     return err
 

@@ -90,7 +90,7 @@ ALLOWED = {
     "envs": {"core", "envs"},
     "adapter": {"core", "envs", "adapter"},
     "lab": {"core", "envs", "adapter", "lab"},
-    "cli": {"core", "envs", "adapter", "lab", "cli"},
+    "cli": {"core", "envs", "adapter", "lab", "cli", "root"},
     "shim": {"lab", "shim", "core"},
     "root": {"envs"},
 }
