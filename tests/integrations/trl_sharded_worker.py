@@ -8,9 +8,13 @@
   unit (``-root``, accelerate's transformer auto-wrap layout: the head is whole during the
   forward) or in a unit of its own (``-head``: the head is a ``DTensor`` shard when the hook
   reads it). accelerate refuses FSDP and DeepSpeed on CPU processes, hence the manual sharding;
+* ``zero3`` (under ``torchrun``, CPU and gloo): DeepSpeed ZeRO-3 (``deepspeed.initialize``, no
+  parameter resident or prefetched);
 * ``accelerate`` (under ``accelerate launch`` with FSDP or DeepSpeed, on GPUs): whatever the
   launcher configured; the trainer first trains two steps, so the engine wraps and shards the
-  model as it does for users.
+  model as it does for users (``experiments/gpu_trl_sharded.py``).
+
+``ERC_TRL_DEVICE=cuda`` runs ``single`` on the GPU.
 
 Each process then:
 
@@ -97,7 +101,7 @@ def load_parameters(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> 
     """Copy full tensors into the (possibly sharded) parameters, the same on every process."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            full = values[name]
+            full = values[name].to(param.device)
             if isinstance(param, DTensor):
                 param.copy_(distribute_tensor(full, param.device_mesh, param.placements))
             elif hasattr(param, "ds_id"):  # ZeRO-3: gather, write on rank 0, re-partition
@@ -158,6 +162,27 @@ def shard_zero3(model: torch.nn.Module) -> Any:
     return hf_config, engine
 
 
+def compare_to_reference(ranks: list[dict[str, Any]], ref: dict[str, Any]) -> dict[str, float]:
+    """Max abs differences of a sharded run's results from the one-process reference.
+
+    ``h_old`` / ``h``: the ranks' rows, concatenated, against the reference rows (valid tokens);
+    ``metrics``: the largest difference of a logged ERC metric from the reference's;
+    ``ranks_disagree``: the largest difference of a logged metric between ranks.
+    """
+    mask = torch.tensor(ref["mask"]).bool()
+    out = {}
+    for key in ("h_old", "h"):
+        mine = torch.tensor([row for rank in ranks for row in rank[key]])
+        out[key] = float((mine - torch.tensor(ref[key]))[mask].abs().max())
+    logged = [rank["logged"] for rank in ranks]
+    values = torch.tensor([[log[key] for key in ERC_METRIC_KEYS] for log in logged])
+    want = torch.tensor([ref["logged"][key] for key in ERC_METRIC_KEYS])
+    finite = want.isfinite()
+    out["metrics"] = float((values[:, finite] - want[finite]).abs().max())
+    out["ranks_disagree"] = float((values[:, finite] - values[:1, finite]).abs().max())
+    return out
+
+
 def main() -> None:
     mode = sys.argv[2]
     if mode not in MODES:
@@ -181,7 +206,7 @@ def main() -> None:
         save_strategy="no",
         # under `accelerate launch` on GPUs, use_cpu=True would make accelerate ignore the
         # launcher's FSDP / DeepSpeed settings and fall back to DDP over CPU processes
-        use_cpu=mode != "accelerate",
+        use_cpu=mode != "accelerate" and os.environ.get("ERC_TRL_DEVICE") != "cuda",
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
         erc_low=0.98,
@@ -209,7 +234,7 @@ def main() -> None:
     # the same batch, split by rows over the processes
     batch = fixed_batch(len(tok))
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    local = {key: value[rows] for key, value in batch.items()}
+    local = {key: value[rows].to(acc.device) for key, value in batch.items()}
     net = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
     lm = trainer._erc_causal_lm()
     trainer.heads.clear()
@@ -254,9 +279,9 @@ def main() -> None:
         "train_heads": train_heads[:2],
         "heads": trainer.heads,
         "trained_logged": trained_logged,
-        "h_old": h_old.tolist(),
-        "h": h_new.tolist(),
-        "mask": local["completion_mask"].tolist(),
+        "h_old": h_old.cpu().tolist(),
+        "h": h_new.cpu().tolist(),
+        "mask": local["completion_mask"].cpu().tolist(),
         "logged": {key: trainer._metrics["train"][key][-1] for key in ERC_METRIC_KEYS},
         "sums": trainer.sums[-1],
     }
