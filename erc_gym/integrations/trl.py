@@ -339,7 +339,7 @@ def _sharding_engine(accelerator: Any, weight: Tensor) -> str:
         return "DeepSpeed ZeRO" + ("" if stage is None else f"-{stage}")
     if isinstance(weight, DTensor) or getattr(accelerator, "is_fsdp2", False):
         return "FSDP2 (fully_shard)"
-    if kind == DistributedType.FSDP:
+    if kind == DistributedType.FSDP or getattr(weight, "_fsdp_flattened", False):
         return "FSDP (v1)"
     if accelerator.num_processes > 1:
         return f"DDP ({kind.value})"

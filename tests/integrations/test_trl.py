@@ -642,13 +642,14 @@ def single_process_reference(tmp_path_factory) -> dict[str, Any]:
     return run_sharded_worker(tmp_path_factory.mktemp("single"), "single", 1)[0]
 
 
-@pytest.mark.parametrize("mode", ["fsdp2-root", "fsdp2-head", "zero3"])
+@pytest.mark.parametrize("mode", ["fsdp2-root", "fsdp2-head", "fsdp1-root", "zero3"])
 def test_sharded_exact_entropy_equals_one_process(tmp_path, single_process_reference, mode):
     """Two CPU processes (gloo) with ERC on: H_old and H as one process, metrics reduced.
 
     ``fsdp2-root``: the head in FSDP2's root unit (whole during the forward, read in place);
-    ``fsdp2-head``: the head in its own unit (a ``DTensor`` shard, gathered); ``zero3``: DeepSpeed
-    ZeRO-3 (parameters partitioned, the head gathered with ``GatheredParameters``).
+    ``fsdp2-head``: the head in its own unit (a ``DTensor`` shard, gathered); ``fsdp1-root``: FSDP
+    (v1), the head in the root unit (read in place); ``zero3``: DeepSpeed ZeRO-3 (parameters
+    partitioned, the head gathered with ``GatheredParameters`` when not already fetched).
     """
     if mode == "zero3":
         pytest.importorskip("deepspeed")
@@ -677,8 +678,12 @@ def test_sharded_exact_entropy_equals_one_process(tmp_path, single_process_refer
     assert diff["ranks_disagree"] == 0.0 and diff["metrics"] <= 1e-6, diff
 
 
-class _FakeZeroParam:
-    """What ``maybe_gather_lm_head_ctx`` and ``GatheredParameters`` see of a ZeRO-3 parameter."""
+def test_fsdp1_head_in_its_own_unit_is_refused(tmp_path):
+    """FSDP (v1) cannot gather inside a forward: a sharded head stops the run, engine named."""
+    ranks = run_sharded_worker(tmp_path, "fsdp1-head", 2)
+    for rank in ranks:
+        assert "sharded or empty under FSDP (v1): weight (2624,)" in rank["error"]
+        assert "erc_entropy='trl'" in rank["error"]
 
 
 def fake_zero3(monkeypatch: pytest.MonkeyPatch, head: torch.nn.Module, *, gather: bool) -> dict:

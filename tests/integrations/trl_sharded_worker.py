@@ -8,6 +8,9 @@
   unit (``-root``, accelerate's transformer auto-wrap layout: the head is whole during the
   forward) or in a unit of its own (``-head``: the head is a ``DTensor`` shard when the hook
   reads it). accelerate refuses FSDP and DeepSpeed on CPU processes, hence the manual sharding;
+* ``fsdp1-root`` / ``fsdp1-head`` (under ``torchrun``, CPU and gloo): the same layouts with
+  FSDP (v1) ``FullyShardedDataParallel(use_orig_params=True)``; with the head in its own unit the
+  exact entropy must refuse (the error is recorded instead of the results);
 * ``zero3`` (under ``torchrun``, CPU and gloo): DeepSpeed ZeRO-3 (``deepspeed.initialize``, no
   parameter resident or prefetched);
 * ``accelerate`` (under ``accelerate launch`` with FSDP or DeepSpeed, on GPUs): whatever the
@@ -50,7 +53,7 @@ from erc_gym.integrations.trl import (
 from erc_gym.llm.model import make_tiny_lm
 
 BATCH, PROMPT, COMPLETION = 8, 5, 6
-MODES = ("single", "fsdp2-root", "fsdp2-head", "zero3", "accelerate")
+MODES = ("single", "fsdp2-root", "fsdp2-head", "fsdp1-root", "fsdp1-head", "zero3", "accelerate")
 
 
 class RecordingTrainer(ERCGRPOTrainer):
@@ -99,9 +102,14 @@ def fixed_batch(vocab: int) -> dict[str, torch.Tensor]:
 
 def load_parameters(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into the (possibly sharded) parameters, the same on every process."""
-    with torch.no_grad():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    fsdp1 = [m for m in model.modules() if isinstance(m, FSDP)]
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        if fsdp1:  # FSDP (v1): write through the unsharded views
+            stack.enter_context(FSDP.summon_full_params(fsdp1[0], writeback=True))
         for name, param in model.named_parameters():
-            full = values[name].to(param.device)
+            full = values[name.replace("_fsdp_wrapped_module.", "")].to(param.device)
             if isinstance(param, DTensor):
                 param.copy_(distribute_tensor(full, param.device_mesh, param.placements))
             elif hasattr(param, "ds_id"):  # ZeRO-3: gather, write on rank 0, re-partition
@@ -138,6 +146,20 @@ def shard_fsdp2(model: torch.nn.Module, *, own_head_unit: bool) -> None:
     if own_head_unit:
         fully_shard(model.lm_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def shard_fsdp1(model: torch.nn.Module, *, own_head_unit: bool) -> torch.nn.Module:
+    """FSDP (v1) over all processes, the same units as :func:`shard_fsdp2`; returns the root."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        return FSDP(module, device_id=torch.device("cpu"), use_orig_params=True)
+
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = wrap(layer)
+    if own_head_unit:
+        model.lm_head = wrap(model.lm_head)
+    return wrap(model)
 
 
 def shard_zero3(model: torch.nn.Module) -> Any:
@@ -225,9 +247,14 @@ def main() -> None:
         trainer.train()
     elif mode == "zero3":
         zero3 = shard_zero3(trainer._erc_causal_lm())  # noqa: F841 (keeps ZeRO-3 enabled)
+    elif mode.startswith("fsdp1"):
+        trainer.model = shard_fsdp1(trainer.model, own_head_unit=mode == "fsdp1-head")
     else:
         shard_fsdp2(trainer._erc_causal_lm(), own_head_unit=mode == "fsdp2-head")
-    sharded = [isinstance(p, DTensor) or hasattr(p, "ds_id") for p in trainer.model.parameters()]
+    sharded = [
+        isinstance(p, DTensor) or hasattr(p, "ds_id") or getattr(p, "_fsdp_flattened", False)
+        for p in trainer.model.parameters()
+    ]
     train_heads = list(trainer.heads)
     trained_logged = {key: list(trainer._metrics["train"][key]) for key in ERC_METRIC_KEYS}
 
@@ -236,21 +263,28 @@ def main() -> None:
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     local = {key: value[rows].to(acc.device) for key, value in batch.items()}
     net = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
-    lm = trainer._erc_causal_lm()
     trainer.heads.clear()
     trainer.model.eval()
 
-    load_parameters(lm, old_values)
+    load_parameters(trainer.model, old_values)
     trainer._erc_scoring, trainer._erc_old = True, None
-    with torch.no_grad():
-        old_logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, local["input_ids"], local["attention_mask"], COMPLETION
-        )
+    try:
+        with torch.no_grad():
+            old_logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, local["input_ids"], local["attention_mask"], COMPLETION
+            )
+    except RuntimeError as exc:
+        if mode != "fsdp1-head":
+            raise
+        error = {"mode": mode, "error": str(exc), "heads": trainer.heads}
+        with open(os.path.join(os.environ["ERC_TRL_DUMP"], f"rank{rank}.json"), "w") as f:
+            json.dump(error, f)
+        return
     trainer._erc_scoring = False
     assert trainer._erc_old is not None
     h_old = trainer._erc_old[1]
 
-    load_parameters(lm, new_values)
+    load_parameters(trainer.model, new_values)
     trainer._metrics["train"].clear()
     trainer.model.train()
     trainer._erc_batch = {
