@@ -796,3 +796,63 @@ def test_head_shape_check(weight, bias, problem):
     with pytest.raises(RuntimeError, match="FSDP \\(v1\\)"):
         erc_trl._check_head(weight, bias, vocab=82, hidden_size=64, engine="FSDP (v1)")
     erc_trl._check_head(torch.zeros(82, 64), torch.zeros(82), vocab=82, hidden_size=64, engine="x")
+
+
+# -- tools/trl_own_tests.py: the pieces that decide what counts ---------------------------------
+
+
+def load_own_tests() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "trl_own_tests", REPO / "tools" / "trl_own_tests.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_own_tests_classifies_differences():
+    own = load_own_tests()
+    base = {
+        "a": ("passed", ""),
+        "b": ("passed", ""),
+        "c": ("failed", "old copy"),
+        "d": ("passed", ""),
+    }
+    mode = {
+        "a": ("failed", "ValueError: ERC needs beta=0.0, got beta=0.04: ..."),
+        "b": ("failed", "AssertionError: Parameter x has not changed."),
+        "c": ("failed", "old copy"),  # fails in the baseline too: not a difference
+        "d": ("passed", ""),
+    }
+    diff = own.compare(base, mode)
+    assert set(diff["refused"]) == {"a"} and set(diff["other"]) == {"b"}
+
+
+def test_own_tests_standins():
+    own = load_own_tests()
+    assert own._standin_spec("trl-internal-testing/tiny-Qwen2ForCausalLM-2.5") == (
+        "qwen2",
+        "ForCausalLM",
+    )
+    assert own._standin_spec("trl-internal-testing/tiny-Qwen3MoeForCausalLM") == (
+        "qwen3_moe",
+        "ForCausalLM",
+    )
+    assert own._standin_spec("trl-internal-testing/tiny-LlavaForConditionalGeneration") is None
+    splits = own.zen("conversational_prompt_only")
+    assert (len(splits["train"]), len(splits["test"])) == (17, 2)  # the Zen's 19 lines
+    assert splits["train"][0]["prompt"][0]["role"] == "user"
+    with pytest.raises(ValueError, match="no offline stand-in"):
+        own.zen("standard_preference")
+
+
+def test_own_tests_without_a_copy_exits_3(tmp_path, monkeypatch, capsys):
+    """No --source, an empty cache, no tests in the sdist, no clone: one line, exit 3."""
+    own = load_own_tests()
+    monkeypatch.setattr(own, "find_tests", lambda version, cache, source: (None, ["cache: empty"]))
+    assert own.main(["--cache", str(tmp_path), "--dest", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available here (cache: empty)" in err[0]
