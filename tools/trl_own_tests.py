@@ -28,7 +28,7 @@ Three runs of the same selection:
 * ``stock``: TRL's ``GRPOTrainer``, the baseline;
 * ``off``: ``trl.GRPOTrainer`` / ``trl.GRPOConfig`` replaced by ``ERCGRPOTrainer`` /
   ``ERCGRPOConfig`` (ERC off);
-* ``on``: the same with ERC on, band (0.95, 1.05) and ``num_iterations=2`` by default, so that
+* ``on``: the same with ERC on, band (0.98, 1.02) and ``num_iterations=2`` by default, so that
   every test that does not choose a schedule trains off-policy, where ERC acts.
 
 In all three runs every test's config defaults to ``max_steps=4`` (``--max-steps``; TRL's tests
@@ -56,7 +56,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ _MODE_ENV = "ERC_GYM_TRL_TESTS_MODE"
 _STANDINS_ENV = "ERC_GYM_TRL_TESTS_STANDINS"
 _CLIPS_ENV = "ERC_GYM_TRL_TESTS_CLIPS"
 _MAX_STEPS_ENV = "ERC_GYM_TRL_TESTS_MAX_STEPS"
+_OUTCOMES_ENV = "ERC_GYM_TRL_TESTS_OUTCOMES"
 #: Files of TRL's tests/ the GRPO tests import (the rest of the suite is not copied).
 _TEST_FILES = (
     "__init__.py",
@@ -73,8 +73,9 @@ _TEST_FILES = (
     "testing_constants.py",
     "test_grpo_trainer.py",
 )
-#: The band of the ``on`` run, and its default schedule (off-policy, so that ERC acts).
-ERC_ON = {"erc_low": 0.95, "erc_high": 1.05, "num_iterations": 2}
+#: The band of the ``on`` run (narrower than the paper's 0.95 / 1.05, so that ERC clips in most
+#: of the 4-step tests), and its default schedule (off-policy, so that ERC acts).
+ERC_ON = {"erc_low": 0.98, "erc_high": 1.02, "num_iterations": 2}
 #: ERC's refusals (each a ValueError/RuntimeError naming the setting, docs/scale_out.md).
 DOCUMENTED_REFUSALS = (
     "ERC needs importance_sampling_level='token'",
@@ -315,6 +316,23 @@ def pytest_configure(config: Any) -> None:
         setattr(module, "GRPOConfig", config_cls)  # noqa: B010
 
 
+def pytest_runtest_logreport(report: Any) -> None:
+    """Append each test phase's outcome and first message line to the outcomes file."""
+    path = os.environ.get(_OUTCOMES_ENV)
+    if not path or (report.when != "call" and report.outcome == "passed"):
+        return
+    message = ""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        message = str(report.longrepr[2])
+    elif report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(report.longrepr)
+    row = {"test": report.nodeid, "when": report.when, "outcome": report.outcome}
+    row["message"] = message.strip().splitlines()[0][:300] if message.strip() else ""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _recording_trainer(base: type, path: Path) -> type:
     """The trainer, appending each test's ERC clip counts to ``path`` (one JSON line a batch)."""
 
@@ -406,7 +424,7 @@ def run_mode(
 ) -> dict:
     """Run the selected tests in one mode; outcomes per test id from a JUnit XML report."""
     out = standins.parent
-    report = out / f"junit-{mode}.xml"
+    report = out / f"outcomes-{mode}.jsonl"
     clips = out / f"clips-{mode}.jsonl"
     clips.unlink(missing_ok=True)
     report.unlink(missing_ok=True)
@@ -416,6 +434,9 @@ def run_mode(
         _STANDINS_ENV: str(standins),
         _CLIPS_ENV: str(clips),
         _MAX_STEPS_ENV: str(max_steps),
+        _OUTCOMES_ENV: str(report),
+        # tiny models: one thread each; two threads on a shared 2-core machine ran 20x slower
+        "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -439,7 +460,6 @@ def run_mode(
         str(root),
         "-k",
         keyword,
-        f"--junitxml={report}",
         *extra,
         str(root / "tests" / "test_grpo_trainer.py"),
     ]
@@ -471,22 +491,20 @@ def run_mode(
 
 
 def read_report(report: Path) -> dict[str, tuple[str, str]]:
-    """``{test id: (outcome, first line of the message)}`` from a JUnit XML report."""
+    """``{test id: (outcome, first message line)}`` from the plugin's outcome lines.
+
+    A test's outcome is that of its first phase (setup, call, teardown) that did not pass: an
+    error in setup or teardown counts as ``error``, a failed call as ``failed``.
+    """
     outcomes: dict[str, tuple[str, str]] = {}
     if report.exists():
-        for case in ET.parse(report).getroot().iter("testcase"):
-            name = f"{case.get('classname', '')}::{case.get('name', '')}"
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    outcome = {"failure": "failed"}.get(tag, tag)
-                    text = node.get("message") or node.text or ""
-                    message = text.strip().splitlines()[0][:300] if text.strip() else ""
-                    break
-            if outcome == "error" and name in outcomes:  # a teardown error after a result
-                continue
-            outcomes[name] = (outcome, message)
+        for line in report.read_text().splitlines():
+            row = json.loads(line)
+            outcome = row["outcome"]
+            if outcome == "failed" and row["when"] != "call":
+                outcome = "error"
+            if outcomes.get(row["test"], ("passed", ""))[0] == "passed":
+                outcomes[row["test"]] = (outcome, row["message"])
     return outcomes
 
 
@@ -546,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{mode}] {json.dumps(res['counts'])} in {res['seconds']} s", flush=True)
         if not res["outcomes"]:
             print("  no test ran: " + " | ".join(res["tail"]))
-    base = results.get("stock", {}).get("outcomes") or read_report(dest / "junit-stock.xml")
+    base = results.get("stock", {}).get("outcomes") or read_report(dest / "outcomes-stock.jsonl")
     undocumented = 0
     for mode in ("off", "on"):
         if mode not in results:
