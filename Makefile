@@ -15,7 +15,7 @@ TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' constraints-cpu.t
 
 comma := ,
 
-.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations trl-own-tests ci lint format bench clean
+.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations trl-own-tests ci lint format bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -49,10 +49,10 @@ demo: setup
 	$(PY) -m erc_gym experiment quick
 
 test: setup
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu and not trl and not verl"
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m "slow and not trl and not verl"
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu
@@ -71,7 +71,7 @@ $(VENV_TRL)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 test-trl: $(VENV_TRL)/.installed
-	$(VENV_TRL)/bin/python -m pytest tests/integrations/test_trl.py
+	$(VENV_TRL)/bin/python -m pytest -m trl tests/integrations
 
 # TRL's own GRPO tests against ERCGRPOTrainer, ERC off and on (tools/trl_own_tests.py, whose
 # docstring says where TRL's tests come from: TRL's sdist on PyPI has none, so a machine without
@@ -94,13 +94,28 @@ $(VERL_VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 test-verl: $(VERL_VENV)/.installed
-	$(VERL_VENV)/bin/python -m pytest tests/integrations/test_verl.py
+	$(VERL_VENV)/bin/python -m pytest -m verl tests/integrations
 
 # Both integration suites (each in its own environment).
 test-integrations: test-trl test-verl
 
-# What CI runs (.ci/run): lint, the default suite, the TRL and verl suites, TRL's own GRPO tests.
-ci: lint test test-integrations trl-own-tests
+# The documentation site (docs/README.md): Sphinx + MyST-NB + furo, built into site/ in strict
+# mode (-W: any warning fails; -n: every reference to this project's objects must resolve; -E:
+# every page is read again, so no warning hides in a cached page). Adds the docs extra to .venv.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints-cpu.txt -e ".[dev,docs]" 2>&1 | grep -v "^WARNING: Location" || true
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	rm -rf site
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs site
+	rm -rf jupyter_execute  # MyST-NB's copy of the notebooks, written beside the output folder
+	$(PY) -m pytest -q tests/test_docs_api.py
+	@echo "built site/index.html (open it with: python -m webbrowser site/index.html)"
+
+# What CI runs (.ci/run): lint, the documentation site, the default suite, the TRL and verl suites,
+# TRL's own GRPO tests.
+ci: lint docs test test-integrations trl-own-tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -112,8 +127,8 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 bench: setup
-	$(PY) experiments/bench_entropy.py
-	$(PY) experiments/bench_loss.py
+	$(PY) experiments/bench/bench_entropy.py
+	$(PY) experiments/bench/bench_loss.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis site

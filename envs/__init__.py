@@ -3,11 +3,13 @@
 Importing this package only registers ids (string entry points); an env's module is imported by
 ``gymnasium.make``. ``gymnasium.make("erc_gym.envs:VocabBandit-v0")`` imports and makes in one call.
 
-| id | what |
-|---|---|
-| ``erc_gym/VocabBandit-v0`` | contextual bandit, V up to 151,936 actions, pretrained-like prior |
-| ``erc_gym/TokenSequence-v0`` | token MDP without transformers: reverse the prompt |
-| ``erc_gym/TokenArithmetic-v0`` | token MDP on arithmetic with a character tokenizer |
+============================== ==================================================================
+id                             what
+============================== ==================================================================
+``erc_gym/VocabBandit-v0``     contextual bandit, V up to 151,936 actions, pretrained-like prior
+``erc_gym/TokenSequence-v0``   token MDP without transformers: reverse the prompt
+``erc_gym/TokenArithmetic-v0`` token MDP on arithmetic with a character tokenizer
+============================== ==================================================================
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "register_envs",
 ]
 
+#: The registered ids.
 ENV_IDS = ("erc_gym/VocabBandit-v0", "erc_gym/TokenSequence-v0", "erc_gym/TokenArithmetic-v0")
 
 _ENTRY_POINTS = {

@@ -12,7 +12,9 @@ from erc_gym.envs.rewards import score_token_sequences
 
 __all__ = ["EOS_ID", "PAD_ID", "TokenSequence"]
 
+#: Token id of padding.
 PAD_ID = 0
+#: Token id that ends an episode (the end of the answer).
 EOS_ID = 1
 _FIRST_SYMBOL = 2
 

@@ -1,8 +1,8 @@
 """erc_gym: Entropy Ratio Clipping (ERC, arXiv 2512.05591) from toy problems to language models.
 
 The core is one policy loss (:func:`erc_gym.losses.policy_loss`) and one entropy module
-(:mod:`erc_gym.entropy`); the SB3 algorithm :class:`ERCPPO`, the LLM trainer and the TRL / verl
-integrations call them.
+(:mod:`erc_gym.entropy`); the SB3 algorithm :class:`~erc_gym.sb3.ERCPPO`, the LLM trainer and the
+TRL / verl integrations call them.
 
 Importing this package is cheap: every public name is resolved on first use (PEP 562), so
 ``import erc_gym.losses`` or ``import erc_gym.entropy`` pulls in torch only -- no gymnasium,

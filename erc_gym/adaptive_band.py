@@ -45,10 +45,10 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from erc_gym.adaptive_coef import check_tolerance_rule, tolerance_scale
 from erc_gym.losses import ERCConfig, LossStats, loss_metrics
 
 __all__ = ["AdaptiveERCBand", "check_target_clip_fraction", "off_policy_clip_fraction"]
@@ -133,10 +133,7 @@ class AdaptiveERCBand:
     def __post_init__(self) -> None:
         check_target_clip_fraction(self.target, self.low, self.high)
         ERCConfig(self.low, self.high)  # a valid starting band
-        for name in ("tolerance", "factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 1:
-                raise ValueError(f"AdaptiveERCBand.{name} must be > 1, got {name}={value!r}")
+        check_tolerance_rule("AdaptiveERCBand", self.tolerance, self.factor)
         floor = self.min_half_width
         if not 0 < self.max_half_width < 1 or (
             floor is not None and not 0 < floor <= self.max_half_width
@@ -165,13 +162,8 @@ class AdaptiveERCBand:
             clip_fraction: ERC's clip fraction on the rollout's off-policy steps
                 (:func:`off_policy_clip_fraction`), or None / NaN when there were none.
         """
-        if clip_fraction is None or not math.isfinite(clip_fraction):
-            return self.band
-        if clip_fraction > self.target * self.tolerance:
-            scale = self.factor
-        elif clip_fraction < self.target / self.tolerance:
-            scale = 1.0 / self.factor
-        else:
+        scale = tolerance_scale(clip_fraction, self.target, self.tolerance, self.factor)
+        if scale is None:
             return self.band
         (lo_min, lo_max), (hi_min, hi_max) = self._limits
         self.low = 1.0 - min(max((1.0 - self.low) * scale, lo_min), lo_max)

@@ -20,13 +20,16 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from erc_gym.adaptive_band import (
@@ -35,12 +38,22 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import group_advantages
+from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import ratio_histogram, unsampled_drift
-from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
-from erc_gym.jsonl import append_jsonl
-from erc_gym.losses import LossConfig, LossStats, entropy_ratio, loss_metrics, policy_loss
+from erc_gym.entropy import entropy_from_logits, kl_from_logits, logprob_and_entropy
+from erc_gym.jsonl import append_jsonl, truncate_metrics
+from erc_gym.limits import MAX_SEED
+from erc_gym.losses import (
+    LossConfig,
+    LossStats,
+    clip_flags,
+    entropy_ratio,
+    loss_metrics,
+    policy_loss,
+)
+from erc_gym.methods import MethodRuntime, MethodSettings, method_metrics
 
-__all__ = ["BANDIT_METRIC_KEYS", "BanditConfig", "train_bandit"]
+__all__ = ["BANDIT_METRIC_KEYS", "BanditConfig", "RolloutDrift", "rollout_drift", "train_bandit"]
 
 #: Keys of every ``metrics.jsonl`` line (after the first, which is the untrained prior).
 BANDIT_METRIC_KEYS = (
@@ -66,12 +79,19 @@ BANDIT_METRIC_KEYS = (
     "approx_kl",
     "grad_norm",
     "entropy_ratio_hist",
+    "update_steps",
 )
 
 
 @dataclass
-class BanditConfig:
-    """One VocabBandit run (env, policy, optimiser, loss)."""
+class BanditConfig(MethodSettings):
+    """One VocabBandit run (env, policy, optimiser, loss).
+
+    The rival methods, baselines and controls (:class:`~erc_gym.methods.MethodSettings`: token
+    gates, entropy bonus, KL penalty, DPPO, the equal-step control, ``target_kl``) are settings of
+    this config too; all are off by default. A KL penalty uses the exact per-context
+    KL(pi_old || pi) of the full distributions.
+    """
 
     vocab_size: int = 4096
     """Actions per context, ``V``."""
@@ -108,11 +128,13 @@ class BanditConfig:
 
     def loss_config(self) -> LossConfig:
         """The :class:`~erc_gym.losses.LossConfig` of this run."""
-        return LossConfig.named(self.loss, self.erc_low, self.erc_high)
+        # the bandit has the full distributions: the KL penalty is exact
+        base = LossConfig.named(self.loss, self.erc_low, self.erc_high)
+        return self.apply_to(base, kl_estimator="exact")
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an inconsistent configuration."""
-        self.loss_config()
+        self.loss_config()  # checks the methods too
         check_target_clip_fraction(self.erc_target_clip_fraction, self.erc_low, self.erc_high)
         if self.policy not in ("tabular", "shared"):
             raise ValueError(f"policy must be 'tabular' or 'shared', got {self.policy!r}")
@@ -123,8 +145,6 @@ class BanditConfig:
             raise ValueError(f"group must be >= 2 for group advantages, got group={self.group}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got lr={self.lr}")
-        from erc_gym.cli_args import MAX_SEED
-
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got seed={self.seed}")
         if self.save_every < 0:
@@ -132,6 +152,15 @@ class BanditConfig:
         from erc_gym.envs.vocab_bandit import check_task
 
         check_task(self.vocab_size, self.num_contexts, self.reward_set_size, self.sharp_fraction)
+
+
+@dataclass
+class _Batch:
+    """One sampled batch: the old logits ``(K, V)``, actions and advantages ``(K * group,)``."""
+
+    old_logits: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
 
 
 class _Policy(torch.nn.Module):
@@ -153,6 +182,28 @@ class _Policy(torch.nn.Module):
         return prior + self.ctx @ self.vocab
 
 
+def _setup(
+    c: BanditConfig,
+) -> tuple[_Policy, torch.optim.Optimizer, torch.Tensor, torch.Tensor, torch.Generator]:
+    """Validate ``c``; the policy at the env's prior, its optimiser, rewards, contexts, RNG."""
+    from erc_gym.envs.vocab_bandit import VocabBandit
+
+    c.validate()
+    env = VocabBandit(
+        vocab_size=c.vocab_size,
+        num_contexts=c.num_contexts,
+        reward_set_size=c.reward_set_size,
+        sharp_fraction=c.sharp_fraction,
+        task_seed=c.seed,
+    )
+    reward_mask = torch.as_tensor(env.reward_mask, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(c.seed)
+    policy = _Policy(torch.as_tensor(env.prior_logits.copy()), c.policy, gen)
+    opt = torch.optim.Adam(policy.parameters(), lr=c.lr)
+    ctx = torch.arange(c.num_contexts).repeat_interleave(c.group)
+    return policy, opt, reward_mask, ctx, gen
+
+
 def train_bandit(
     config: BanditConfig,
     run_dir: str | Path | None = None,
@@ -171,35 +222,22 @@ def train_bandit(
         progress: show a tqdm bar over iterations.
         max_iterations: stop after this many iterations in total (stop-and-resume tests).
     """
-    from erc_gym.envs.vocab_bandit import VocabBandit
-
-    config.validate()
     c = config
-    env = VocabBandit(
-        vocab_size=c.vocab_size,
-        num_contexts=c.num_contexts,
-        reward_set_size=c.reward_set_size,
-        sharp_fraction=c.sharp_fraction,
-        task_seed=c.seed,
-    )
+    policy, opt, reward_mask, ctx, gen = _setup(c)
     loss_config = c.loss_config()
     adaptive = None
     if c.erc_target_clip_fraction is not None and loss_config.erc is not None:
         adaptive = AdaptiveERCBand(
             c.erc_target_clip_fraction, low=loss_config.erc.low, high=loss_config.erc.high
         )
-    reward_mask = torch.as_tensor(env.reward_mask, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(c.seed)
-    policy = _Policy(torch.as_tensor(env.prior_logits.copy()), c.policy, gen)
-    opt = torch.optim.Adam(policy.parameters(), lr=c.lr)
-    ctx = torch.arange(c.num_contexts).repeat_interleave(c.group)
+    methods = MethodRuntime(c, c.seed)
     batch = len(ctx)
 
     path = None if run_dir is None else Path(run_dir)
     start = 0
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        atomic_write(path / "config.json", json.dumps(dataclasses.asdict(c), indent=2))
         ckpt = path / "checkpoint.pt"
         metrics_path = path / "metrics.jsonl"
         if resume and ckpt.exists():
@@ -209,10 +247,10 @@ def train_bandit(
             gen.set_state(state["generator"])
             if adaptive is not None:
                 adaptive.load_state_dict(state["erc_band"])
+            if "methods" in state:
+                methods.load_state_dict(state["methods"])
             start = state["iteration"]
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iteration"] <= start]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
+            truncate_metrics(metrics_path, "iteration", start)
         else:
             metrics_path.unlink(missing_ok=True)
 
@@ -228,11 +266,11 @@ def train_bandit(
             "optimizer": opt.state_dict(),
             "generator": gen.get_state(),
             "iteration": iteration,
+            "methods": methods.state_dict(),
         }
         if adaptive is not None:
             state["erc_band"] = adaptive.state_dict()
-        torch.save(state, path / "checkpoint.tmp")
-        (path / "checkpoint.tmp").replace(path / "checkpoint.pt")
+        atomic_write(path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     out: list[dict[str, Any]] = []
     if start == 0:
@@ -255,7 +293,7 @@ def train_bandit(
     for it in range(start, last):
         if adaptive is not None:
             loss_config = dataclasses.replace(loss_config, erc=adaptive.band)
-        line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c)
+        line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c, methods)
         if adaptive is not None:
             adaptive.update(line["erc_clip_fraction_off_policy"])
         line = {"step": (it + 1) * batch, "iteration": it + 1, **line}
@@ -280,8 +318,17 @@ def _iteration(
     ctx: torch.Tensor,
     gen: torch.Generator,
     c: BanditConfig,
+    methods: MethodRuntime | None = None,
+    on_step: Callable[[int, _Batch], None] | None = None,
 ) -> dict[str, Any]:
-    """One sampled batch and its ``minibatches`` updates; returns the metrics line."""
+    """One sampled batch and its ``minibatches`` updates; returns the metrics line.
+
+    ``on_step(k, batch)`` is called before the first update (``k = 0``) and after the ``k``-th.
+    ``methods`` carries the state of the run's methods (:class:`~erc_gym.methods.MethodRuntime`;
+    a fresh one when None).
+    """
+    if methods is None:
+        methods = MethodRuntime(c, c.seed)
     with torch.no_grad():
         old_logits = policy().detach().clone()
         old_probs = torch.softmax(old_logits, -1)
@@ -293,8 +340,12 @@ def _iteration(
     perm = torch.randperm(len(actions), generator=gen)
     stats: list[LossStats] = []
     grad_norms = []
-    for idx in perm.chunk(c.minibatches):
-        lp, h = logprob_and_entropy(policy()[ctx[idx]], actions[idx])
+    batch = _Batch(old_logits, actions, adv)
+    if on_step is not None:
+        on_step(0, batch)
+    for k, idx in enumerate(perm.chunk(c.minibatches), 1):
+        logits = policy()[ctx[idx]]
+        lp, h = logprob_and_entropy(logits, actions[idx], entropy_grad=c.needs_entropy_grad)
         pg = policy_loss(
             lp,
             old_lp[idx],
@@ -303,12 +354,21 @@ def _iteration(
             old_entropy=old_h[idx],
             config=loss_config,
             metrics=False,
+            kl=kl_from_logits(old_logits[ctx[idx]], logits) if c.needs_kl else None,
+            **methods.loss_kwargs(),
         )
+        stats.append(pg.stats)
+        if methods.should_stop(pg.stats):  # SB3: this mini-batch is logged, not trained on
+            break
         opt.zero_grad()
         pg.loss.backward()
         grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), math.inf))
-        opt.step()
-        stats.append(pg.stats)
+        with methods.scaled_lr(opt, pg):
+            opt.step()
+        methods.after_step(pg)
+        if on_step is not None:
+            on_step(k, batch)
+    methods.after_update(stats)
     m = loss_metrics(stats)
     # the entropy ratio of every sample the loss saw (the same formula when ERC is off)
     rho = torch.cat([entropy_ratio(s.entropy, s.old_entropy).reshape(-1) for s in stats])  # type: ignore[arg-type]
@@ -343,6 +403,114 @@ def _iteration(
         "erc_clipped_entropy_old_mean": m.get("erc_clipped_entropy_old_mean", math.nan),
         "erc_kept_entropy_old_mean": m.get("erc_kept_entropy_old_mean", math.nan),
         "approx_kl": m["approx_kl"],
-        "grad_norm": float(torch.stack(grad_norms).mean()),
+        "grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else math.nan,
         "entropy_ratio_hist": ratio_histogram(rho),
+        "update_steps": len(grad_norms),
+        **method_metrics(m),
     }
+
+
+@dataclass
+class RolloutDrift:
+    """The states of one sampled batch, optimiser step by optimiser step, without and with ERC.
+
+    Row 0 of every array is before the first step (every ratio is 1: the first step is
+    on-policy), row ``k`` after the ``k``-th step. The dictionaries have the keys ``"off"``
+    (the steps taken without ERC) and ``"erc"`` (the same batch, from the same policy and
+    optimiser state, with ERC and :attr:`band`).
+
+    Attributes:
+        band: the ERC band, also the band that ``outside`` and ``erc_mask`` refer to.
+        contexts: ``(N,)`` the context (state) of each sample.
+        advantages: ``(N,)`` the GRPO advantage of each sample.
+        outside: ``(S + 1,)`` share of the contexts whose entropy ratio is outside the band.
+        entropy_ratio: ``(S + 1, K)`` each context's ``H / H_old``.
+        ppo_clip: ``(S + 1, N)`` where PPO-clip's bound is active for the sample (the loss would
+            give it no gradient on the next step).
+        erc_mask: ``(S + 1, N)`` where the sample's context is outside the band (ERC would
+            stop its gradient on the next step).
+    """
+
+    band: tuple[float, float]
+    contexts: np.ndarray
+    advantages: np.ndarray
+    outside: dict[str, np.ndarray]
+    entropy_ratio: dict[str, np.ndarray]
+    ppo_clip: dict[str, np.ndarray]
+    erc_mask: dict[str, np.ndarray]
+
+
+def rollout_drift(config: BanditConfig, *, warmup: int = 0) -> RolloutDrift:
+    """Measure one rollout's ``config.minibatches`` steps one by one, with ERC off and on.
+
+    After ``warmup`` ordinary iterations (with ``config``'s own loss), one batch is sampled and
+    its mini-batch steps are taken twice from the same policy and optimiser state: once without
+    ERC and once with the band ``(config.erc_low, config.erc_high)`` (the paper's
+    ``(0.95, 1.05)`` when ERC is off in ``config``). Nothing is written to disk.
+
+    Example:
+        >>> d = rollout_drift(BanditConfig(vocab_size=64, minibatches=4))
+        >>> d.outside["off"].shape
+        (5,)
+    """
+    c = dataclasses.replace(config, erc_target_clip_fraction=None)
+    band = (0.95, 1.05) if c.erc_low is None or c.erc_high is None else (c.erc_low, c.erc_high)
+    policy, opt, reward_mask, ctx, gen = _setup(c)
+    for _ in range(warmup):
+        _iteration(policy, opt, c.loss_config(), reward_mask, ctx, gen, c)
+    start = (
+        {k: v.clone() for k, v in policy.state_dict().items()},
+        copy.deepcopy(opt.state_dict()),
+        gen.get_state(),
+    )
+    losses = {
+        "off": LossConfig.named(c.loss, None, None),
+        "erc": LossConfig.named(c.loss, *band),
+    }
+    seen: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    batch_seen: list[_Batch] = []
+    for name, loss_config in losses.items():
+        policy.load_state_dict(start[0])
+        opt.load_state_dict(copy.deepcopy(start[1]))
+        gen.set_state(start[2])
+        rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def record(
+            k: int,
+            batch: _Batch,
+            rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = rows,
+            loss_config: LossConfig = loss_config,
+        ) -> None:
+            with torch.no_grad():
+                logits = policy()
+                rho = entropy_ratio(
+                    entropy_from_logits(logits), entropy_from_logits(batch.old_logits)
+                )
+                log_ratio = torch.log_softmax(logits, -1) - torch.log_softmax(batch.old_logits, -1)
+                ratio = log_ratio[ctx, batch.actions].exp()
+                flags = clip_flags(
+                    ratio,
+                    batch.advantages,
+                    eps_low=loss_config.eps_low,
+                    eps_high=loss_config.eps_high,
+                    dual_clip_c=loss_config.dual_clip_c,
+                )
+            clipped = flags["clip_low"] | flags["clip_high"] | flags["dual_clip"]
+            rows.append((rho.numpy(), clipped.numpy(), ratio.numpy()))
+            if k == 0:
+                batch_seen.append(batch)
+
+        _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c, on_step=record)
+        seen[name] = rows
+    rho_by = {name: np.stack([r[0] for r in rows]) for name, rows in seen.items()}
+    out_ctx = {name: (r <= band[0]) | (r >= band[1]) for name, r in rho_by.items()}
+    contexts = ctx.numpy()
+    return RolloutDrift(
+        band=band,
+        contexts=contexts,
+        advantages=batch_seen[0].advantages.numpy(),
+        outside={name: o.mean(axis=1) for name, o in out_ctx.items()},
+        entropy_ratio=rho_by,
+        ppo_clip={name: np.stack([r[1] for r in rows]) for name, rows in seen.items()},
+        erc_mask={name: o[:, contexts] for name, o in out_ctx.items()},
+    )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -20,9 +21,12 @@ from typing import Any
 from erc_gym.cli_args import (
     CliParser,
     fail,
+    non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     seed,
+    setting,
     writable_dir,
     writable_file,
 )
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:
     """``path`` itself if it is an experiment folder, else its sub-folders that are."""
-    from erc_gym.analysis import experiment_above, find_experiments
+    from erc_gym.lab.analysis import experiment_above, find_experiments
 
     try:
         found, notes = find_experiments(path)
@@ -87,7 +91,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
     import shlex
     import signal
 
-    from erc_gym.runner import list_experiments
+    from erc_gym.lab.config import list_experiments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     shipped = list_experiments()
@@ -108,6 +112,15 @@ def experiment_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seeds", type=positive_int, default=None, help="override the number of seeds"
     )
+    parser.add_argument(
+        "--set",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trainer setting for every run, over the config's settings and envs (repeat it; "
+        "values in JSON, e.g. --set steps=600 --set lr=1e-4 --set ops=+-*)",
+    )
     parser.add_argument("--restart", action="store_true", help="restart unfinished runs")
     parser.add_argument(
         "--overwrite",
@@ -124,14 +137,9 @@ def experiment_main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         parser.exit(2, "erc-gym experiment: error: give an experiment name (--list shows them)\n")
-    from erc_gym.experiment_config import ConfigError
-    from erc_gym.runner import (
-        ConfigMismatch,
-        ExperimentInterrupted,
-        RunsFailed,
-        load_experiment,
-        run_experiment,
-    )
+    from erc_gym.lab.config import ConfigError, load_experiment, override_settings
+    from erc_gym.lab.rundir import ConfigMismatch
+    from erc_gym.lab.runner import ExperimentInterrupted, RunsFailed, run_experiment
 
     # Between the runner restoring its signal handlers and this process exiting, a second Ctrl-C
     # or SIGTERM must not turn a clean "stopped by ..." exit into a KeyboardInterrupt traceback
@@ -140,6 +148,8 @@ def experiment_main(argv: list[str] | None = None) -> None:
     interrupted = False
     try:
         spec = load_experiment(args.name)
+        if args.set:
+            spec = override_settings(spec, dict(args.set))
         run_experiment(
             spec,
             args.runs,
@@ -169,7 +179,7 @@ def experiment_main(argv: list[str] | None = None) -> None:
             for signum, handler in late.items():
                 signal.signal(signum, handler)
     if not args.no_report:
-        from erc_gym.report import write_report
+        from erc_gym.lab.report import write_report
 
         report = write_report(Path(args.runs) / spec["name"])
         print(f"report: {report}")
@@ -184,7 +194,7 @@ def plot_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     args = parser.parse_args(argv)
-    from erc_gym.plots import plot_experiment
+    from erc_gym.lab.plots import plot_experiment
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         for path in plot_experiment(folder):
@@ -199,7 +209,7 @@ def _late_signal(signum: int, frame: Any) -> None:
     import os
     import signal
 
-    from erc_gym.runner import stopped_by
+    from erc_gym.lab.runner import stopped_by
 
     if stopped_by() is not None:
         return
@@ -219,7 +229,7 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs_dir", type=Path, help="an experiment folder or a runs folder")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
-    from erc_gym.report import write_report
+    from erc_gym.lab.report import write_report
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
         try:
@@ -234,6 +244,14 @@ def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, 
         given = f"--erc-low {low}" if low is not None else f"--erc-high {high}"
         fail(prog, f"--erc-low and --erc-high go together: got only {given}")
     return (0.95, 1.05) if low is None or high is None else (low, high)
+
+
+def _batch_size(text: str) -> int:
+    """A mini-batch of at least 2 samples (SB3's PPO normalises advantages within it)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (SB3's PPO needs 2), got {value}")
+    return value
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -278,7 +296,46 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dual-clip", type=positive_float, default=None, help="dual-clip constant c > 1"
     )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="constant learning rate (replaces the preset's schedule; default: preset or SB3's)",
+    )
+    parser.add_argument(
+        "--n-epochs",
+        type=positive_int,
+        default=None,
+        help="ERCPPO / PPO: epochs over each rollout (default: preset or SB3's 10)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        help="ERCPPO / PPO: mini-batch size (default: preset or SB3's 64); optimiser steps per "
+        "rollout = n_epochs x n_envs x n_steps / batch_size",
+    )
+    parser.add_argument(
+        "--target-kl",
+        type=positive_float,
+        default=None,
+        help="ERCPPO / PPO: SB3's early stop, ending a rollout's epochs once the approximate KL "
+        "to the rollout's policy exceeds 1.5 x this (default: off)",
+    )
+    parser.add_argument(
+        "--ent-coef",
+        type=non_negative_float,
+        default=None,
+        help="entropy bonus coefficient (default: preset or SB3's 0)",
+    )
     parser.add_argument("--n-envs", type=positive_int, default=None, help="default: preset or 8")
+    parser.add_argument(
+        "--eval-episodes",
+        type=non_negative_int,
+        default=0,
+        help="after training, the mean return of this many deterministic episodes on a "
+        "separately seeded env (default 0: none)",
+    )
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--log-dir", default="runs/train", help="SB3 logger folder")
     parser.add_argument("--tensorboard", action="store_true", help="also TensorBoard events")
@@ -302,6 +359,14 @@ def train_main(argv: list[str] | None = None) -> None:
     given = [f"{flag} {value}" for flag, value in ercppo_only.items() if value is not None]
     if given and args.algo != "ercppo":  # SB3's PPO / A2C would silently ignore them
         fail(prog, f"{given[0]} needs --algo ercppo, got --algo {args.algo}")
+    ppo_only = {
+        "--n-epochs": args.n_epochs,
+        "--batch-size": args.batch_size,
+        "--target-kl": args.target_kl,
+    }
+    given = [f"{flag} {value}" for flag, value in ppo_only.items() if value is not None]
+    if given and args.algo == "a2c":  # A2C has no epochs, mini-batches or KL early stop
+        fail(prog, f"{given[0]} needs --algo ercppo or ppo, got --algo a2c")
     writable_dir(prog, "--log-dir", args.log_dir)
     if args.save is not None:
         if not args.save.strip():
@@ -314,8 +379,7 @@ def train_main(argv: list[str] | None = None) -> None:
     from stable_baselines3.common.logger import configure
 
     import erc_gym.envs  # noqa: F401  (registers the erc_gym/* ids)
-    from erc_gym.diagnostics import EntropyDynamicsCallback
-    from erc_gym.sb3 import ERCPPO
+    from erc_gym.sb3 import ERCPPO, EntropyDynamicsCallback
     from erc_gym.sb3.presets import PRESETS, make_env_kwargs, ppo_kwargs
 
     try:
@@ -330,6 +394,14 @@ def train_main(argv: list[str] | None = None) -> None:
         else {"seed": args.seed, "verbose": verbose}
     )
     kwargs.pop("policy", None)
+    overrides = {
+        "learning_rate": args.lr,
+        "n_epochs": args.n_epochs,
+        "batch_size": args.batch_size,
+        "target_kl": args.target_kl,
+        "ent_coef": args.ent_coef,
+    }
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
     n_envs = args.n_envs or (make_env_kwargs(args.env_id)["n_envs"] if preset else 8)
     steps = args.steps or (PRESETS[args.env_id]["n_timesteps"] if preset else 100_000)
     model: Any
@@ -367,6 +439,18 @@ def train_main(argv: list[str] | None = None) -> None:
     model.logger.dump(model.num_timesteps)  # the last update's keys
     seconds = time.perf_counter() - start
     print(_train_summary(args, model, last, seconds))
+    if args.eval_episodes:
+        from stable_baselines3.common.evaluation import evaluate_policy
+
+        eval_env = make_vec_env(args.env_id, n_envs=1, seed=args.seed + 10_000)
+        mean, std = evaluate_policy(
+            model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True
+        )
+        eval_env.close()
+        print(
+            f"evaluation: mean return {mean:.2f} (std {std:.2f}) over {args.eval_episodes} "
+            "deterministic episodes"
+        )
     if args.save is not None:
         model.save(args.save)
         print(f"saved {args.save}")

@@ -8,20 +8,25 @@ traceback and never argparse's multi-line usage block (``--help`` has the usage)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from erc_gym.limits import MAX_SEED
 
 __all__ = [
     "MAX_SEED",
     "CliParser",
     "boolean",
     "fail",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
     "seed",
+    "setting",
     "writable_dir",
     "writable_file",
 ]
@@ -66,11 +71,6 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
-#: Largest seed: numpy's and torch's generators (and SB3's ``set_random_seed``) take seeds
-#: below ``2**32``.
-MAX_SEED = 2**32 - 1
-
-
 def seed(text: str) -> int:
     """A random seed: an integer in ``[0, 2**32 - 1]``."""
     value = _whole_number(text, 0)
@@ -87,6 +87,30 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: a value in JSON (``3``, ``1e-4``, ``true``, ``null``, ``"+-*"``), or else
+    the text itself (``ops=+-*``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 

@@ -3,8 +3,8 @@
 ERC compares ``H_new / H_old`` against a band as narrow as +-5%, and acts mostly on low-entropy
 (near-deterministic) states, so the entropy has to be accurate *in relative terms* even when it
 is tiny. The textbook form ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two large, nearly
-equal numbers and loses most of its digits there (ERC_SPEC 5.4). This module uses the
-cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` and
+equal numbers and loses most of its digits there (``docs/method.md`` section 5.4). This module
+uses the cancellation-free form instead. With ``m = max(z)``, ``d = (m - z) / T >= 0`` and
 ``e = exp(-d)``::
 
     s' = sum_{v != argmax} e_v            (the max element contributes exactly 1)
@@ -40,6 +40,8 @@ __all__ = [
     "DEFAULT_HEAD_CHUNK_ELEMENTS",
     "DEFAULT_HEAD_CHUNK_ELEMENTS_GPU",
     "entropy_from_logits",
+    "kl_from_logits",
+    "linear_kl_divergence",
     "linear_logprob_and_entropy",
     "logprob_and_entropy",
     "small_action_logprob_and_entropy",
@@ -378,7 +380,7 @@ def _row_chunks(views: list[tuple[int, Tensor]], chunk_rows: int) -> list[tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU chunk scheduling (issue #11 item 4). Each chunk is ~10 element-wise ops; run with torch's
+# CPU chunk scheduling. Each chunk is ~10 element-wise ops; run with torch's
 # intra-op (OpenMP) threads, every op splits its work statically over all threads and waits at a
 # barrier, so when one core is busy with another process every op waits for the thread sharing
 # that core: 2.4-6x slower than the naive formula's few large ops. Instead, whole chunks go to
@@ -690,7 +692,7 @@ def entropy_from_logits(
 
 # ---------------------------------------------------------------------------------------------
 # Fused LM head: log-probs and entropies straight from hidden states, one chunk of tokens at a
-# time, so the (N, V) logits are never held (issue #13).
+# time, so the (N, V) logits are never held.
 # ---------------------------------------------------------------------------------------------
 
 #: Logit elements (tokens x vocabulary) per chunk of :func:`linear_logprob_and_entropy` when
@@ -1225,3 +1227,146 @@ def linear_logprob_and_entropy(
         else None,
     )
     return log_prob.reshape(lead), entropy.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL(pi_old || pi) per state, for the KL penalty to the old policy (PPO-penalty).
+# ---------------------------------------------------------------------------------------------
+
+
+def _kl_rows(z_old: Tensor, z: Tensor, temperature: float) -> Tensor:
+    """``sum_v q_v (log q_v - log p_v)`` per row, ``q = softmax(z_old / T)``, in fp32 or wider.
+
+    ``q_v = 0`` terms contribute 0 (``xlogy``-style), so masked (-inf) actions of the old policy
+    are ignored; a -inf of the new policy where ``q_v > 0`` is an infinite KL, as it should be.
+    """
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    log_q = torch.log_softmax(z_old.detach().to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(z.to(dtype) / temperature, dim=-1)
+    q = log_q.exp()
+    return torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+
+
+def kl_from_logits(old_logits: Tensor, logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Per-state ``KL(softmax(old / T) || softmax(new / T))`` over the last axis.
+
+    Differentiable with respect to ``logits`` (gradient ``(p - q) / T`` per logit), with no
+    gradient into ``old_logits``. Computed with log-softmax in fp32 (fp64 inputs in fp64), so it
+    is exact to rounding and never negative beyond it. For the bandit and SB3 policies, whose
+    ``(N, V)`` logits exist anyway; LM trainers use :func:`linear_kl_divergence`.
+
+    Args:
+        old_logits: ``(..., V)`` logits of the policy that collected the data.
+        logits: ``(..., V)`` logits of the current policy.
+        temperature: sampling temperature (> 0).
+
+    Returns:
+        ``(...)`` KL per state, fp32 (fp64 for fp64 inputs).
+    """
+    _check_inputs(logits, temperature, None)
+    if old_logits.shape != logits.shape:
+        raise ValueError(
+            f"old_logits must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(old_logits.shape)}"
+        )
+    return _kl_rows(old_logits, logits, float(temperature))
+
+
+def _linear_kl_chunk(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    old_hidden: Tensor,
+    old_weight: Tensor,
+    old_bias: Tensor | None,
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+) -> Tensor:
+    # out of place (``_head_logits`` transforms in place, for its no-grad kernels): autograd
+    # differentiates this chunk when the checkpoint recomputes it
+    z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    z = z.float() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    with torch.no_grad():
+        z_old, _ = _head_logits(old_hidden, old_weight, old_bias, logit_scale, softcap, False)
+    return _kl_rows(z_old, z, temperature)
+
+
+def linear_kl_divergence(
+    hidden: Tensor,
+    weight: Tensor,
+    old_hidden: Tensor,
+    old_weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    old_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """Per-token ``KL(pi_old || pi)`` from the hidden states and LM heads of both policies.
+
+    The exact KL of the full vocabulary distributions without holding ``(N, V)`` logits: each
+    chunk of tokens gets both policies' logits from one GEMM each (the same transform as
+    :func:`linear_logprob_and_entropy`), and the backward pass recomputes the chunk
+    (activation checkpointing), so the extra memory is a few chunks of fp32 logits. The old
+    policy is the hidden states of the scoring pass and a copy of the head taken with them.
+
+    Args:
+        hidden: ``(..., H)`` current final hidden states (differentiable).
+        weight: ``(V, H)`` current LM-head weight (differentiable).
+        old_hidden: ``(..., H)`` the old policy's hidden states at the same tokens.
+        old_weight: ``(V, H)`` the old policy's LM-head weight.
+        bias: current head bias, or None.
+        old_bias: old head bias, or None.
+        temperature: sampling temperature (> 0).
+        logit_scale: multiplies the head's output before soft-capping (> 0).
+        softcap: final-logit soft-capping value, or None.
+        chunk_tokens: tokens per chunk (None: as :func:`linear_logprob_and_entropy`).
+
+    Returns:
+        ``(...)`` fp32 KL per token.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if old_hidden.shape != hidden.shape or old_weight.shape != weight.shape:
+        raise ValueError(
+            f"the old policy's hidden states / head must have the current ones' shapes "
+            f"{tuple(hidden.shape)} / {tuple(weight.shape)}, got {tuple(old_hidden.shape)} / "
+            f"{tuple(old_weight.shape)}"
+        )
+    if not temperature > 0 or not logit_scale > 0:
+        raise ValueError(
+            f"temperature and logit_scale must be > 0, got {temperature}, {logit_scale}"
+        )
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    old_flat = old_hidden.reshape(-1, hidden.shape[-1]).to(old_weight.dtype)
+    n, vocab = flat.shape[0], weight.shape[0]
+    budget = (
+        DEFAULT_HEAD_CHUNK_ELEMENTS
+        if hidden.device.type == "cpu"
+        else DEFAULT_HEAD_CHUNK_ELEMENTS_GPU
+    )
+    rows = max(1, min(n, chunk_tokens if chunk_tokens is not None else budget // (2 * vocab)))
+    parts = [
+        checkpoint(
+            _linear_kl_chunk,
+            flat[start : start + rows],
+            weight,
+            bias,
+            old_flat[start : start + rows],
+            old_weight,
+            old_bias,
+            float(temperature),
+            float(logit_scale),
+            None if softcap is None else float(softcap),
+            use_reentrant=False,
+        )
+        for start in range(0, n, rows)
+    ]
+    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+    return out.float().reshape(lead)

@@ -4,7 +4,9 @@ Python's ``json`` writes ``NaN`` and ``Infinity``, which strict readers (jq, Jav
 libraries) reject. Run logs therefore store non-finite floats as ``null``; readers get ``nan``
 back for ``null`` in numeric series (see :func:`read_jsonl`). A last line cut short by a killed
 process is skipped on read and removed by :func:`repair_jsonl` before appending, so a resumed
-run never writes after a broken line.
+run never writes after a broken line. A resumed run keeps the lines up to its checkpoint with
+:func:`truncate_metrics`, which rewrites the file atomically (:func:`erc_gym.atomic.atomic_write`):
+a kill during the rewrite leaves the old file, never a shorter one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_jsonl", "dumps_strict", "read_jsonl", "repair_jsonl"]
+from erc_gym.atomic import atomic_write
+
+__all__ = [
+    "append_jsonl",
+    "dumps_strict",
+    "last_value",
+    "read_jsonl",
+    "repair_jsonl",
+    "truncate_metrics",
+]
 
 
 def _finite(value: Any) -> Any:
@@ -48,14 +59,12 @@ def append_jsonl(path: str | Path, rows: Mapping[str, Any] | Iterable[Mapping[st
         os.fsync(f.fileno())
 
 
-def repair_jsonl(path: str | Path) -> int:
-    """Drop a partial last line (no trailing newline or not valid JSON); return lines dropped."""
-    p = Path(path)
-    if not p.exists():
-        return 0
-    data = p.read_bytes()
-    if not data:
-        return 0
+def _complete_lines(data: bytes) -> list[bytes]:
+    """The lines of ``data`` (with their newline) up to the last one that is complete JSON.
+
+    A line without its newline, or one that does not parse, at the end of the file is what a kill
+    during :func:`append_jsonl` leaves; it is dropped (and any such lines before it).
+    """
     keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
     lines = keep.splitlines(keepends=True)
     while lines:
@@ -64,13 +73,79 @@ def repair_jsonl(path: str | Path) -> int:
             break
         except ValueError:
             lines.pop()
+    return lines
+
+
+def _rewrite(path: Path, data: bytes, lines: list[bytes]) -> int:
+    """Replace ``path`` by ``lines`` (atomically, only if that changes it); return lines dropped."""
     fixed = b"".join(lines)
-    dropped = data.count(b"\n") + (0 if data.endswith(b"\n") else 1) - len(lines)
     if fixed != data:
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_bytes(fixed)
-        os.replace(tmp, p)
-    return dropped
+        atomic_write(path, fixed)
+    total = data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
+    return total - len(lines)
+
+
+def repair_jsonl(path: str | Path) -> int:
+    """Drop a partial last line (no trailing newline or not valid JSON); return lines dropped."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    data = p.read_bytes()
+    if not data:
+        return 0
+    return _rewrite(p, data, _complete_lines(data))
+
+
+def truncate_metrics(path: str | Path, key: str, upto: float) -> int:
+    """Keep the lines of a run log up to a restored checkpoint; return the lines dropped.
+
+    A line is kept when its ``key`` is at most ``upto`` (a line without ``key`` counts as 0, e.g.
+    a log line written before the first step); a partial last line left by a kill is dropped. The
+    file is replaced atomically and only when something is dropped, so a kill during the rewrite
+    keeps every line of the previous file.
+
+    Args:
+        path: the ``metrics.jsonl`` (nothing happens when it does not exist).
+        key: the counter the checkpoint records (``iteration``, ``step``,
+            ``time/total_timesteps``).
+        upto: the counter's value at the checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        return 0
+    data = p.read_bytes()
+    kept = []
+    for line in _complete_lines(data):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # a damaged line inside the file: readers skip it too
+            continue
+        value = row.get(key, 0) if isinstance(row, dict) else None
+        if isinstance(value, int | float) and value <= upto:
+            kept.append(line)
+    return _rewrite(p, data, kept)
+
+
+def last_value(path: str | Path, key: str) -> float | None:
+    """``key`` of the last complete line of ``path`` that has it (reads only the file's tail)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+    except OSError:
+        return None
+    for line in reversed(tail.split(b"\n")[1:-1] if size > 65536 else tail.split(b"\n")[:-1]):
+        try:
+            value = json.loads(line).get(key)
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, int | float):
+            return float(value)
+    return None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -1,4 +1,6 @@
-"""Shared pytest configuration: `gpu` tests skip without CUDA."""
+"""Shared pytest configuration: `gpu` tests skip without CUDA; the integration suites carry the
+`trl` and `verl` markers, so `make test` leaves them out by marker whether or not the engine
+happens to be installed."""
 
 from __future__ import annotations
 
@@ -15,7 +17,16 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+#: Test modules (by name prefix) of each integration suite -> its marker.
+SUITES = {"test_trl": pytest.mark.trl, "test_verl": pytest.mark.verl}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        for prefix, marker in SUITES.items():
+            if module.startswith(prefix):
+                item.add_marker(marker)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

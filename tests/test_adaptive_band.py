@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from erc_gym.adaptive_band import AdaptiveERCBand, off_policy_clip_fraction
-from erc_gym.analysis import load_runs
 from erc_gym.bandit import BanditConfig, train_bandit
-from erc_gym.experiment_config import ConfigError, validate_experiment
+from erc_gym.lab.analysis import load_runs
+from erc_gym.lab.config import ConfigError, load_experiment, validate_experiment
+from erc_gym.lab.grid import expand
+from erc_gym.lab.report import stress_markdown, write_report
+from erc_gym.lab.rundir import resolved_config
+from erc_gym.lab.runner import run_experiment
+from erc_gym.lab.stress import band_rule_table, cell_table
 from erc_gym.losses import ERCConfig, LossConfig, policy_loss
-from erc_gym.report import write_report
-from erc_gym.runner import expand, load_experiment, resolved_config, run_experiment
-from erc_gym.stress import band_rule_table, cell_table, stress_markdown
 
 # ------------------------------------------------------------------ the rule
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from erc_gym import demo
 from erc_gym.cli import COMMANDS, main
@@ -96,12 +97,37 @@ def test_train_command_logs_sb3_and_diagnostic_keys(tmp_path, capsys):
     assert any("train/erc_clip_fraction" in r for r in rows)
     assert any("diagnostics/entropy_volatility" in r for r in rows)
     assert (tmp_path / "model.zip").exists()
-    # #12 item 13: a short summary on stdout, not SB3's table after every update
+    # a short summary on stdout, not SB3's table after every update
     out = capsys.readouterr().out
     assert len(out.splitlines()) <= 6, out
     assert "CartPole-v1: ercppo (ERC on), 512 steps" in out
     assert "mean episode return over the last" in out
     assert "rollout/" not in out
+
+
+def test_train_passes_ppo_options_and_evaluates(tmp_path, capsys):
+    """--lr, --n-epochs, --batch-size, --target-kl and --ent-coef reach the algorithm."""
+    from erc_gym.sb3 import ERCPPO
+
+    model_path = tmp_path / "model.zip"
+    main(
+        [
+            "train",
+            "CartPole-v1",
+            *("--steps", "256", "--n-envs", "2", "--no-progress"),
+            *("--lr", "0.002", "--n-epochs", "3", "--batch-size", "32"),
+            *("--target-kl", "0.02", "--ent-coef", "0.01", "--eval-episodes", "2"),
+            *("--log-dir", str(tmp_path / "log"), "--save", str(model_path)),
+        ]
+    )
+    model = ERCPPO.load(model_path)
+    assert model.learning_rate == 0.002  # a constant, not the preset's lin_0.001 schedule
+    assert model.n_epochs == 3
+    assert model.batch_size == 32
+    assert model.target_kl == 0.02
+    assert model.ent_coef == 0.01
+    out = capsys.readouterr().out
+    assert re.search(r"evaluation: mean return [0-9.]+ \(std [0-9.]+\) over 2 deterministic", out)
 
 
 def test_train_verbose_prints_sb3_tables(tmp_path, capsys):
@@ -120,7 +146,7 @@ def _file(tmp_path: Path) -> str:
 #: Options that keep a run which wrongly starts short (a test that fails does so in seconds).
 TINY = ["--steps", "64", "--n-envs", "1", "--no-progress", "--log-dir", "{tmp}/log"]
 
-# #12 item 8: every bad value is one line on stderr and exit 2, never a traceback.
+# Every bad value is one line on stderr and exit 2, never a traceback.
 BAD_INPUTS = [
     (["nope"], "invalid choice: 'nope'"),
     (["train", "Nope-v0"], "unknown environment id 'Nope-v0'"),
@@ -167,6 +193,17 @@ BAD_INPUTS = [
     (["train", "CartPole-v1", "--algo", "a2c", "--clip-variant", "gppo", *TINY], "--clip-variant"),
     (["train", "CartPole-v1", "--algo", "ppo", "--clip-range-high", "0.3", *TINY], "--clip-range"),
     (["train", "CartPole-v1", "--save", "", *TINY], "--save '': give a file path"),
+    # PPO options for the tutorial's collapse cell (16 steps per rollout, target_kl, entropy bonus)
+    (["train", "CartPole-v1", "--algo", "a2c", "--target-kl", "0.02", *TINY], "--target-kl 0.02 n"),
+    (["train", "CartPole-v1", "--algo", "a2c", "--n-epochs", "4", *TINY], "needs --algo ercppo or"),
+    (["train", "CartPole-v1", "--target-kl", "0"], "--target-kl: must be a finite number > 0"),
+    (["train", "CartPole-v1", "--target-kl", "nan"], "--target-kl: must be a finite number > 0"),
+    (["train", "CartPole-v1", "--target-kl", "big"], "--target-kl: expected a number > 0"),
+    (["train", "CartPole-v1", "--batch-size", "1"], "--batch-size: must be >= 2"),
+    (["train", "CartPole-v1", "--n-epochs", "0"], "--n-epochs: must be >= 1"),
+    (["train", "CartPole-v1", "--lr", "inf"], "--lr: must be a finite number > 0"),
+    (["train", "CartPole-v1", "--ent-coef", "-0.1"], "--ent-coef: must be a finite number >= 0"),
+    (["train", "CartPole-v1", "--eval-episodes", "-1"], "--eval-episodes: must be >= 0"),
     # h14: LLM settings that were accepted, or failed later with a traceback / without a name
     (["llm", "--seed", "-1"], "seed must be in [0, 2**32 - 1], got seed=-1"),
     (["llm", "--seed", "99999999999999999999"], "got seed=99999999999999999999"),
@@ -285,10 +322,46 @@ def test_demo_erc_narrows_the_entropy_ratio():
     assert erc["entropy_ratio_min"] > ppo["entropy_ratio_min"]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/tutorial_entropy.md"])
+def test_demo_worked_example_sampled_ratio_inside_clip_entropy_ratio_outside_band():
+    """The tutorial's five-action example: PPO-clip sees nothing where ERC's band is left."""
+    ppo = demo.worked_example(LossConfig.ppo())
+    erc = demo.worked_example(LossConfig.ppo(erc=ERCConfig(0.95, 1.05)))
+    after_two = ppo[1]
+    assert 1.0 < after_two.ratio < 1.2  # inside PPO's clip ...
+    assert after_two.entropy_ratio < 0.95  # ... and outside ERC's band
+    assert after_two.tv_unsampled > 0.04  # un-sampled actions lost mass they were never given
+    assert not any(w.clip_active for w in ppo[:3])  # PPO-clip is blind until r > 1.2
+    assert [w.erc_kept for w in erc] == [True, True, False, False]
+    assert erc[-1].probs == erc[1].probs  # SGD: a masked step leaves the logits alone
+    assert ppo[-1].ratio > erc[-1].ratio
+    # softmax coupling: step 1 moves every un-sampled logit by -lr * A * p_old(b)
+    p_old = torch.softmax(torch.tensor(demo.WORKED_LOGITS, dtype=torch.float64), -1)
+    assert ppo[0].logits_change[1:] == pytest.approx((-0.3 * p_old[1:]).tolist(), rel=1e-6)
+
+
+def test_demo_blind_spots():
+    swap, low = demo.blind_spots()
+    assert swap.entropy_ratio == pytest.approx(1.0, abs=1e-12) and swap.tv == pytest.approx(0.3)
+    assert low.tv == pytest.approx(0.001) and low.entropy_ratio > 1.5
+
+
+def test_demo_prints_the_three_parts(capsys):
+    demo.main(["--batch", "4", "--vocab", "16", "--steps", "2"])
+    out = capsys.readouterr().out
+    for part in (
+        "1. One state, five actions",
+        "2. What the entropy ratio cannot see",
+        "3. A batch",
+    ):
+        assert part in out
+    assert "MASK" in out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/experiments.md"])
 def test_doc_examples_run(doc):
     text = (ROOT / doc).read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    # a block marked <!-- slow --> or <!-- no-run: ... --> on the line before its fence is skipped
+    blocks = re.findall(r"(?<!-->\n)```python\n(.*?)```", text, flags=re.S)
     assert blocks, f"{doc} has no python example"
     for block in blocks:
         # the SB3 snippet trains for 50k steps; run it with a token budget instead
@@ -307,3 +380,24 @@ def test_report_of_run_folders_without_the_runner_record_is_one_line(tmp_path, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no runs" in err[0] and str(tmp_path) in err[0]
+
+
+def test_experiment_set_gives_every_run_a_setting(tmp_path, capsys):
+    """``--set KEY=VALUE`` overrides the config's settings and the envs' own values (the knobs
+    of the retired llm_compare script, for any config)."""
+    argv = ["experiment", "quick", "--set", "iterations=2", "--set", "vocab_size=64"]
+    main([*argv, "--seeds", "1", "--runs", str(tmp_path), "--no-report", "--no-progress"])
+    records = sorted((tmp_path / "quick").glob("*/0/run.json"))
+    assert len(records) == 2
+    for path in records:
+        trainer = json.loads(path.read_text())["trainer"]
+        assert (trainer["iterations"], trainer["vocab_size"], trainer["group"]) == (2, 64, 16)
+    for value, needle in (
+        ("iterations=two", "iterations = 'two': Input should be a valid integer"),
+        ("iterations", "--set: expected KEY=VALUE, got 'iterations'"),
+        ("no_such=1", "no_such = 1: unknown key"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["experiment", "quick", "--set", value, "--runs", str(tmp_path / "x")])
+        err = capsys.readouterr().err.splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err

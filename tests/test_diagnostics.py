@@ -11,13 +11,13 @@ import torch
 
 from erc_gym.diagnostics import (
     RATIO_EDGES,
-    EntropyDynamicsCallback,
     clipped_vs_kept_old_entropy,
     entropy_volatility,
     grad_norm_spikes,
     ratio_histogram,
     unsampled_drift,
 )
+from erc_gym.sb3 import EntropyDynamicsCallback
 
 
 def test_entropy_volatility_hand_case():
@@ -95,3 +95,34 @@ def test_callback_rejects_continuous_actions():
     model = PPO("MlpPolicy", "Pendulum-v1", n_steps=32, batch_size=32, seed=0)
     with pytest.raises(ValueError, match="Discrete"):
         model.learn(32, callback=EntropyDynamicsCallback())
+
+
+def test_entropy_trend_and_jitter_separate_a_decline_from_noise():
+    from erc_gym.diagnostics import entropy_jitter, entropy_steepest_fall, entropy_trend
+
+    rng = np.random.default_rng(0)
+    t = np.arange(200)
+    decline = np.exp(-0.02 * t)  # a straight line in log H: slope -0.02, no jitter
+    assert entropy_trend(decline) == pytest.approx(-0.02, rel=1e-9)
+    assert entropy_jitter(decline) == pytest.approx(0.0, abs=1e-12)
+    assert entropy_steepest_fall(decline) == pytest.approx(-0.02, rel=1e-9)
+    noisy_flat = np.exp(0.05 * rng.standard_normal(200))  # no trend, log-noise s = 0.05
+    assert abs(entropy_trend(noisy_flat)) < 0.002
+    assert entropy_jitter(noisy_flat) == pytest.approx(0.05, rel=0.15)
+    both = decline * noisy_flat  # the noise estimate does not see the decline
+    assert entropy_jitter(both) == pytest.approx(entropy_jitter(noisy_flat), rel=1e-9)
+    assert entropy_trend(both) == pytest.approx(-0.02, abs=0.002)
+    # volatility mixes them: a decline that slows down scores as "volatile" with no noise
+    slowing = np.exp(np.concatenate([-0.05 * t[:100], -5.0 - 0.001 * t[:100]]))
+    assert entropy_jitter(slowing) < 0.004 < entropy_volatility(slowing)
+
+
+def test_entropy_trend_jitter_edge_cases():
+    from erc_gym.diagnostics import entropy_jitter, entropy_steepest_fall, entropy_trend
+
+    assert math.isnan(entropy_trend([1.0]))
+    assert math.isnan(entropy_jitter([1.0, 0.5, 0.25]))
+    assert entropy_steepest_fall([1.0, 2.0, 4.0]) == 0.0
+    assert entropy_steepest_fall([1.0, math.nan, 0.5, 1.0]) == pytest.approx(-math.log(2))
+    with pytest.raises(ValueError, match="> 0"):
+        entropy_trend([1.0, 0.0, 0.5])

@@ -9,7 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erc_gym.entropy import entropy_from_logits, logprob_and_entropy
+from erc_gym.entropy import (
+    entropy_from_logits,
+    kl_from_logits,
+    linear_kl_divergence,
+    logprob_and_entropy,
+)
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
@@ -280,7 +285,7 @@ def test_small_action_path_masked_actions_and_errors():
 
 
 def test_cpu_chunk_workers_match_in_order_path_and_leave_threads_alone(monkeypatch):
-    """Chunks on single-threaded worker threads (issue #11 item 4) give the in-order results."""
+    """Chunks on single-threaded worker threads give the in-order results."""
     import erc_gym.entropy as entropy_module
 
     if torch.get_num_threads() < 2:
@@ -355,3 +360,76 @@ def test_cpu_chunk_workers_start_in_forked_children_with_many_threads():
 
 def _entropy_in_child(z, labels):
     return logprob_and_entropy(z, labels, chunk_size=8)[1]
+
+
+# --------------------------------------------------------------------------- KL(old || new)
+
+
+def _kl_reference(old: torch.Tensor, new: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum_v q_v (log q_v - log p_v) with q, p from an explicit fp64 softmax (no log_softmax)."""
+    q = torch.exp(old.double() / temperature)
+    q = q / q.sum(-1, keepdim=True)
+    p = torch.exp(new.double() / temperature)
+    p = p / p.sum(-1, keepdim=True)
+    return (q * (torch.log(q) - torch.log(p))).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kl_from_logits_value_and_gradient_against_fp64(temperature):
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(6, 5, 40, generator=g) * 2
+    new = (old + 0.3 * torch.randn(6, 5, 40, generator=g)).requires_grad_(True)
+    kl = kl_from_logits(old, new, temperature=temperature)
+    ref_new = new.detach().double().requires_grad_(True)
+    ref = _kl_reference(old, ref_new, temperature)
+    torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    weights = torch.rand(6, 5, generator=g)
+    (grad,) = torch.autograd.grad((kl * weights).sum(), new)
+    (ref_grad,) = torch.autograd.grad((ref * weights.double()).sum(), ref_new)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    assert bool((kl >= 0).all())
+    same = kl_from_logits(old, old.clone(), temperature=temperature)
+    assert float(same.abs().max()) < 1e-6
+
+
+def test_kl_from_logits_ignores_masked_old_actions():
+    """An action the old policy masked (-inf) contributes 0, not NaN (0 * log 0)."""
+    old = torch.tensor([[0.0, 1.0, -math.inf]])
+    new = torch.tensor([[0.5, 0.2, 3.0]], dtype=torch.float64)
+    q = torch.softmax(old.double()[:, :2], -1)
+    log_p = torch.log_softmax(new, -1)[:, :2]
+    expected = (q * (q.log() - log_p)).sum(-1)
+    torch.testing.assert_close(kl_from_logits(old.double(), new), expected)
+
+
+@pytest.mark.parametrize(("scale", "softcap", "chunk"), [(1.0, None, 4), (1.5, 20.0, 7)])
+def test_linear_kl_divergence_against_materialised_logits(scale, softcap, chunk):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 5, 16, generator=g).requires_grad_(True)
+    weight = torch.randn(300, 16, generator=g).requires_grad_(True)
+    bias = torch.randn(300, generator=g).requires_grad_(True)
+    old_hidden = hidden.detach() + 0.1 * torch.randn(3, 5, 16, generator=g)
+    old_weight, old_bias = weight.detach() * 1.01, bias.detach() - 0.05
+
+    def logits(h, w, b):
+        z = (h.double() @ w.double().T + b.double()) * scale
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    kl = linear_kl_divergence(
+        hidden,
+        weight,
+        old_hidden,
+        old_weight,
+        bias=bias,
+        old_bias=old_bias,
+        temperature=0.9,
+        logit_scale=scale,
+        softcap=softcap,
+        chunk_tokens=chunk,
+    )
+    ref = _kl_reference(logits(old_hidden, old_weight, old_bias), logits(hidden, weight, bias), 0.9)
+    torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-4, atol=1e-6)
+    grads = torch.autograd.grad(kl.sum(), (hidden, weight, bias))
+    ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight, bias))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-3, atol=1e-5)

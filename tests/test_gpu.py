@@ -122,7 +122,7 @@ def test_triton_forward_matches_pytorch_path(dtype, monkeypatch):
     torch.testing.assert_close(lp_s, lp_t, rtol=0, atol=0)
 
 
-# --- fused LM head (issue #13) on CUDA: the Triton path and the PyTorch path --------------------
+# --- fused LM head on CUDA: the Triton path and the PyTorch path --------------------
 
 
 @pytest.fixture(params=["triton", "torch"])

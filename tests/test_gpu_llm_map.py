@@ -1,4 +1,4 @@
-"""The ~0.1B GPU LLM map (issue #10): preset, shipped config, and the script's shrunk CPU path."""
+"""The ~0.1B GPU LLM map: preset, shipped config, and the script's shrunk CPU path."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import erc_gym.runner as runner_module
+import erc_gym.lab.runner as runner_module
 from erc_gym.cli import report_main
+from erc_gym.lab.config import load_experiment
+from erc_gym.lab.grid import expand
+from erc_gym.lab.rundir import resolved_config
 from erc_gym.llm.model import TINY_PRESETS, make_tiny_lm
-from erc_gym.runner import expand, load_experiment, resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "gpu_llm_map.sh"
-sys.path.insert(0, str(ROOT / "experiments"))
+SCRIPT = ROOT / "experiments" / "gpu" / "gpu_llm_map.sh"
+sys.path.insert(0, str(ROOT / "experiments" / "gpu"))
 
 import gpu_llm_map  # noqa: E402
 
@@ -96,8 +98,8 @@ def _run_script(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "workers",
     [
-        # one process: the fast default-suite check of the whole path
-        "1",
+        # one process: the whole path in one subprocess
+        pytest.param("1", marks=pytest.mark.slow),
         # one process per run, as on the GPU (each imports torch: ~40 s on a busy 2-core box)
         pytest.param("4", marks=pytest.mark.slow),
     ],
@@ -135,6 +137,7 @@ def test_shrunk_script_end_to_end_then_report_of_the_unpacked_runs(tmp_path, wor
     assert (experiment / "figures" / "add2_stress_map.png").exists()
 
 
+@pytest.mark.slow  # the shrunk GPU script end to end, in a subprocess
 def test_shrunk_script_stopped_by_its_budget_still_packs(tmp_path):
     out = tmp_path / "out"
     # 31 s minus the 30 s reserve: the grid is stopped (SIGTERM) within its first second

@@ -1,4 +1,4 @@
-"""Light core imports: the loss and entropy modules pull in torch only (issue #9, item 1)."""
+"""Light core imports: the loss and entropy modules pull in torch only."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_llm_path_does_not_import_sb3() -> None:
 
 def test_lazy_names_resolve() -> None:
     import erc_gym
-    from erc_gym.diagnostics import EntropyDynamicsCallback
+    from erc_gym.sb3 import EntropyDynamicsCallback
     from erc_gym.sb3.callbacks import EntropyDynamicsCallback as Direct
 
     assert EntropyDynamicsCallback is Direct

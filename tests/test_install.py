@@ -1,5 +1,5 @@
 """`make setup` picks a CPU torch build on CPU machines and PyPI's CUDA build with nvidia-smi
-(#12 item 12), and still installs where PyTorch's index is unreachable (this CI)."""
+and still installs where PyTorch's index is unreachable (this CI)."""
 
 from __future__ import annotations
 

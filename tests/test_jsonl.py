@@ -1,4 +1,4 @@
-"""Strict JSON Lines: non-finite floats as null, truncated last lines survive (issue #12 item 6)."""
+"""Strict JSON Lines: non-finite floats as null, truncated last lines survive."""
 
 from __future__ import annotations
 

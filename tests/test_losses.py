@@ -1,4 +1,4 @@
-"""policy_loss against an independent re-implementation of ERC_SPEC section 2.
+"""policy_loss against an independent re-implementation of docs/method.md section 2.
 
 The reference below is written from the formulas, in the *objective* (maximise) form with
 ``torch.min``, Python loops for the aggregation and multiply-by-mask for the stop-gradient, so it
@@ -237,7 +237,7 @@ _POISON = st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -1e30])
 def test_masked_positions_do_not_leak_into_loss_gradients_or_metrics(
     shape, seed, base, agg, erc_on, poison
 ):
-    # issue #11 item 1: NaN / inf at masked-out positions (a padded token whose logits were all
+    # NaN / inf at masked-out positions (a padded token whose logits were all
     # -inf, a stale old log-prob, the NaN advantage of an empty sequence, a NaN entropy) must
     # change neither the valid tokens' loss nor their gradients nor the metrics.
     lp, old, adv, h, h_old, mask = random_batch(seed, *shape)
@@ -267,7 +267,7 @@ def test_aggregate_selects_masked_positions_out():
 
 
 def test_nan_entropy_on_a_valid_token_counts_as_erc_clipped():
-    # issue #11 item 2: a NaN entropy fails both strict band comparisons, so ERC stops its
+    # a NaN entropy fails both strict band comparisons, so ERC stops its
     # gradient; the metrics must count it as clipped, as the applied keep-mask does.
     lp, old, adv, h, h_old, _ = random_batch(8, 2, 4)
     h = h_old.clone()  # every ratio is 1: in band

@@ -8,9 +8,12 @@ import math
 import numpy as np
 import pytest
 
-import erc_gym.runner as runner_module
-from erc_gym.analysis import bootstrap_ci, iqm, load_runs, mean_curve, summarize
-from erc_gym.runner import expand, load_experiment, run_experiment
+import erc_gym.lab.runner as runner_module
+from erc_gym.lab.analysis import load_runs, summarize
+from erc_gym.lab.config import load_experiment
+from erc_gym.lab.grid import expand
+from erc_gym.lab.runner import run_experiment
+from erc_gym.lab.stats import bootstrap_ci, iqm, mean_curve
 
 BANDIT = {
     "name": "tiny",
@@ -28,7 +31,7 @@ def _strict(constant):
 
 
 def _lines(path):
-    """Every line, parsed as strict JSON (``NaN`` / ``Infinity`` fail: issue #12 item 6)."""
+    """Every line, parsed as strict JSON (``NaN`` / ``Infinity`` fail)."""
     return [json.loads(x, parse_constant=_strict) for x in path.read_text().splitlines()]
 
 
@@ -165,7 +168,7 @@ def _synthetic_runs(root):
 
 
 def test_report_and_figures_from_a_synthetic_runs_folder(tmp_path):
-    from erc_gym.report import write_report
+    from erc_gym.lab.report import write_report
 
     folder, _ = _synthetic_runs(tmp_path)
     rows = {r["variant"]: r for r in summarize(load_runs(folder))}

@@ -1,4 +1,4 @@
-"""The runner off the happy path (issue #12): signals, concurrent runs, changed configs, bad
+"""The runner off the happy path: signals, concurrent runs, changed configs, bad
 configs, partial runs in reports, strict JSON, progress within runs, installs.
 
 Signals and concurrency use real ``erc-gym experiment`` subprocesses on tiny grids.
@@ -19,17 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from erc_gym.analysis import find_experiments, load_runs, summarize
 from erc_gym.cli import main
-from erc_gym.experiment_config import ConfigError, validate_experiment
-from erc_gym.runner import (
-    ConfigMismatch,
-    RunLocked,
-    expand,
-    load_experiment,
-    run_experiment,
-    run_one,
-)
+from erc_gym.lab.analysis import find_experiments, load_runs, summarize
+from erc_gym.lab.config import ConfigError, load_experiment, validate_experiment
+from erc_gym.lab.grid import expand
+from erc_gym.lab.rundir import ConfigMismatch, RunLocked
+from erc_gym.lab.runner import run_experiment, run_one
 
 TINY = {
     "name": "tiny",
@@ -114,6 +109,7 @@ def _wait_gone(pids: list[int], seconds: float = 5.0) -> list[int]:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 
 
+@pytest.mark.slow  # real signals to real processes: seconds of waiting each
 @needs_proc
 def test_ctrl_c_stops_workers_says_how_to_resume_and_resumes(tmp_path, capsys):
     proc, folder = _start(tmp_path, SLOW, "--workers", "2")
@@ -139,6 +135,7 @@ def test_ctrl_c_stops_workers_says_how_to_resume_and_resumes(tmp_path, capsys):
         assert [r["iteration"] for r in run.rows] == list(range(301))
 
 
+@pytest.mark.slow  # real signals to real processes: seconds of waiting each
 @needs_proc
 def test_sigterm_then_second_signal_exits_at_once(tmp_path):
     proc, folder = _start(tmp_path, SLOW, "--workers", "2")
@@ -155,6 +152,7 @@ def test_sigterm_then_second_signal_exits_at_once(tmp_path):
     assert not _wait_gone(workers)
 
 
+@pytest.mark.slow  # real signals to real processes: seconds of waiting each
 @needs_proc
 def test_workers_die_with_a_sigkilled_main_process(tmp_path):
     proc, folder = _start(tmp_path, SLOW, "--workers", "2")
@@ -214,7 +212,7 @@ def test_changed_config_is_refused_naming_keys_and_overwrite_starts_over(tmp_pat
 
 
 def test_removed_variants_and_seeds_leave_the_report(tmp_path):
-    from erc_gym.report import write_report
+    from erc_gym.lab.report import write_report
 
     run_experiment({**TINY, "seeds": 2}, tmp_path, workers=1, progress=False)
     run_experiment({**TINY, "erc": [[0.95, 1.05]]}, tmp_path, workers=1, progress=False)
@@ -300,7 +298,7 @@ def test_sb3_configs_are_checked_too():
 
 
 def test_unfinished_runs_stay_out_of_the_final_score(tmp_path):
-    from erc_gym.report import write_report
+    from erc_gym.lab.report import write_report
 
     folders = run_experiment(
         {**TINY, "seeds": 3, "erc": [None]}, tmp_path, workers=1, progress=False
@@ -356,9 +354,10 @@ def test_sb3_metrics_are_strict_json(tmp_path):
 
 def test_shipped_configs_are_package_data():
     assert load_experiment("quick")["name"] == "quick"
-    from erc_gym.runner import CONFIG_DIR
+    import erc_gym.lab
+    from erc_gym.lab.config import CONFIG_DIR
 
-    assert CONFIG_DIR.parent == Path(__import__("erc_gym").__file__).parent
+    assert CONFIG_DIR.parent == Path(erc_gym.lab.__file__).parent
     root = Path(__file__).resolve().parents[1]
     assert (root / "experiments" / "configs" / "quick.json").is_file()  # the old path still works
 
@@ -402,7 +401,7 @@ def test_wheel_ships_the_configs(tmp_path):
 
 
 def _capture_figures(monkeypatch) -> list:
-    import erc_gym.plots as plots
+    import erc_gym.lab.plots as plots
 
     figures = []
 
@@ -410,13 +409,13 @@ def _capture_figures(monkeypatch) -> list:
         figures.append(fig)
         return [path.with_suffix(".png")]
 
-    monkeypatch.setattr(plots, "_save", save)
-    monkeypatch.setattr(plots._pyplot(), "close", lambda fig: None)
+    monkeypatch.setattr(plots, "save_figure", save)
+    monkeypatch.setattr(plots.pyplot(), "close", lambda fig: None)
     return figures
 
 
 def test_figures_keep_grid_order_and_tell_coinciding_algorithms_apart(tmp_path, monkeypatch):
-    from erc_gym.plots import plot_experiment
+    from erc_gym.lab.plots import plot_experiment
 
     bands = [None, [0.9, 1.1], [0.8, 1.2]]  # grid order is not alphabetical (0.8 < 0.9)
     spec = {**TINY, "algorithms": ["ppo", "dapo"], "erc": bands}
@@ -437,7 +436,7 @@ def test_figures_keep_grid_order_and_tell_coinciding_algorithms_apart(tmp_path, 
 def test_long_noisy_series_are_smoothed_and_spikes_do_not_flatten_panels(tmp_path, monkeypatch):
     import numpy as np
 
-    from erc_gym.plots import plot_experiment, smooth
+    from erc_gym.lab.plots import plot_experiment, smooth
 
     rng = np.random.default_rng(0)
     x = np.arange(400.0)
@@ -482,7 +481,6 @@ def test_an_interrupted_llm_grid_run_is_reported_and_resumes(tmp_path, monkeypat
     """The LLM trainer rewrites config.json at start: it must keep the runner's record (variant,
     kind), or a run stopped before its end is invisible to `erc-gym report` and its resume is
     refused as "other settings" (both seen on the GPU map, whose runs were stopped at a budget)."""
-    from erc_gym.analysis import load_runs
 
     spec = {
         "name": "lm",
@@ -512,7 +510,7 @@ def test_a_signal_after_the_runs_were_stopped_does_not_change_the_exit(monkeypat
     "stopped by SIGTERM" and exits) was a KeyboardInterrupt: exit 130, or death by SIGINT (-2)
     in CI. Deterministic version: the runner's stand-in sends SIGINT to this process at exactly
     that moment."""
-    import erc_gym.runner as runner_module
+    import erc_gym.lab.runner as runner_module
     from erc_gym.cli import main
 
     def stopped_by_sigterm(*args, **kwargs):
@@ -539,7 +537,7 @@ def test_workers_1_trains_on_one_torch_thread_like_a_worker(tmp_path, monkeypatc
     numbers depended on --workers."""
     import torch
 
-    import erc_gym.runner as runner_module
+    import erc_gym.lab.runner as runner_module
 
     seen = []
     real = runner_module.run_one
@@ -561,12 +559,12 @@ def test_workers_1_trains_on_one_torch_thread_like_a_worker(tmp_path, monkeypatc
 def test_a_failed_figure_save_keeps_the_previous_figure(tmp_path):
     """Figures are written to a temporary name and renamed: a save that fails half-way leaves
     the previous PNG/SVG whole and no temporary file behind."""
-    from erc_gym.plots import _pyplot, _save
+    from erc_gym.lab.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    png, svg = _save(fig, tmp_path / "curves")
+    png, svg = save_figure(fig, tmp_path / "curves")
     before = png.read_bytes(), svg.read_bytes()
 
     def broken(target, **kwargs):
@@ -575,7 +573,7 @@ def test_a_failed_figure_save_keeps_the_previous_figure(tmp_path):
 
     fig.savefig = broken
     with pytest.raises(OSError, match="disk full"):
-        _save(fig, tmp_path / "curves")
+        save_figure(fig, tmp_path / "curves")
     plt.close(fig)
     assert (png.read_bytes(), svg.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "curves.svg"]

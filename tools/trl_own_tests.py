@@ -521,7 +521,7 @@ def compare(base: dict[str, tuple[str, str]], mode: dict[str, tuple[str, str]]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from erc_gym.cli_args import CliParser
+    from erc_gym.cli_args import CliParser, non_negative_int
 
     parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k (overrides --subset)")
     parser.add_argument(
         "--max-steps",
-        type=int,
+        type=non_negative_int,
         default=4,
         help="default max_steps of every test's config, in all three runs (0: TRL's, 3 epochs)",
     )

@@ -50,7 +50,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from erc_gym.entropy import linear_logprob_and_entropy
-from erc_gym.losses import ERCConfig, clipped_objective, entropy_ratio, erc_keep_mask
+from erc_gym.losses import ERCConfig, clipped_objective, entropy_ratio, erc_keep_mask, random_mask
 
 try:
     import trl
@@ -137,6 +137,10 @@ class ERCGRPOConfig(GRPOConfig):
         erc_entropy (`str`, *optional*, defaults to `"exact"`):
             `"exact"`: erc_gym's entropy from the final hidden states. `"trl"`: TRL's fused-head
             entropy.
+        erc_random_matched (`bool`, *optional*, defaults to `False`):
+            The matched random control of ERC: the band is not applied; in each micro-batch the
+            gradient of exactly as many valid tokens as it would clip, drawn at random, is
+            stopped instead.
 
     The authors' settings: DAPO+ERC is ``loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
     delta=10, beta=0, erc_low=0.95, erc_high=1.05``; GPPO+ERC the same with ``epsilon_high=0.2``
@@ -182,8 +186,24 @@ class ERCGRPOConfig(GRPOConfig):
         },
     )
 
+    erc_random_matched: bool = field(
+        default=False,
+        metadata={
+            "help": "The matched random control of ERC (needs erc_low / erc_high): the band is "
+            "not applied; instead, in every micro-batch, exactly as many valid completion tokens "
+            "as it would clip, drawn at random from torch's global RNG (checkpointed by TRL), "
+            "have their gradient stopped. A run against ERC's tells whether ERC's choice of "
+            "tokens matters or only how many it stops."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.erc_random_matched and (self.erc_low is None or self.erc_high is None):
+            raise ValueError(
+                "erc_random_matched=True imitates an ERC band: set erc_low and erc_high "
+                f"(e.g. 0.95 and 1.05), got erc_low={self.erc_low}, erc_high={self.erc_high}"
+            )
         if (self.erc_low is None) != (self.erc_high is None):
             raise ValueError(
                 f"erc_low and erc_high must both be set (ERC on) or both be None (ERC off), got "
@@ -421,6 +441,7 @@ class ERCGRPOTrainer(GRPOTrainer):
         self._erc: ERCConfig | None = args.erc_band
         self._erc_gppo = args.erc_clip == "gppo"
         self._erc_exact = args.erc_entropy == "exact"
+        self._erc_random = args.erc_random_matched
         self._erc_scoring = False
         self._erc_old: tuple[Tensor, Tensor] | None = None
         self._erc_batch: dict[str, Any] | None = None
@@ -610,6 +631,8 @@ class ERCGRPOTrainer(GRPOTrainer):
         self._erc_log_metrics(rho, h_old, valid)
         if self._erc is not None:
             keep = erc_keep_mask(rho, valid, self._erc)
+            if self._erc_random:  # the matched control: as many tokens as ERC, drawn at random
+                keep = ~random_mask(valid, (valid & ~keep).sum(), valid.shape, None)
             logps = torch.where(keep, logps, logps.detach())
         old_logps = batch.get("old_per_token_logps")
         if self._erc_gppo and old_logps is not None:
@@ -689,5 +712,7 @@ class ERCGRPOTrainer(GRPOTrainer):
             "erc_clipped_entropy_old_mean": ratio(h_clip, n_clip),
             "erc_kept_entropy_old_mean": ratio(h_kept, n_kept),
         }
+        if self._erc_random:  # the control stops as many tokens as the band would have clipped
+            values["random_mask_fraction"] = values["erc_clip_fraction"]
         for key, value in values.items():
             self._metrics[mode][key].append(value)

@@ -4,13 +4,18 @@ Install with ``pip install "erc-gym[verl]"``. verl imports this module in every 
 its ``verl.plugins`` entry point (``erc_gym.integrations._verl_plugin``), which registers:
 
 * the policy losses ``erc_dapo`` (PPO / DAPO clip-higher + dual-clip + ERC) and ``erc_gppo``
-  (GPPO gradient-preserving clip + dual-clip + ERC). Their per-token loss is
-  :func:`erc_gym.losses.policy_loss` (clip variant x ERC mask); the aggregation is verl's own
-  ``agg_loss`` with the actor's ``global_batch_info``, so data-parallel and micro-batch
-  normalisation are exactly verl's. Select one with
+  (GPPO gradient-preserving clip + dual-clip + ERC), and ERC on DPPO's binary trust regions,
+  ``erc_dppo_tv`` / ``erc_dppo_kl`` (truncation ``clip_ratio_c``, no dual-clip). Their per-token
+  loss is :func:`erc_gym.losses.policy_loss` (clip variant x ERC mask x token gate); the
+  aggregation is verl's own ``agg_loss`` with the actor's ``global_batch_info``, so
+  data-parallel and micro-batch normalisation are exactly verl's. Select one with
   ``actor_rollout_ref.actor.policy_loss.loss_mode=erc_dapo``.
 * :class:`ERCPolicyLossConfig`, verl's ``PolicyLossConfig`` plus the band ``erc_low`` /
-  ``erc_high``, selected with the ``_target_`` override
+  ``erc_high``, the switch ``erc`` and a token ``gate`` beside ERC -- the methods verl lacks
+  (``random_matched``: the matched random control, ERC off; ``random``; ``high_entropy``) and
+  verl's own Clip-Cov / KL-Cov combined with ERC (``clip_cov``, ``kl_cov``, read from verl's
+  ``clip_cov_*`` / ``kl_cov_ratio`` / ``ppo_kl_coef`` fields) -- selected with the ``_target_``
+  override
   ``actor_rollout_ref.actor.policy_loss._target_=erc_gym.integrations.verl.ERCPolicyLossConfig``.
 
 verl's policy-loss signature carries no entropies, so the current and old per-token entropies
@@ -50,14 +55,21 @@ from verl.workers.config import PolicyLossConfig
 
 from erc_gym.entropy import logprob_and_entropy
 from erc_gym.losses import (
+    DPPO_VARIANTS,
     AggregationMode,
+    ClipCov,
     ClipVariant,
     ERCConfig,
+    HighEntropy,
+    KLCov,
     LossConfig,
     LossStats,
+    RandomMask,
+    TokenGate,
     loss_metrics,
     policy_loss,
 )
+from erc_gym.methods import method_metrics
 
 __all__ = [
     "ERC_LOSS_MODES",
@@ -75,7 +87,15 @@ __all__ = [
 ]
 
 #: Registered loss modes and the clip variant of each.
-ERC_LOSS_MODES: dict[str, ClipVariant] = {"erc_dapo": "ppo", "erc_gppo": "gppo"}
+ERC_LOSS_MODES: dict[str, ClipVariant] = {
+    "erc_dapo": "ppo",
+    "erc_gppo": "gppo",
+    "erc_dppo_tv": "dppo-tv",
+    "erc_dppo_kl": "dppo-kl",
+}
+
+#: Values of ``ERCPolicyLossConfig.gate``.
+GATES = ("random_matched", "random", "high_entropy", "clip_cov", "kl_cov")
 
 #: Batch key under which verl's v1 trainer stores the old policy's per-token entropy
 #: (``trainer/ppo/v1/trainer_base.py::_compute_old_log_prob``).
@@ -127,24 +147,39 @@ class ERCPolicyLossConfig(PolicyLossConfig):
     actor's ``clip_ratio_low``, ``clip_ratio_high`` and ``clip_ratio_c``, as for ``vanilla``.
 
     Args:
-        loss_mode: ``"erc_dapo"`` (default) or ``"erc_gppo"``; other verl modes ignore the band.
+        loss_mode: ``"erc_dapo"`` (default), ``"erc_gppo"``, ``"erc_dppo_tv"`` or
+            ``"erc_dppo_kl"``; other verl modes ignore these fields.
         erc_low: lower bound of ``rho = H_new / H_old`` (strict); the paper uses 0.95 (the
             authors' fork's yaml default ``entropy_mask_low`` is 0.8).
         erc_high: upper bound (strict); the paper uses 1.05.
+        erc: apply the band (False: ERC off; ``gate="random_matched"`` still imitates it).
+        gate: a token gate beside ERC, or None: ``"random_matched"`` (stop the gradient of as
+            many random tokens as the band would, per micro-batch; needs ``erc=False``),
+            ``"random"`` (a fixed share, ``random_share``), ``"high_entropy"`` (keep the top
+            ``entropy_quantile`` by current entropy, per micro-batch), ``"clip_cov"`` /
+            ``"kl_cov"`` (verl's ``clip_cov_*`` / ``kl_cov_ratio``, ``ppo_kl_coef`` fields).
+            Random draws use torch's global RNG, as verl's ``clip_cov`` does.
+        random_share: the share of valid tokens of ``gate="random"``.
+        entropy_quantile: the share of tokens ``gate="high_entropy"`` keeps.
 
     Raises:
-        ValueError: unless ``0 <= erc_low < 1 < erc_high``.
+        ValueError: unless ``0 <= erc_low < 1 < erc_high``, or on a bad gate setting.
     """
 
     loss_mode: str = "erc_dapo"
     erc_low: float = 0.95
     erc_high: float = 1.05
+    erc: bool = True
+    gate: str | None = None
+    random_share: float = 0.2
+    entropy_quantile: float = 0.2
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
         erc_band(self.erc_low, self.erc_high)
+        _gate(self, erc_band(self.erc_low, self.erc_high), bool(self.erc))
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -153,14 +188,49 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return getter(key, default) if callable(getter) else getattr(config, key, default)
 
 
+def _gate(loss_cfg: Any, band: ERCConfig, erc_on: bool) -> TokenGate | None:
+    """The token gate of an ``ERCPolicyLossConfig`` (None without one)."""
+    name = _get(loss_cfg, "gate")
+    where = f"{_SETTING}.gate"
+    if name is None:
+        return None
+    if name not in GATES:
+        raise ValueError(f"{where} must be one of {GATES} or None, got {name!r}")
+    try:
+        if name == "random_matched":
+            if erc_on:
+                raise ValueError(
+                    f"{where}='random_matched' is the control of ERC and replaces it: set "
+                    f"{_SETTING}.erc=False (the band erc_low / erc_high is what it imitates)"
+                )
+            return RandomMask(match=band)
+        if name == "random":
+            return RandomMask(share=float(_get(loss_cfg, "random_share", 0.2)))
+        if name == "high_entropy":
+            return HighEntropy(float(_get(loss_cfg, "entropy_quantile", 0.2)))
+        if name == "clip_cov":
+            return ClipCov(
+                float(_get(loss_cfg, "clip_cov_ratio", 2e-4)),
+                float(_get(loss_cfg, "clip_cov_lb", 1.0)),
+                float(_get(loss_cfg, "clip_cov_ub", 5.0)),
+            )
+        return KLCov(
+            float(_get(loss_cfg, "kl_cov_ratio", 2e-4)), float(_get(loss_cfg, "ppo_kl_coef", 0.1))
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}={name!r}: {exc}") from None
+
+
 def erc_loss_config(
     config: Any, clip: ClipVariant, loss_agg_mode: str = "token-mean"
 ) -> LossConfig:
     """The erc_gym :class:`~erc_gym.losses.LossConfig` equivalent to a verl actor config.
 
     ``eps_low`` / ``eps_high`` are ``clip_ratio_low`` / ``clip_ratio_high`` (``clip_ratio`` where
-    those are None), ``dual_clip_c`` is ``clip_ratio_c`` (verl always dual-clips; default 3.0)
-    and the band is ``policy_loss.erc_low`` / ``erc_high``.
+    those are None), ``dual_clip_c`` is ``clip_ratio_c`` (verl always dual-clips; default 3.0;
+    for DPPO it is the weight truncation ``ratio_cap`` instead, as in verl's ``dppo_*``), the
+    band is ``policy_loss.erc_low`` / ``erc_high`` (applied unless ``policy_loss.erc`` is False)
+    and the token gate ``policy_loss.gate``.
 
     Args:
         config: verl ``ActorConfig`` (or a dict-like with the same keys).
@@ -183,12 +253,18 @@ def erc_loss_config(
             f"by default) or {_SETTING}.erc_low and .erc_high"
         )
     aggregation = loss_agg_mode if loss_agg_mode in get_args(AggregationMode) else "token-mean"
+    band = erc_band(low, high)
+    erc_on = bool(_get(loss_cfg, "erc", True))
+    clip_c = float(_get(config, "clip_ratio_c", 3.0))
+    dppo = clip in DPPO_VARIANTS
     return LossConfig(
         clip=clip,
         eps_low=float(clip_ratio if eps_low is None else eps_low),
         eps_high=float(clip_ratio if eps_high is None else eps_high),
-        dual_clip_c=float(_get(config, "clip_ratio_c", 3.0)),
-        erc=erc_band(low, high),
+        dual_clip_c=None if dppo else clip_c,
+        ratio_cap=clip_c if dppo else None,
+        erc=band if erc_on else None,
+        gate=_gate(loss_cfg, band, erc_on),
         aggregation=aggregation,  # type: ignore[arg-type]
     )
 
@@ -215,7 +291,8 @@ def verl_metrics(stats: LossStats) -> dict[str, float]:
         "actor/ppo_kl": m["ppo_kl"],
         "actor/pg_clipfrac_lower": m["dual_clip_fraction"],
     }
-    out.update({f"actor/{key}": m[key] for key in ERC_METRIC_KEYS})
+    out.update({f"actor/{key}": m[key] for key in ERC_METRIC_KEYS if key in m})
+    out.update({f"actor/{key}": value for key, value in method_metrics(m).items()})
     return out
 
 
@@ -233,7 +310,7 @@ def _erc_policy_loss(
         raise ValueError(f"policy loss {mode!r} needs the actor config (config=None)")
     loss_config = erc_loss_config(config, ERC_LOSS_MODES[mode], loss_agg_mode)
     entropies = _ENTROPIES.get()
-    if entropies is None:
+    if entropies is None and loss_config.needs_entropies:
         raise ValueError(
             f"{_SETTING}.loss_mode={mode!r} got no entropies: ERC needs the current and old "
             "per-token entropies. Set actor_rollout_ref.actor.calculate_entropy=True and train "
@@ -241,7 +318,7 @@ def _erc_policy_loss(
             "erc_gym.integrations.verl.install_erc_loss_fn); when calling the loss yourself, wrap "
             "the call in erc_gym.integrations.verl.erc_entropies(entropy, old_entropy)"
         )
-    entropy, old_entropy = entropies
+    entropy, old_entropy = entropies if entropies is not None else (None, None)
     out = policy_loss(
         log_prob,
         old_log_prob,
@@ -273,6 +350,12 @@ compute_policy_loss_erc_dapo = register_policy_loss("erc_dapo")(
 )
 compute_policy_loss_erc_gppo = register_policy_loss("erc_gppo")(
     partial(_erc_policy_loss, "erc_gppo")
+)
+compute_policy_loss_erc_dppo_tv = register_policy_loss("erc_dppo_tv")(
+    partial(_erc_policy_loss, "erc_dppo_tv")
+)
+compute_policy_loss_erc_dppo_kl = register_policy_loss("erc_dppo_kl")(
+    partial(_erc_policy_loss, "erc_dppo_kl")
 )
 
 
@@ -308,7 +391,10 @@ def erc_ppo_loss(
     from verl.workers.utils.padding import no_padding_2_padding
 
     mode = _get(_get(config, "policy_loss", {}), "loss_mode", "vanilla")
-    if mode not in ERC_LOSS_MODES:
+    if (
+        mode not in ERC_LOSS_MODES
+        or not erc_loss_config(config, ERC_LOSS_MODES[mode]).needs_entropies
+    ):
         return ppo_loss(config, model_output, data, dp_group)
     entropy = model_output.get("entropy", None)
     if entropy is None:
@@ -346,12 +432,13 @@ def install_erc_loss_fn(actor_worker_group: Any, actor_config: Any) -> Callable[
     """
     mode = _get(_get(actor_config, "policy_loss", {}), "loss_mode", "vanilla")
     if mode in ERC_LOSS_MODES:
-        if not _get(actor_config, "calculate_entropy", False):
+        # fails at start-up on a bad band or gate
+        needs = erc_loss_config(actor_config, ERC_LOSS_MODES[mode]).needs_entropies
+        if needs and not _get(actor_config, "calculate_entropy", False):
             raise ValueError(
                 f"{_SETTING}.loss_mode={mode!r} needs actor_rollout_ref.actor.calculate_entropy="
                 "True (the current entropy of each training forward pass), got False"
             )
-        erc_loss_config(actor_config, ERC_LOSS_MODES[mode])  # fail at start-up on a bad band
     loss_fn = partial(erc_ppo_loss, config=actor_config)
     actor_worker_group.set_loss_fn(loss_fn)
     return loss_fn

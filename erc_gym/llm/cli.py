@@ -12,29 +12,45 @@ import dataclasses
 import inspect
 import itertools
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from erc_gym.cli_args import CliParser, boolean, fail, writable_dir
 from erc_gym.jsonl import dumps_strict
 from erc_gym.llm.trainer import PRESETS, ERCTrainer, TrainerConfig, check_resume
+from erc_gym.methods import MethodSettings
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """Attribute docstrings of a dataclass and its dataclass bases (the string under a field)."""
     docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def _field_kind(f: dataclasses.Field[Any]) -> type:
+    """The value type of a field whose default may be None, from its annotation."""
+    if f.default is not None:
+        return type(f.default)
+    annotation = str(f.type)
+    for kind in (float, int, str):
+        if kind.__name__ in annotation.replace(" ", "").split("|"):
+            return kind
+    return str
 
 
 def _parse_optional(kind: type, flag: str) -> Any:
@@ -73,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "resumed, and refused if its recorded settings differ)",
     )
     docs = field_docs(TrainerConfig)
-    for f in dataclasses.fields(TrainerConfig):
+    # the trainer's own settings first, then the rival methods' (erc_gym.methods.MethodSettings)
+    methods = {f.name for f in dataclasses.fields(MethodSettings)}
+    for f in sorted(dataclasses.fields(TrainerConfig), key=lambda f: f.name in methods):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         help_text = docs.get(f.name, "")
@@ -86,11 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{help_text} (default {str(default).lower()})",
             )
             continue
-        kind: Any = (
-            type(default)
-            if default is not None
-            else (float if f.name.startswith("erc_") else int if f.name == "vocab_size" else str)
-        )
+        kind: Any = _field_kind(f)
         parser.add_argument(
             flag,
             type=_parse_optional(kind, flag),

@@ -22,7 +22,18 @@ __all__ = ["RolloutBatch", "check_fused_head", "generate", "head_parameters", "r
 
 @dataclass
 class RolloutBatch:
-    """A batch of sampled responses (row ``i`` belongs to group ``i // group_size``)."""
+    """A batch of sampled responses (row ``i`` belongs to group ``i // group_size``).
+
+    Attributes:
+        prompt_ids: ``(B, P)`` left-padded prompt token ids.
+        prompt_mask: ``(B, P)`` 1 on prompt tokens, 0 on padding.
+        response_ids: ``(B, R)`` sampled response token ids (padding after the end token).
+        response_mask: ``(B, R)`` True on the response's tokens, the end token included.
+        rewards: ``(B,)`` the verifier's reward of each response.
+        prompts: the prompt texts.
+        answers: the reference answers the verifier compared with.
+        completions: the decoded responses.
+    """
 
     prompt_ids: Tensor
     prompt_mask: Tensor
@@ -190,7 +201,13 @@ def head_parameters(model: Any) -> dict[str, Any]:
 
 
 def response_logprobs(
-    model: Any, batch: RolloutBatch, *, temperature: float = 1.0, fused_head: bool = False
+    model: Any,
+    batch: RolloutBatch,
+    *,
+    temperature: float = 1.0,
+    fused_head: bool = False,
+    entropy_grad: bool = False,
+    hidden_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens and full-vocabulary entropies, ``(N, R)`` fp32 each.
 
@@ -198,7 +215,20 @@ def response_logprobs(
     :func:`~erc_gym.entropy.linear_logprob_and_entropy` takes its last hidden states at the
     response positions and the head's weight, so no ``(N, R, V)`` logits exist; otherwise only
     the response positions' logits are computed (``logits_to_keep``) and read without an fp32
-    copy. Differentiable in ``log_prob``.
+    copy. Differentiable in ``log_prob`` (and in ``entropy`` with ``entropy_grad``, for an
+    entropy bonus).
+
+    Args:
+        model: the causal LM.
+        batch: prompts and responses.
+        temperature: sampling temperature.
+        fused_head: compute from the hidden states (see above).
+        entropy_grad: let gradient flow into the entropy.
+        hidden_out: with ``fused_head``, a list that receives the ``(N, R, H)`` hidden states at
+            the response positions (for the exact KL penalty, :mod:`erc_gym.entropy`).
+
+    Raises:
+        ValueError: ``hidden_out`` without ``fused_head``.
     """
     ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1)
@@ -209,13 +239,24 @@ def response_logprobs(
         hidden = model.base_model(
             input_ids=ids, attention_mask=attn, position_ids=position_ids
         ).last_hidden_state[:, -(r + 1) : -1]
+        if hidden_out is not None:
+            hidden_out.append(hidden)
         return linear_logprob_and_entropy(
-            hidden, head.pop("weight"), batch.response_ids, temperature=temperature, **head
+            hidden,
+            head.pop("weight"),
+            batch.response_ids,
+            temperature=temperature,
+            entropy_grad=entropy_grad,
+            **head,
         )
+    if hidden_out is not None:
+        raise ValueError("the response hidden states need fused_head=True")
     logits = model(
         input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=r + 1
     ).logits[:, :-1]
-    return logprob_and_entropy(logits, batch.response_ids, temperature=temperature)
+    return logprob_and_entropy(
+        logits, batch.response_ids, temperature=temperature, entropy_grad=entropy_grad
+    )
 
 
 def check_fused_head(model: Any, batch: RolloutBatch, *, temperature: float = 1.0) -> None:

@@ -1,6 +1,6 @@
 """GRPO / DAPO / GPPO (+ERC) for transformers causal LMs: one process, one device.
 
-One training step (ERC_SPEC section 3): sample ``prompts_per_step`` prompts x ``group_size``
+One training step (docs/method.md section 3): sample ``prompts_per_step`` prompts x ``group_size``
 responses -> rewards from the shared verifier -> DAPO group filter (optionally generating more
 batches) -> one no-grad scoring pass that gives both ``old_log_prob`` and ``old_entropy`` ->
 GRPO advantages -> ``epochs`` passes over mini-batches of ``mini_batch_prompts`` groups, one
@@ -32,15 +32,24 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-from erc_gym.cli_args import MAX_SEED
+from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import ratio_histogram
+from erc_gym.entropy import linear_kl_divergence
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
 from erc_gym.envs.vocab_bandit import MAX_VOCAB
-from erc_gym.jsonl import append_jsonl, repair_jsonl
+from erc_gym.jsonl import append_jsonl, truncate_metrics
+from erc_gym.limits import MAX_SEED
 from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
-from erc_gym.llm.rollout import RolloutBatch, check_fused_head, generate, response_logprobs
+from erc_gym.llm.rollout import (
+    RolloutBatch,
+    check_fused_head,
+    generate,
+    head_parameters,
+    response_logprobs,
+)
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
+from erc_gym.methods import MethodRuntime, MethodSettings, method_defaults
 
 __all__ = [
     "METRIC_KEYS",
@@ -79,12 +88,18 @@ METRIC_KEYS = (
     "gen_batches",
     "nan_rewards",
     "skipped_steps",
+    "update_steps",
 )
 
 
 @dataclass
-class TrainerConfig:
-    """Everything a run needs; saved as ``config.json`` next to ``metrics.jsonl``."""
+class TrainerConfig(MethodSettings):
+    """Everything a run needs; saved as ``config.json`` next to ``metrics.jsonl``.
+
+    The rival methods, baselines and controls (:class:`~erc_gym.methods.MethodSettings`) are
+    settings (and ``erc-gym llm`` flags) too, all off by default; a KL penalty is the exact
+    per-token KL(pi_old || pi) over the vocabulary and needs ``fused_head``.
+    """
 
     model: str = "tiny"
     """A built-in preset (``tiny``, ``small``, ``base100m`` (~0.1B, for a GPU): random init + SFT
@@ -192,12 +207,19 @@ class TrainerConfig:
     """Show a tqdm progress bar."""
 
     def loss_config(self) -> LossConfig:
-        """The :class:`LossConfig` of this run."""
-        return LossConfig.named(self.loss, self.erc_low, self.erc_high)
+        """The :class:`~erc_gym.losses.LossConfig` of this run."""
+        # the KL penalty is exact, from both policies' hidden states
+        base = LossConfig.named(self.loss, self.erc_low, self.erc_high)
+        return self.apply_to(base, kl_estimator="exact")
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent settings."""
-        self.loss_config()
+        self.loss_config()  # checks the methods too
+        if self.needs_kl and not self.fused_head:
+            raise ValueError(
+                f"kl_coef={self.kl_coef} needs fused_head=True: the exact KL to the old policy "
+                "is computed from the hidden states of both policies and their LM heads"
+            )
         check_target_clip_fraction(self.erc_target_clip_fraction, self.erc_low, self.erc_high)
         if self.group_size < 2:
             raise ValueError(
@@ -277,6 +299,7 @@ RESUMABLE_CHANGES = frozenset(
     {"steps", "progress", "tensorboard", "save_every", "save_minutes", "run_dir", "name"}
 )
 
+#: Named settings for ``erc-gym llm --preset NAME`` (a tiny model on the arithmetic task).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-arith-dapo": {"loss": "dapo"},
     "tiny-arith-dapo-erc": {"loss": "dapo", "erc_low": 0.95, "erc_high": 1.05},
@@ -314,11 +337,12 @@ class _StepLog:
     stats: list[LossStats] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     skipped: int = 0
+    update_steps: int = 0
 
 
 #: Settings added after run folders were first written, with the default that reproduces those
 #: runs (an older ``config.json`` without them still resumes).
-_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None}
+_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None, **method_defaults()}
 
 
 def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
@@ -432,6 +456,10 @@ class ERCTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
         self.data_gen = torch.Generator().manual_seed(config.seed)
+        #: The rival methods' run-time state (adaptive coefficients, random draws, early stop).
+        self.methods = MethodRuntime(config, config.seed, device=self.device)
+        #: The old policy's response hidden states and LM head (exact KL penalty only).
+        self._old_policy: tuple[torch.Tensor, dict[str, Any]] | None = None
         self.step = 0
         self.skipped_steps = 0
         self.nan_rewards = 0
@@ -583,6 +611,7 @@ class ERCTrainer:
             check_fused_head(self.model, batch.select([0]), temperature=self.config.temperature)
             self._fused_head_checked = True
         lps, hs = [], []
+        hidden: list[torch.Tensor] | None = [] if self.config.needs_kl else None
         for start in range(0, len(batch), self.config.score_micro_batch):
             part = batch.select(
                 torch.arange(start, min(start + self.config.score_micro_batch, len(batch)))
@@ -592,9 +621,16 @@ class ERCTrainer:
                 part,
                 temperature=self.config.temperature,
                 fused_head=self.config.fused_head,
+                hidden_out=hidden,
             )
             lps.append(lp)
             hs.append(h)
+        if hidden is not None:
+            # the old policy for the exact KL: its hidden states and a copy of its head
+            head = head_parameters(self.model)
+            head["weight"] = head["weight"].detach().clone()
+            head["bias"] = None if head["bias"] is None else head["bias"].detach().clone()
+            self._old_policy = (torch.cat(hidden), head)
         return torch.cat(lps), torch.cat(hs)
 
     def _train_on(
@@ -616,8 +652,14 @@ class ERCTrainer:
                 groups = order[start : start + c.mini_batch_prompts]
                 rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)
                 mb = batch.select(rows)
+                hidden: list[torch.Tensor] | None = [] if c.needs_kl else None
                 lp, h = response_logprobs(
-                    self.model, mb, temperature=c.temperature, fused_head=c.fused_head
+                    self.model,
+                    mb,
+                    temperature=c.temperature,
+                    fused_head=c.fused_head,
+                    entropy_grad=c.needs_entropy_grad,
+                    hidden_out=hidden,
                 )
                 rows_d = rows.to(self.device)
                 out = policy_loss(
@@ -629,7 +671,12 @@ class ERCTrainer:
                     mask=valid[rows_d],
                     config=self.loss_config,
                     metrics=False,
+                    kl=None if hidden is None else self._kl(hidden[0], rows_d),
+                    **self.methods.loss_kwargs(),
                 )
+                log.stats.append(out.stats)
+                if self.methods.should_stop(out.stats):  # target_kl: SB3's rule
+                    return log
                 loss = out.loss
                 if c.positive_nll_coef > 0:
                     m = (valid[rows_d] & correct[rows_d, None]).float()
@@ -637,15 +684,34 @@ class ERCTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-                log.stats.append(out.stats)
                 if not torch.isfinite(norm):
                     log.skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 log.grad_norms.append(float(norm))
-                self.optimizer.step()
+                with self.methods.scaled_lr(self.optimizer, out):
+                    self.optimizer.step()
                 self.scheduler.step()
+                log.update_steps += 1
+                self.methods.after_step(out)
         return log
+
+    def _kl(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact per-token KL(pi_old || pi) of a mini-batch, from both policies' hidden states."""
+        assert self._old_policy is not None
+        old_hidden, old_head = self._old_policy
+        head = head_parameters(self.model)
+        return linear_kl_divergence(
+            hidden,
+            head["weight"],
+            old_hidden[rows],
+            old_head["weight"],
+            bias=head["bias"],
+            old_bias=old_head["bias"],
+            temperature=self.config.temperature,
+            logit_scale=head["logit_scale"],
+            softcap=head["softcap"],
+        )
 
     def train_step(self) -> dict[str, Any]:
         """One generate -> score -> update step; returns its metrics line."""
@@ -661,6 +727,8 @@ class ERCTrainer:
         if self.erc_band_control is not None:
             self.loss_config = dataclasses.replace(self.loss_config, erc=self.erc_band_control.band)
         log = self._train_on(batch, old_lp, old_h, adv)
+        self.methods.after_update(log.stats)
+        self._old_policy = None
         t3 = time.perf_counter()
         self.skipped_steps += log.skipped
         self.step += 1
@@ -714,6 +782,7 @@ class ERCTrainer:
             **fill,
             "nan_rewards": self.nan_rewards,
             "skipped_steps": self.skipped_steps,
+            "update_steps": log.update_steps,
         }
         line |= {k: v for k, v in loss.items() if k not in ("entropy_mean", "entropy_old_mean")}
         return line
@@ -764,13 +833,12 @@ class ERCTrainer:
             "numpy_rng": np.random.get_state(),
             "skipped_steps": self.skipped_steps,
             "nan_rewards": self.nan_rewards,
+            "methods": self.methods.state_dict(),
         }
         if self.erc_band_control is not None:
             state["erc_band"] = self.erc_band_control.state_dict()
-        # write-then-rename: a kill mid-save leaves the previous checkpoint intact
-        tmp = self._checkpoint_path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._checkpoint_path())
+        # a kill mid-save leaves the previous checkpoint intact
+        atomic_write(self._checkpoint_path(), lambda tmp: torch.save(state, tmp))
         if export:
             from transformers.utils import logging as hf_logging
 
@@ -805,6 +873,8 @@ class ERCTrainer:
         self.nan_rewards = state["nan_rewards"]
         if self.erc_band_control is not None and "erc_band" in state:
             self.erc_band_control.load_state_dict(state["erc_band"])
+        if "methods" in state:
+            self.methods.load_state_dict(state["methods"])
         return True
 
     def _write(self, line: dict[str, float]) -> None:
@@ -840,13 +910,7 @@ class ERCTrainer:
         if self.step == 0:  # nothing restored: every line will be written again
             path.unlink()
             return
-        repair_jsonl(path)
-        lines = path.read_text().splitlines(keepends=True)
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        if len(keep) != len(lines):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(path)
+        truncate_metrics(path, "step", self.step)
 
     def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
         """Run (or continue) training; returns the metrics lines written by this call.
@@ -882,9 +946,7 @@ class ERCTrainer:
         extra = (
             {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
         )
-        tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**extra, **settings}, indent=2))
-        tmp.replace(config_path)
+        atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         np.random.seed(c.seed)

@@ -1,4 +1,5 @@
-"""Stable-Baselines3 integration: :class:`ERCPPO` and its rollout buffers."""
+"""Stable-Baselines3 integration: :class:`ERCPPO`, its rollout buffers, and
+:class:`EntropyDynamicsCallback` (ERC's diagnostics for any on-policy SB3 algorithm)."""
 
 from erc_gym.sb3.buffers import (
     ERCDictRolloutBuffer,
@@ -6,6 +7,7 @@ from erc_gym.sb3.buffers import (
     ERCRolloutBuffer,
     ERCRolloutBufferSamples,
 )
+from erc_gym.sb3.callbacks import EntropyDynamicsCallback
 from erc_gym.sb3.distributions import check_erc_action_space, state_entropy
 from erc_gym.sb3.policies import TokenFeaturesExtractor, TokenLMPolicy
 from erc_gym.sb3.ppo import ERCPPO
@@ -16,6 +18,7 @@ __all__ = [
     "ERCDictRolloutBufferSamples",
     "ERCRolloutBuffer",
     "ERCRolloutBufferSamples",
+    "EntropyDynamicsCallback",
     "TokenFeaturesExtractor",
     "TokenLMPolicy",
     "check_erc_action_space",

@@ -1,7 +1,7 @@
 """SB3 callback that logs ERC's entropy diagnostics for any on-policy algorithm.
 
-Also importable as ``erc_gym.diagnostics.EntropyDynamicsCallback``; the diagnostics themselves are
-pure functions in :mod:`erc_gym.diagnostics`.
+Importable as ``erc_gym.sb3.EntropyDynamicsCallback``; the diagnostics themselves are pure functions
+in :mod:`erc_gym.diagnostics`.
 """
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ class EntropyDynamicsCallback(BaseCallback):
     * ``diagnostics/entropy_ratio_mean``, ``_min``, ``_max`` of ``H_new / H_old`` per state, and
       ``diagnostics/outside_band``, the share of states outside ``band`` (what ERC would clip);
     * ``diagnostics/erc_clipped_entropy_old``, ``diagnostics/erc_kept_entropy_old``;
-    * ``diagnostics/tv_unsampled``: :func:`unsampled_drift` against the sampled actions;
+    * ``diagnostics/tv_unsampled``: :func:`~erc_gym.diagnostics.unsampled_drift` against the
+      sampled actions;
     * ``diagnostics/entropy_volatility`` and ``diagnostics/grad_norm_spikes`` so far (the latter
       from ``train/grad_norm`` when the algorithm logs it, as ERCPPO does);
-    * ``diagnostics/entropy_ratio_hist`` (JSON output only): :func:`ratio_histogram` counts.
+    * ``diagnostics/entropy_ratio_hist`` (JSON output only):
+      :func:`~erc_gym.diagnostics.ratio_histogram` counts.
 
     Works with plain ``stable_baselines3.PPO`` and A2C as well as ERCPPO. The extra cost is two
     no-grad forward passes over at most ``max_states`` states per update.

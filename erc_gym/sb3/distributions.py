@@ -2,8 +2,9 @@
 
 SB3's own ``distribution.entropy()`` uses the textbook ``-sum(p log p)`` form; ERC's +-5% band on
 near-deterministic states needs the stable kernel, so both the old and the new entropy of ERCPPO
-come from here. Discrete actions only (ERC_SPEC 5.5): a Gaussian's entropy can be negative and, with
-a state-independent std, is the same in every state, so the ratio carries no information.
+come from here. Discrete actions only (``docs/method.md`` section 5.5): a Gaussian's entropy can
+be negative and, with a state-independent std, is the same in every state, so the ratio carries
+no information.
 """
 
 from __future__ import annotations

@@ -23,30 +23,36 @@ from erc_gym.adaptive_band import (
     check_target_clip_fraction,
     off_policy_clip_fraction,
 )
-from erc_gym.entropy import SMALL_VOCAB, small_action_logprob_and_entropy
-from erc_gym.losses import ERCConfig, LossConfig, LossStats, loss_metrics, policy_loss
+from erc_gym.adaptive_coef import AdaptiveEntropyCoef, AdaptiveKLCoef
+from erc_gym.entropy import SMALL_VOCAB, kl_from_logits, small_action_logprob_and_entropy
+from erc_gym.losses import (
+    DPPO_VARIANTS,
+    LOSS_METRIC_KEYS,
+    ERCConfig,
+    LossConfig,
+    LossStats,
+    loss_metrics,
+    policy_loss,
+)
+from erc_gym.methods import CLIP_VARIANTS, MethodRuntime, MethodSettings, method_metrics
 from erc_gym.sb3.buffers import ERCDictRolloutBuffer, ERCRolloutBuffer
 from erc_gym.sb3.distributions import ERC_ACTION_SPACES, check_erc_action_space, state_entropy
 from erc_gym.sb3.policies import TokenLMPolicy
 
-__all__ = ["ERCPPO"]
+__all__ = ["ERCPPO", "METHOD_KWARGS"]
 
 SelfERCPPO = TypeVar("SelfERCPPO", bound="ERCPPO")
 
-#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here).
+#: ``policy_loss`` metrics that SB3 has under its own keys (``train/policy_gradient_loss``,
+#: its two-sided ``train/clip_fraction``, ``train/approx_kl``) or that ERCPPO does not log.
+_NOT_LOGGED = {"pg_loss", "clip_fraction", "approx_kl", "ppo_kl", "ratio_mean"}
+_NOT_LOGGED |= {"erc_kept_entropy_old_mean"}
+#: ERC keys logged as ``train/<key>``, from ``policy_loss`` metrics (name there -> name here):
+#: the loss's list of keys, filtered, with the entropies under SB3-style names.
 _ERC_LOG_KEYS = {
-    "entropy_mean": "entropy",
-    "entropy_old_mean": "entropy_old",
-    "entropy_ratio_mean": "entropy_ratio_mean",
-    "entropy_ratio_min": "entropy_ratio_min",
-    "entropy_ratio_max": "entropy_ratio_max",
-    "erc_clip_fraction": "erc_clip_fraction",
-    "erc_clip_fraction_low": "erc_clip_fraction_low",
-    "erc_clip_fraction_high": "erc_clip_fraction_high",
-    "erc_clipped_entropy_old_mean": "erc_clipped_entropy_old_mean",
-    "clip_fraction_high": "clip_fraction_high",
-    "clip_fraction_low": "clip_fraction_low",
-    "dual_clip_fraction": "dual_clip_fraction",
+    key: {"entropy_mean": "entropy", "entropy_old_mean": "entropy_old"}.get(key, key)
+    for key in LOSS_METRIC_KEYS
+    if key not in _NOT_LOGGED
 }
 
 # Rows per no-grad pass when scoring a rollout's old entropies (bounds memory on big buffers).
@@ -54,6 +60,14 @@ _ENTROPY_PASS_ROWS = 4096
 
 # rollout_buffer_class values that mean "SB3's default buffer" (see ERCPPO._setup_model).
 _SB3_DEFAULT_BUFFERS = (None, RolloutBuffer, DictRolloutBuffer)
+
+#: MethodSettings fields ERCPPO takes as keyword arguments (``ent_coef`` and ``target_kl`` are
+#: SB3's own arguments, ``clip_variant`` ERCPPO's).
+METHOD_KWARGS = tuple(
+    f
+    for f in MethodSettings.__dataclass_fields__
+    if f not in ("ent_coef", "target_kl", "clip_variant")
+)
 
 
 class ERCPPO(PPO):
@@ -86,7 +100,15 @@ class ERCPPO(PPO):
     :param clip_variant: ``"ppo"`` (clip stops the gradient) or ``"gppo"`` (gradient-preserving
         clip, arXiv 2508.07629).
     :param dual_clip: dual-clip constant ``c > 1`` for negative advantages, or ``None``.
-    :param kwargs: every other :class:`stable_baselines3.PPO` argument.
+    :param kwargs: every other :class:`stable_baselines3.PPO` argument, and the rival methods,
+        baselines and controls of :class:`erc_gym.methods.MethodSettings` by their field names
+        (``control_low``, ``random_mask_matched``, ``equal_step``, ``clip_cov_ratio``,
+        ``kl_cov_ratio``, ``top_entropy_quantile``, ``entropy_target``, ``kl_coef``,
+        ``kl_target``, ...; ``docs/rivals.md``). ``clip_variant`` also takes ``"none"``,
+        ``"dppo-tv"`` and ``"dppo-kl"``. SB3's ``ent_coef`` is the entropy bonus (its starting
+        value with ``entropy_target``) and ``target_kl`` SB3's early stop. A KL penalty is the
+        exact per-state KL(pi_old || pi) for ``Discrete`` actions (the old logits are stored
+        with the rollout), the k3 estimate otherwise.
 
     Logged beside SB3's ``train/*`` keys (means over the update's mini-batches, see
     ``docs/metrics.md``): ``train/entropy`` (positive), ``train/entropy_old``,
@@ -120,10 +142,23 @@ class ERCPPO(PPO):
                 f"erc_low and erc_high must both be set or both be None (ERC off), got "
                 f"erc_low={erc_low!r}, erc_high={erc_high!r}"
             )
-        if clip_variant not in ("ppo", "gppo"):
-            raise ValueError(f"clip_variant must be 'ppo' or 'gppo', got {clip_variant!r}")
+        if clip_variant not in CLIP_VARIANTS:
+            raise ValueError(f"clip_variant must be one of {CLIP_VARIANTS}, got {clip_variant!r}")
         if dual_clip is not None and not dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1 or None, got dual_clip={dual_clip}")
+        if dual_clip is not None and (clip_variant in DPPO_VARIANTS or clip_variant == "none"):
+            raise ValueError(
+                f"clip_variant={clip_variant!r} takes no dual_clip (got dual_clip={dual_clip}): "
+                "DPPO truncates its weight with ratio_cap, 'none' has no clip"
+            )
+        #: The rival methods' settings (erc_gym.methods.MethodSettings).
+        self.method_settings = MethodSettings(
+            clip_variant=clip_variant,
+            ent_coef=kwargs.get("ent_coef", 0.0),
+            target_kl=kwargs.get("target_kl"),
+            **{name: kwargs.pop(name) for name in METHOD_KWARGS if name in kwargs},
+        )
+        self.method_settings.check_methods(erc_on=erc_low is not None and erc_high is not None)
         for name, value in (
             ("erc_low", erc_low),
             ("erc_high", erc_high),
@@ -135,7 +170,8 @@ class ERCPPO(PPO):
         if isinstance(clip_range_high, int | float) and not 0 <= clip_range_high < math.inf:
             # a negative or NaN constant became a clip range of 0 (max(0, x)) without a word
             raise ValueError(
-                f"clip_range_high must be a finite number >= 0 (DAPO: 0.28), a schedule or None, "
+                "clip_range_high must be a finite number >= 0 "
+                f"(DAPO: {LossConfig.dapo().eps_high:g}), a schedule or None, "
                 f"got clip_range_high={clip_range_high}"
             )
         if isinstance(erc_low, int | float) and isinstance(erc_high, int | float):
@@ -159,6 +195,9 @@ class ERCPPO(PPO):
         self.clip_range_high = clip_range_high
         self.clip_variant = clip_variant
         self.dual_clip = dual_clip
+        #: Adaptive coefficients' controllers (None: fixed), saved with the model.
+        self.entropy_control: AdaptiveEntropyCoef | None = None
+        self.kl_control: AdaptiveKLCoef | None = None
         super().__init__(policy, env, *args, _init_setup_model=False, **kwargs)  # type: ignore[arg-type,misc]
         if _init_setup_model:
             self._setup_model()
@@ -168,12 +207,46 @@ class ERCPPO(PPO):
         """Whether ERC is on (both band bounds set)."""
         return self.erc_low is not None and self.erc_high is not None
 
+    def _excluded_save_params(self) -> list[str]:
+        # the token gates' generator is not picklable; it is re-seeded on load
+        return [*super()._excluded_save_params(), "method_runtime"]
+
+    def _setup_methods(self) -> None:
+        """The methods' run-time state; a loaded model keeps its saved controllers."""
+        settings = getattr(self, "method_settings", None)
+        if settings is None:  # a model saved before the methods existed
+            settings = MethodSettings(clip_variant=getattr(self, "clip_variant", "ppo"))
+        self.method_settings = settings
+        runtime = MethodRuntime(settings, seed=self.seed or 0, device=self.device)
+        if getattr(self, "entropy_control", None) is not None:
+            runtime.entropy = self.entropy_control
+        if getattr(self, "kl_control", None) is not None:
+            runtime.kl = self.kl_control
+        self.entropy_control, self.kl_control = runtime.entropy, runtime.kl
+        self.method_runtime = runtime
+        needs_entropy = LossConfig(
+            gate=settings.token_gate(),
+            equal_step=settings.control_band() if settings.equal_step else None,
+        ).needs_entropies
+        if needs_entropy and not isinstance(self.action_space, ERC_ACTION_SPACES):
+            raise ValueError(
+                "the high-entropy gate, the matched random control and the equal-step control "
+                f"rank states by their entropy, which needs a discrete action space, got "
+                f"{self.action_space}"
+            )
+
+    @property
+    def _kl_exact(self) -> bool:
+        """A KL penalty with the exact per-state KL (``Discrete`` actions: logits stored)."""
+        return self.method_settings.needs_kl and isinstance(self.action_space, spaces.Discrete)
+
     def _setup_model(self) -> None:
+        self._setup_methods()
         if self.erc_enabled:
             check_erc_action_space(self.action_space)
         # None is "SB3 chooses"; SB3's own RolloutBuffer / DictRolloutBuffer is what a plain PPO
         # checkpoint stores after that choice, so ERCPPO.load() of a PPO model would otherwise
-        # get a buffer without old_entropy (issue #11 item 5). The ERC buffers are drop-in
+        # get a buffer without old_entropy. The ERC buffers are drop-in
         # subclasses of exactly those two; any other class is the user's and is kept.
         if self.rollout_buffer_class in _SB3_DEFAULT_BUFFERS and isinstance(
             self.action_space, ERC_ACTION_SPACES
@@ -201,7 +274,7 @@ class ERCPPO(PPO):
         ``n_steps * n_envs`` the last rollout overshoots and SB3's progress goes below 0: a linear
         schedule then gives a negative learning rate and clip range for the last update (which
         ascends the loss with every ratio "clipped"). Every schedule of ERCPPO (learning rate,
-        clip ranges, ERC band) sees progress in [0, 1] instead (issue #11 item 7).
+        clip ranges, ERC band) sees progress in [0, 1] instead.
         """
         super()._update_current_progress_remaining(num_timesteps, total_timesteps)
         self._current_progress_remaining = max(0.0, self._current_progress_remaining)
@@ -224,10 +297,19 @@ class ERCPPO(PPO):
         """
         complete = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         if complete and isinstance(rollout_buffer, ERCRolloutBuffer | ERCDictRolloutBuffer):
-            rollout_buffer.set_old_entropy(self._buffer_entropy(rollout_buffer))
+            logits: list[np.ndarray] | None = [] if self._kl_exact else None
+            rollout_buffer.set_old_entropy(self._buffer_entropy(rollout_buffer, logits))
+            if logits is not None:
+                shape = (rollout_buffer.buffer_size, rollout_buffer.n_envs, -1)
+                rollout_buffer.set_old_logits(np.concatenate(logits).reshape(shape))
         return complete
 
-    def _buffer_entropy(self, buffer: ERCRolloutBuffer | ERCDictRolloutBuffer) -> np.ndarray:
+    def _buffer_entropy(
+        self,
+        buffer: ERCRolloutBuffer | ERCDictRolloutBuffer,
+        logits: list[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The old policy's per-state entropies (and, into ``logits``, its logits)."""
         n = buffer.buffer_size * buffer.n_envs
         obs: Any = buffer.observations
         if isinstance(obs, dict):
@@ -235,7 +317,7 @@ class ERCPPO(PPO):
         else:
             flat = obs.reshape(n, *obs.shape[2:])
         actions = buffer.actions.reshape(n, *buffer.actions.shape[2:])
-        fused = self._fused_discrete()
+        fused = self._fused_discrete() and logits is None
         out = np.empty(n, dtype=np.float32)
         with th.no_grad():
             for start in range(0, n, _ENTROPY_PASS_ROWS):
@@ -249,7 +331,10 @@ class ERCPPO(PPO):
                 if fused:
                     entropy = self._evaluate_discrete(obs_t, act_t)[3]
                 else:
-                    entropy = state_entropy(self._evaluate(obs_t, act_t)[3])
+                    dist = self._evaluate(obs_t, act_t)[3]
+                    entropy = state_entropy(dist)
+                    if logits is not None:
+                        logits.append(_logits(dist).float().cpu().numpy())
                 out[sl] = entropy.cpu().numpy()
         return out.reshape(buffer.buffer_size, buffer.n_envs)
 
@@ -307,7 +392,7 @@ class ERCPPO(PPO):
         ``_get_action_dist_from_latent`` and ``get_distribution`` are SB3's own (an override may
         change the logits, e.g. a temperature or an action mask), and an action distribution that
         is exactly ``CategoricalDistribution``. Feature extractors and networks may be anything:
-        the fused path calls them. Every other policy takes the general path (issue #11 item 6).
+        the fused path calls them. Every other policy takes the general path.
         """
         policy = self.policy
         cls = type(policy)
@@ -365,13 +450,17 @@ class ERCPPO(PPO):
                 low=float(self.erc_low(progress)),  # type: ignore[operator,misc]
                 high=float(self.erc_high(progress)),  # type: ignore[operator,misc]
             )
-        return LossConfig(
-            clip=self.clip_variant,
+        base = LossConfig(
+            clip=self.clip_variant if self.clip_variant in ("ppo", "gppo") else "ppo",
             eps_low=eps_low,
             eps_high=eps_high,
             dual_clip_c=self.dual_clip,
             erc=erc,
             aggregation="token-mean",
+        )
+        # the bonus stays SB3's own term (ent_coef); the KL is exact where the logits are stored
+        return self.method_settings.apply_to(
+            base, kl_estimator="exact" if self._kl_exact else "k3", entropy_bonus=False
         )
 
     # ------------------------------------------------------------------------------------------
@@ -389,12 +478,17 @@ class ERCPPO(PPO):
             clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
         # ERC: one loss configuration per update (schedules are evaluated once, as SB3 does).
         loss_config = self._loss_config()
-        # ERC: the current per-state entropy is needed only for the ERC mask; with ERC off the
-        # update costs what SB3's does (train/entropy then comes from SB3's entropy term).
-        track_entropy = self._tracks_entropy and loss_config.erc is not None
+        methods = self.method_runtime
+        # ERC: the current per-state entropy is needed only for the ERC mask (and the controls
+        # and gates that rank states by entropy); with all of them off the update costs what
+        # SB3's does (train/entropy then comes from SB3's entropy term).
+        track_entropy = self._tracks_entropy and loss_config.needs_entropies
+        kl_exact = loss_config.kl_coef != 0 and loss_config.kl_estimator == "exact"
         # ERC: with ERC on and a plain Discrete actor-critic, one fused evaluation gives SB3's
         # outputs and the ERC entropy (with ERC off the update is SB3's, bit for bit).
-        fused = track_entropy and self._fused_discrete()
+        fused = track_entropy and self._fused_discrete() and not kl_exact
+        # the entropy bonus is SB3's term; an adaptive controller sets its coefficient
+        ent_coef = self.ent_coef if methods.entropy is None else methods.entropy.applied_coef
 
         # ERC: logged values stay tensors until the end of the update, where they are reduced
         # with one host sync (SB3 calls .item() several times per mini-batch).
@@ -413,7 +507,7 @@ class ERCPPO(PPO):
                     values, log_prob, entropy, new_entropy = self._evaluate_discrete(
                         rollout_data.observations, actions
                     )
-                elif track_entropy:
+                elif track_entropy or kl_exact:
                     values, log_prob, entropy, dist = self._evaluate(
                         rollout_data.observations, actions
                     )
@@ -432,6 +526,10 @@ class ERCPPO(PPO):
                     if new_entropy is None:
                         new_entropy = state_entropy(dist)
                     old_entropy = rollout_data.old_entropy  # type: ignore[attr-defined]
+                kl = None
+                if kl_exact:
+                    old_logits = rollout_data.old_logits  # type: ignore[attr-defined]
+                    kl = kl_from_logits(old_logits, _logits(dist))
                 pg = policy_loss(
                     log_prob,
                     rollout_data.old_log_prob,
@@ -440,6 +538,8 @@ class ERCPPO(PPO):
                     old_entropy=old_entropy,
                     config=loss_config,
                     metrics=False,
+                    kl=kl,
+                    **methods.loss_kwargs(entropy_bonus=False),
                 )
 
                 if self.clip_range_vf is None:
@@ -453,7 +553,7 @@ class ERCPPO(PPO):
                 # Approximate the entropy by -log_prob when there is no analytical form (as SB3).
                 entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
 
-                loss = pg.loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                loss = pg.loss + ent_coef * entropy_loss + self.vf_coef * value_loss
                 log.add_step(pg.stats, value_loss, entropy_loss)
 
                 if self.target_kl is not None:
@@ -475,7 +575,12 @@ class ERCPPO(PPO):
                 log.grad_norms.append(
                     th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 )
-                self.policy.optimizer.step()
+                # the equal-step control scales this step's learning rate (else a no-op)
+                with methods.scaled_lr(self.policy.optimizer, pg):
+                    self.policy.optimizer.step()
+                if methods.entropy is not None:
+                    methods.after_step(entropy=-float(entropy_loss.detach()))
+                    ent_coef = methods.entropy.applied_coef
 
             self._n_updates += 1
             if not continue_training:
@@ -489,6 +594,7 @@ class ERCPPO(PPO):
             self.logger.record("train/erc_clip_fraction_off_policy", off_policy)
         if self.erc_band_control is not None:
             self.erc_band_control.update(off_policy)
+        methods.after_update(log.stats)
 
         explained_var = explained_variance(
             self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
@@ -521,6 +627,11 @@ class ERCPPO(PPO):
         if loss_config.erc is not None:
             self.logger.record("train/erc_low", loss_config.erc.low)
             self.logger.record("train/erc_high", loss_config.erc.high)
+        for key, value in method_metrics(erc_keys).items():
+            self.logger.record(f"train/{key}", value)
+        if methods.entropy is not None or self.ent_coef != 0:
+            # the coefficient of SB3's entropy term in force at the end of the update
+            self.logger.record("train/entropy_coef", float(ent_coef))
 
     def learn(
         self: SelfERCPPO,
@@ -540,6 +651,16 @@ class ERCPPO(PPO):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+
+def _logits(dist: Distribution) -> th.Tensor:
+    """The (normalised) logits of a ``Discrete`` policy's categorical distribution."""
+    if not isinstance(dist, CategoricalDistribution):
+        raise ValueError(
+            f"the exact KL penalty needs a Categorical distribution, got {type(dist).__name__}"
+        )
+    logits: th.Tensor = dist.distribution.logits
+    return logits
 
 
 class _UpdateLog:

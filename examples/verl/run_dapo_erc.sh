@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DAPO + ERC (Entropy Ratio Clipping, arXiv 2512.05591) on a stock verl 0.9.x, no fork.
 #
-# Mirrors the authors' recipe (docs/scale_out.md, ERC_SPEC section 3): 128 prompts x 8
+# Mirrors the authors' recipe (docs/scale_out.md, docs/method.md section 3): 128 prompts x 8
 # samples per step, mini-batch 16 prompts (8 optimizer steps per rollout, 1 epoch), AdamW lr 1e-6,
 # weight decay 0.1, warm-up 10 steps, grad-norm clip 1.0, token-mean, DAPO clip 0.2 / 0.28,
 # dual-clip 10, ERC band (0.95, 1.05), no KL, no entropy bonus, dynamic sampling on.

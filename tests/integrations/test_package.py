@@ -1,4 +1,4 @@
-"""erc_gym.integrations stays importable and light without any engine installed (issue #9)."""
+"""erc_gym.integrations stays importable and light without any engine installed."""
 
 from __future__ import annotations
 

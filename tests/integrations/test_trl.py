@@ -1,4 +1,4 @@
-"""ERCGRPOTrainer on TRL's GRPOTrainer: equivalence, ERC gradients, metrics, errors (issue #9).
+"""ERCGRPOTrainer on TRL's GRPOTrainer: equivalence, ERC gradients, metrics, errors.
 
 Runs only where TRL is installed (``make test-trl`` builds that environment); the main suite skips
 it. Tiny Qwen2 models from a config and erc_gym's character tokenizer: no downloads.
@@ -202,7 +202,7 @@ def completion_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 AUTHORS = {
-    # ERC_SPEC section 3 in TRL terms: dual-clip c = 10 is TRL's `delta`, no KL, token-mean.
+    # docs/method.md section 3 in TRL terms: dual-clip c = 10 is TRL's `delta`, no KL, token-mean.
     "dapo": (
         {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "delta": 10.0, "beta": 0.0},
         LossConfig.dapo,
@@ -856,3 +856,146 @@ def test_own_tests_without_a_copy_exits_3(tmp_path, monkeypatch, capsys):
     assert own.main(["--cache", str(tmp_path), "--dest", str(tmp_path / "out")]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not available here (cache: empty)" in err[0]
+
+
+# -- the rival methods against TRL 1.16's own code --------------------------------------------
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.2, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("seed", range(6))
+def test_high_entropy_gate_equals_trls_mask(quantile, seed):
+    """erc_gym's HighEntropy gate keeps exactly the tokens of GRPOTrainer.get_high_entropy_mask
+    (one process: TRL's gather is the identity), ties and padding included, and zeroes the
+    others' per-token loss as TRL does (``per_token_loss * entropy_mask``)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from erc_gym.losses import HighEntropy, high_entropy_keep
+
+    g = torch.Generator().manual_seed(seed)
+    entropies = torch.rand(5, 13, generator=g) * 3
+    entropies[1, :6] = entropies[0, 3]  # ties at the threshold's neighbourhood
+    entropies[2] = torch.round(entropies[2])  # many equal values
+    mask = (torch.rand(5, 13, generator=g) > 0.25).long()
+    mask[4] = 0  # a fully padded row
+    stub = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    trl_mask = GRPOTrainer.get_high_entropy_mask(stub, entropies, mask, 1 - quantile)
+    ours = high_entropy_keep(entropies, mask.bool(), quantile)
+    assert torch.equal(ours, trl_mask)
+    # in policy_loss: the same tokens keep a loss and a gradient, the others get value 0
+    lp = (-torch.rand(5, 13, generator=g, dtype=torch.float64)).requires_grad_(True)
+    old = lp.detach() + 0.1
+    adv = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    cfg = LossConfig(gate=HighEntropy(quantile))
+    out = policy_loss(lp, old, adv, entropy=entropies, old_entropy=entropies, mask=mask, config=cfg)
+    assert torch.equal(out.token_loss != 0, (out.token_loss != 0) & trl_mask)
+    (grad,) = torch.autograd.grad(out.loss, lp)
+    assert torch.all(grad[mask.bool() & ~trl_mask] == 0)
+
+
+def test_high_entropy_gate_on_an_empty_batch_keeps_nothing_like_trl():
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from erc_gym.losses import high_entropy_keep
+
+    entropies = torch.rand(2, 4)
+    mask = torch.zeros(2, 4, dtype=torch.long)
+    stub = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    trl_mask = GRPOTrainer.get_high_entropy_mask(stub, entropies, mask, 0.8)
+    assert torch.equal(high_entropy_keep(entropies, mask.bool(), 0.2), trl_mask)
+
+
+def test_adaptive_entropy_coefficient_equals_trls(tokenizer, tmp_path):
+    """GRPOTrainer(use_adaptive_entropy=True) and AdaptiveEntropyCoef, fed the same per-step
+    entropies, hold the same coefficient after every optimiser step (up, down and clamped)."""
+    from transformers import TrainerCallback
+
+    from erc_gym.adaptive_coef import AdaptiveEntropyCoef
+
+    settings = {
+        "entropy_coef": 0.1,
+        "entropy_target": 4.3,  # the tiny model starts near 4.4 nats and falls below
+        "entropy_coef_delta": 0.05,
+        "entropy_coef_min": 0.0,
+        "entropy_coef_max": 0.15,
+    }
+    trainer = make_trainer(
+        GRPOTrainer, tokenizer, tmp_path, use_adaptive_entropy=True, max_steps=8, **settings
+    )
+    seen: list[tuple[float, float, float]] = []  # (coef applied, coef after, step entropy)
+    applied = [0.0]
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            # TRL's apply rule, read from its own state before the step
+            last = trainer._last_world_entropy
+            applied[0] = trainer.entropy_coef if last <= args.entropy_target else 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((applied[0], trainer.entropy_coef, trainer._last_world_entropy))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert len(seen) == 8
+    ours = AdaptiveEntropyCoef(target=4.3, coef=0.1, delta=0.05, coef_min=0.0, coef_max=0.15)
+    for applied_coef, coef_after, entropy in seen:
+        assert ours.applied_coef == applied_coef
+        ours.update(entropy)
+        assert ours.coef == coef_after
+    coefs = [c for _, c, _ in seen]
+    assert 0.0 in coefs and 0.15 in coefs  # the rule went down to the floor and up to the cap
+    assert any(a > 0 for a, _, _ in seen)  # and the bonus was applied on some steps
+
+
+# -- the methods TRL lacks, through the adapter -----------------------------------------------
+
+
+def test_matched_random_control_stops_ercs_count_at_random(tokenizer, tmp_path, monkeypatch):
+    """erc_random_matched: in every micro-batch exactly the tokens ERC would clip are counted,
+    and that many valid tokens, drawn at random, get no gradient instead of ERC's."""
+    calls: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    real = erc_trl.random_mask
+
+    def spy(valid, count, shape, generator):
+        drawn = real(valid, count, shape, generator)
+        calls.append((valid.clone(), int(count), drawn.clone()))
+        return drawn
+
+    monkeypatch.setattr(erc_trl, "random_mask", spy)
+    trainer = make_trainer(
+        ERCGRPOTrainer,
+        tokenizer,
+        tmp_path,
+        erc_low=0.999,
+        erc_high=1.001,
+        erc_random_matched=True,
+        learning_rate=0.1,
+    )
+    trainer.train()
+    assert calls
+    for valid, count, drawn in calls:
+        assert int(drawn.sum()) == count and not bool((drawn & ~valid).any())
+    assert any(count > 0 for _, count, _ in calls)  # the band would have clipped off-policy
+    logs = [log for log in trainer.state.log_history if "random_mask_fraction" in log]
+    assert logs and all(log["random_mask_fraction"] == log["erc_clip_fraction"] for log in logs)
+
+
+def test_matched_random_control_needs_the_band(tmp_path):
+    with pytest.raises(ValueError, match="erc_random_matched=True imitates an ERC band"):
+        make_args(ERCGRPOConfig, tmp_path, erc_random_matched=True)
+
+
+def test_erc_combines_with_trls_high_entropy_gate_and_adaptive_entropy(tokenizer, tmp_path):
+    """ERC beside TRL's own rivals: top_entropy_quantile (the forking tokens) and the adaptive
+    entropy coefficient train together, and both sets of metrics are logged."""
+    rivals = {"top_entropy_quantile": 0.3, "use_adaptive_entropy": True, "entropy_target": 5.0}
+    trainer = make_trainer(
+        ERCGRPOTrainer, tokenizer, tmp_path, erc_low=0.95, erc_high=1.05, **rivals
+    )
+    trainer.train()
+    logs = step_logs(trainer)
+    assert all("erc_clip_fraction" in log and "entropy_coef" in log for log in logs)
+    assert logs[-1]["entropy_coef"] > 0  # entropy below the target: TRL raised the coefficient

@@ -48,7 +48,11 @@ def actor_config(
     clip_c: float = 10.0,
     agg: str = "token-mean",
     calculate_entropy: bool = True,
+    policy_loss: Any = None,
 ) -> ActorConfig:
+    """An actor config; ``policy_loss`` replaces the ERC loss config built from the band."""
+    if policy_loss is None:
+        policy_loss = ERCPolicyLossConfig(loss_mode=loss_mode, erc_low=low, erc_high=high)
     return ActorConfig(
         strategy="fsdp",
         rollout_n=1,
@@ -58,7 +62,7 @@ def actor_config(
         clip_ratio_c=clip_c,
         loss_agg_mode=agg,
         calculate_entropy=calculate_entropy,
-        policy_loss=ERCPolicyLossConfig(loss_mode=loss_mode, erc_low=low, erc_high=high),
+        policy_loss=policy_loss,
     )
 
 
@@ -427,7 +431,7 @@ def test_use_exact_entropy_replaces_verls_entropy(monkeypatch: pytest.MonkeyPatc
 
     for name in ("entropy_from_logits", "entropy_from_logits_with_chunking"):
         monkeypatch.setattr(verl_f, name, getattr(verl_f, name))  # restored after the test
-    # Near-deterministic rows with a large common logit offset (ERC_SPEC 5.4).
+    # Near-deterministic rows with a large common logit offset (docs/method.md section 5.4).
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 4096, generator=g, dtype=torch.float64) * 2
     logits[:, 0] += torch.linspace(14, 22, 64, dtype=torch.float64)
@@ -526,3 +530,246 @@ def test_erc_sync_setup_installs_the_hook_on_the_actor_workers(
     assert wg.loss_fn is not None and wg.loss_fn.func is erc_ppo_loss
     installed = wg.loss_fn.keywords["config"]
     assert installed.policy_loss.loss_mode == "erc_dapo" and installed.clip_ratio_c == 10.0
+
+
+# --- the rival methods against verl 0.9.1's own registered losses ----------------------------
+#
+# Each erc_gym method is one LossConfig of policy_loss; verl implements Clip-Cov, KL-Cov,
+# DPPO-TV and DPPO-KL as whole loss functions. On the same tensors (and, for Clip-Cov's random
+# draw, the same global-RNG state) the value and the per-token gradient must be verl's, for every
+# aggregation verl supports. These tests fail if either side changes.
+
+
+def method_actor_config(
+    loss_mode: str, agg: str, *, clip_high: float = 0.28, clip_c: float = 3.0, **policy: Any
+) -> ActorConfig:
+    from verl.workers.config import PolicyLossConfig
+
+    loss = PolicyLossConfig(loss_mode=loss_mode, **policy)
+    return actor_config(agg=agg, clip_high=clip_high, clip_c=clip_c, policy_loss=loss)
+
+
+def ours_as_verl(
+    x: dict[str, torch.Tensor], config: LossConfig, agg: str, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """policy_loss with verl's aggregation conventions (token-sum; seq-mean-token-sum-norm)."""
+    import dataclasses
+
+    lp = x["lp"].clone().requires_grad_(True)
+    cfg = dataclasses.replace(config, aggregation="token-mean" if agg == "token-sum" else agg)
+    if seed is not None:
+        torch.manual_seed(seed)
+    entropies = {"entropy": x["h"], "old_entropy": x["h_old"]}
+    out = policy_loss(lp, x["old"], x["adv"], mask=x["mask"], config=cfg, **entropies)
+    loss = (out.token_loss * x["mask"]).sum() if agg == "token-sum" else out.loss
+    if agg == "seq-mean-token-sum-norm":  # verl 0.9.1 also divides by the non-empty sequences
+        loss = loss / int(x["mask"].any(-1).sum())
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad, out
+
+
+def verl_method_loss(
+    mode: str, cfg: ActorConfig, x: dict[str, torch.Tensor], seed: int | None = None
+) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return verl_loss(mode, cfg, x, entropies=False)
+
+
+def cov_batch(seed: int) -> dict[str, torch.Tensor]:
+    """Covariances that reach verl's default candidate window (1, 5) for many tokens."""
+    x = batch(b=10, t=24, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x["adv"] = x["adv"] * 3 + 0.5 * torch.randn(x["adv"].shape, generator=g, dtype=torch.float64)
+    x["lp"] = x["old"] + 0.25 * torch.randn(x["old"].shape, generator=g, dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize(
+    ("ratio", "lb", "ub"), [(0.05, 1.0, 5.0), (0.1, 0.3, 2.0), (2e-4, 1.0, 5.0)]
+)
+def test_clip_cov_equals_verl(agg: str, seed: int, ratio: float, lb: float, ub: float) -> None:
+    from erc_gym.losses import ClipCov
+
+    x = cov_batch(seed)
+    cfg = method_actor_config("clip_cov", agg, clip_cov_ratio=ratio, clip_cov_lb=lb, clip_cov_ub=ub)
+    loss, metrics, grad = verl_method_loss("clip_cov", cfg, x, seed=seed + 7)
+    ours = LossConfig(clip="ppo", eps_low=0.2, eps_high=0.28, gate=ClipCov(ratio, lb, ub))
+    ref_loss, ref_grad, out = ours_as_verl(x, ours, agg, seed=seed + 7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    n_valid = int(x["mask"].sum())
+    drawn = int(out.gate_mask.sum())
+    assert drawn == max(int(ratio * n_valid), 1)  # a real draw from a larger candidate set
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(out.metrics["clip_cov_fraction"])
+    # the drawn tokens have no gradient, and a different global-RNG state draws others
+    assert torch.all(grad[out.gate_mask] == 0)
+    if drawn > 1:
+        other = ours_as_verl(x, ours, agg, seed=seed + 8)[2]
+        assert not torch.equal(other.gate_mask, out.gate_mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize(("ratio", "coef"), [(0.1, 0.1), (2e-4, 1.0), (0.3, 0.5)])
+def test_kl_cov_equals_verl(agg: str, seed: int, ratio: float, coef: float) -> None:
+    from erc_gym.losses import KLCov
+
+    x = cov_batch(seed)
+    cfg = method_actor_config("kl_cov", agg, kl_cov_ratio=ratio, ppo_kl_coef=coef)
+    loss, metrics, grad = verl_method_loss("kl_cov", cfg, x)
+    ours = LossConfig(clip="none", gate=KLCov(ratio, coef))
+    ref_loss, ref_grad, out = ours_as_verl(x, ours, agg)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert int(out.gate_mask.sum()) == max(1, int(ratio * int(x["mask"].sum())))
+    abs_kl = (x["lp"] - x["old"]).abs()[x["mask"]].mean()
+    assert metrics["actor/ppo_kl"] == pytest.approx(float(abs_kl))
+
+
+def dppo_batch(seed: int) -> dict[str, torch.Tensor]:
+    """Probabilities up to 1 and moves of +-0.6 in log space: both trust regions bite."""
+    x = batch(b=10, t=16, seed=seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    x["old"] = -torch.rand(x["old"].shape, generator=g, dtype=torch.float64) * 1.2
+    x["lp"] = (
+        x["old"] + 0.6 * torch.randn(x["old"].shape, generator=g, dtype=torch.float64)
+    ).clamp(max=-1e-4)
+    x["lp"][0, 0] = x["old"][0, 0] + 3.0  # a ratio above the truncation C
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
+@pytest.mark.parametrize(("eps_high", "cap"), [(0.28, 3.0), (0.1, 20.0)])
+def test_dppo_equals_verl(
+    agg: str, seed: int, divergence: str, eps_high: float, cap: float
+) -> None:
+    mode = f"dppo_{divergence}"
+    x = dppo_batch(seed)
+    cfg = method_actor_config(mode, agg, clip_high=eps_high, clip_c=cap)
+    loss, metrics, grad = verl_method_loss(mode, cfg, x)
+    ours = LossConfig(
+        clip=f"dppo-{divergence}",  # type: ignore[arg-type]
+        eps_low=0.2,
+        eps_high=eps_high,
+        ratio_cap=cap,
+    )
+    ref_loss, ref_grad, out = ours_as_verl(x, ours, agg)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    m = out.metrics
+    assert 0 < m["clip_fraction"] < 1  # the trust region masked some tokens, not all
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(m["clip_fraction"])
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(m["dual_clip_fraction"])
+
+
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+def test_cov_losses_differ_from_verl_only_by_the_log_ratio_clamp(mode: str) -> None:
+    """On purpose: erc_gym clamps every log-ratio to +-20 before exp (as verl's vanilla and DPPO
+    do); verl's clip_cov / kl_cov do not, so one stale token (log-ratio 25) makes verl's ratio
+    exp(25) and its loss explode. Everywhere else the values are the same (tests above)."""
+    from erc_gym.losses import ClipCov, KLCov
+
+    x = cov_batch(0)
+    x["lp"][1, 2] = x["old"][1, 2] + 25.0
+    x["adv"][1, 2] = -1.0  # a negative advantage: PPO's clip does not bound -A r from above
+    kwargs = {"clip_cov_ratio": 2e-4} if mode == "clip_cov" else {"kl_cov_ratio": 2e-4}
+    loss, _, grad = verl_method_loss(mode, method_actor_config(mode, "token-mean", **kwargs), x, 0)
+    gate = ClipCov(2e-4) if mode == "clip_cov" else KLCov(2e-4)
+    ours = LossConfig(clip="ppo" if mode == "clip_cov" else "none", eps_high=0.28, gate=gate)
+    ref_loss, ref_grad, _ = ours_as_verl(x, ours, "token-mean", seed=0)
+    n = int(x["mask"].sum())
+    assert float(loss) > math.exp(24) / n  # verl: the unclamped ratio
+    assert float(ref_loss) < math.exp(20.5) / n  # erc_gym: clamped at exp(20)
+    assert float(grad[1, 2]) != float(ref_grad[1, 2])
+
+
+# --- the methods verl lacks, and ERC's combinations, through the plugin -----------------------
+
+
+def plugin_config(mode: str = "erc_dapo", agg: str = "token-mean", **policy: Any) -> ActorConfig:
+    return actor_config(agg=agg, policy_loss=ERCPolicyLossConfig(loss_mode=mode, **policy))
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_plugin_matched_random_control_equals_policy_loss(agg: str) -> None:
+    from erc_gym.losses import RandomMask
+
+    x = batch(b=8, t=12, seed=6)
+    cfg = plugin_config(agg=agg, erc=False, gate="random_matched")
+    torch.manual_seed(3)
+    loss, metrics, grad = verl_loss("erc_dapo", cfg, x)
+    band = ERCConfig(0.95, 1.05)
+    ours = LossConfig(eps_high=0.28, dual_clip_c=10.0, gate=RandomMask(match=band))
+    ref, ref_grad, out = ours_as_verl(x, ours, agg, seed=3)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    rho = (x["h"] + 1e-8) / (x["h_old"] + 1e-8)
+    erc_count = int((((rho <= 0.95) | (rho >= 1.05)) & x["mask"]).sum())
+    assert int(out.gate_mask.sum()) == erc_count > 0
+    assert metrics["actor/random_mask_fraction"] == pytest.approx(erc_count / int(x["mask"].sum()))
+    assert metrics["actor/erc_clip_fraction"] == 0.0  # ERC itself is off
+
+
+@pytest.mark.parametrize("mode", ["erc_dapo", "erc_gppo"])
+@pytest.mark.parametrize("gate", ["clip_cov", "kl_cov", "high_entropy"])
+def test_plugin_combines_erc_with_a_gate(mode: str, gate: str) -> None:
+    from erc_gym.losses import ClipCov, HighEntropy, KLCov
+
+    x = cov_batch(2)
+    x["h"] = x["h"].float().double()
+    policy = {"gate": gate, "clip_cov_ratio": 0.1, "clip_cov_lb": 0.3, "kl_cov_ratio": 0.1}
+    cfg = plugin_config(mode, **policy)
+    torch.manual_seed(9)
+    loss, metrics, grad = verl_loss(mode, cfg, x)
+    gates = {
+        "clip_cov": ClipCov(0.1, 0.3, 5.0),
+        "kl_cov": KLCov(0.1, 0.1),
+        "high_entropy": HighEntropy(0.2),
+    }
+    ours = LossConfig(
+        clip="ppo" if mode == "erc_dapo" else "gppo",
+        eps_high=0.28,
+        dual_clip_c=10.0,
+        erc=ERCConfig(0.95, 1.05),
+        gate=gates[gate],
+    )
+    ref, ref_grad, _ = ours_as_verl(x, ours, "token-mean", seed=9)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert metrics["actor/gate_fraction"] > 0 and metrics["actor/erc_clip_fraction"] > 0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
+def test_plugin_erc_on_dppo_with_an_open_band_is_verls_dppo(agg: str, divergence: str) -> None:
+    x = dppo_batch(3)
+    verl_cfg = method_actor_config(f"dppo_{divergence}", agg, clip_c=3.0)
+    v_loss, _, v_grad = verl_method_loss(f"dppo_{divergence}", verl_cfg, x)
+    cfg = plugin_config(f"erc_dppo_{divergence}", agg, erc_low=0.0, erc_high=math.inf)
+    object.__setattr__(cfg, "clip_ratio_c", 3.0)
+    e_loss, _, e_grad = verl_loss(f"erc_dppo_{divergence}", cfg, x)
+    torch.testing.assert_close(e_loss, v_loss, rtol=1e-14, atol=0)
+    torch.testing.assert_close(e_grad, v_grad, rtol=1e-14, atol=0)
+
+
+def test_plugin_gate_settings_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match=r"policy_loss\.gate must be one of"):
+        ERCPolicyLossConfig(gate="forking")
+    with pytest.raises(ValueError, match=r"policy_loss\.erc=False"):
+        ERCPolicyLossConfig(gate="random_matched")
+    with pytest.raises(ValueError, match=r"policy_loss\.gate='random'.*share"):
+        ERCPolicyLossConfig(gate="random", random_share=1.5)
+
+
+def test_plugin_gate_without_erc_needs_no_entropies() -> None:
+    """Clip-Cov through the plugin with ERC off reads no entropies (calculate_entropy off)."""
+    x = cov_batch(0)
+    cfg = plugin_config(erc=False, gate="clip_cov", clip_cov_ratio=0.1)
+    torch.manual_seed(1)
+    loss, metrics, _ = verl_loss("erc_dapo", cfg, x, entropies=False)
+    assert math.isfinite(float(loss)) and metrics["actor/clip_cov_fraction"] > 0

@@ -15,7 +15,7 @@
   parameter resident or prefetched);
 * ``accelerate`` (under ``accelerate launch`` with FSDP or DeepSpeed, on GPUs): whatever the
   launcher configured; the trainer first trains two steps, so the engine wraps and shards the
-  model as it does for users (``experiments/gpu_trl_sharded.py``).
+  model as it does for users (``experiments/gpu/gpu_trl_sharded.py``).
 
 ``ERC_TRL_DEVICE=cuda`` runs ``single`` on the GPU.
 

@@ -1,4 +1,4 @@
-"""Local model loading shared by the LLM trainer and TokenLMPolicy (#12 item 10)."""
+"""Local model loading shared by the LLM trainer and TokenLMPolicy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LLM run folders (#12 items 3, 4, 9): recorded settings, periodic checkpoints, kill and resume,
+"""LLM run folders: recorded settings, periodic checkpoints, kill and resume,
 held-out splits of dataset files."""
 
 from __future__ import annotations

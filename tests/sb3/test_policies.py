@@ -16,7 +16,7 @@ from erc_gym.sb3 import TokenFeaturesExtractor, TokenLMPolicy
 from erc_gym.sb3.policies import build_causal_lm
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "experiments" / "studies"))
 from token_lm_sb3 import TINY_LLAMA, train  # noqa: E402
 
 SMALL = {"n_steps": 32, "batch_size": 32, "n_epochs": 1, "device": "cpu", "seed": 0}
@@ -106,7 +106,7 @@ def test_token_lm_learns_above_chance():
     assert res["after"] > res["random"] + 0.25
 
 
-# #12 item 10: real checkpoints -- bf16 weights, padded embeddings, hub names, odd tokenizers.
+# Real checkpoints -- bf16 weights, padded embeddings, hub names, odd tokenizers.
 
 
 def test_bf16_checkpoint_trains_in_float32(tmp_path: Path):

@@ -42,10 +42,12 @@ def _params_equal(a, b) -> bool:
 @pytest.mark.parametrize("n_envs", [1, 4])
 def test_parity_with_sb3_ppo_when_erc_is_off(n_envs):
     # Each model is built and trained before the next is built: SB3 seeds the global RNGs at
-    # construction, and learn() draws from them.
-    kw = {"n_steps": 256, "batch_size": 64, "n_epochs": 4, "seed": 7, "device": "cpu"}
+    # construction, and learn() draws from them. Three rollouts of 128 steps: the second and
+    # third are collected by updated policies, each update is 4 epochs of 2 shuffled mini-batches.
+    kw = {"n_steps": 128 // n_envs, "batch_size": 64, "n_epochs": 4, "seed": 7, "device": "cpu"}
+    steps = 3 * 128
     ppo = PPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=n_envs, seed=7), **kw)
-    ppo.learn(4096)
+    ppo.learn(steps)
     erc = ERCPPO(
         "MlpPolicy",
         make_vec_env("CartPole-v1", n_envs=n_envs, seed=7),
@@ -53,12 +55,12 @@ def test_parity_with_sb3_ppo_when_erc_is_off(n_envs):
         erc_high=None,
         **kw,
     )
-    erc.learn(4096)
-    assert erc.num_timesteps == ppo.num_timesteps >= 4096
+    erc.learn(steps)
+    assert erc.num_timesteps == ppo.num_timesteps == steps and ppo._n_updates == 3 * 4
     assert _params_equal(ppo, erc)
     # and the comparison can fail: ERC on changes the parameters
     erc_on = ERCPPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=n_envs, seed=7), **kw)
-    erc_on.learn(4096)
+    erc_on.learn(steps)
     assert not _params_equal(ppo, erc_on)
 
 
@@ -430,7 +432,7 @@ def test_fused_path_is_used_only_where_it_applies(monkeypatch):
 
 
 def test_load_of_a_plain_sb3_ppo_checkpoint_with_erc_on(tmp_path: Path):
-    # issue #11 item 5: a PPO checkpoint stores rollout_buffer_class=RolloutBuffer, which used to
+    # a PPO checkpoint stores rollout_buffer_class=RolloutBuffer, which used to
     # win over the ERC buffer and make ERCPPO.load() raise with ERC on.
     ppo = PPO("MlpPolicy", "CartPole-v1", seed=0, **SMALL).learn(64)
     ppo.save(tmp_path / "ppo.zip")
@@ -470,7 +472,7 @@ class _PredictOnlyPolicy(ActorCriticPolicy):
 
 @pytest.mark.parametrize("policy_cls", [_TemperaturePolicy, _PredictOnlyPolicy])
 def test_custom_distribution_policies_train_on_their_own_distribution(policy_cls, monkeypatch):
-    # issue #11 item 6: the fused Discrete path rebuilt the logits from action_net, ignoring the
+    # the fused Discrete path rebuilt the logits from action_net, ignoring the
     # override. One epoch on one mini-batch is on-policy: ratio 1 and entropy ratio 1 exactly,
     # so nothing may be clipped and the k3 KL is 0.
     fused = []
@@ -491,7 +493,7 @@ def test_custom_distribution_policies_train_on_their_own_distribution(policy_cls
 
 @pytest.mark.parametrize("algo", [ERCPPO, PPO])
 def test_schedules_never_go_below_zero_on_an_overshooting_last_rollout(algo):
-    # issue #11 item 7: 100 steps with rollouts of 64 -> the second rollout ends at 128 and SB3's
+    # 100 steps with rollouts of 64 -> the second rollout ends at 128 and SB3's
     # progress at -0.28; the zoo's lin_ schedules gave the last update a negative lr and clip.
     seen = []
     kwargs = ppo_kwargs("CartPole-v1", n_steps=64, batch_size=64, n_epochs=1, device="cpu")

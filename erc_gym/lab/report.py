@@ -1,0 +1,427 @@
+"""Markdown (and HTML) report of an experiment folder: the final-score table and the figures.
+
+``write_report(runs/<experiment>)`` writes ``report.md`` and ``report.html`` next to the runs,
+with one table per environment -- final score IQM and 95% bootstrap CI over seeds, the per-seed
+scores, and the entropy diagnostics of :mod:`erc_gym.diagnostics` -- followed by the figures of
+:mod:`erc_gym.lab.plots` (generated if missing). A stress experiment adds the stress-map section
+(:func:`stress_markdown`): per environment the figure, the paper's claims at this scale and ERC's
+effect per cell, and for an adaptive band its comparison with the fixed bands
+(:func:`band_rule_markdown`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from erc_gym.atomic import atomic_write
+from erc_gym.lab.analysis import SCORE_LABELS, grid_order, load_runs, stale_runs, summarize
+from erc_gym.lab.plots import plot_experiment, plot_stress_map
+from erc_gym.lab.stress import (
+    COLLAPSE_FACTOR,
+    EXPLOSION_FACTOR,
+    SCORE_DROP_SHARE,
+    band_rule_table,
+    cell_table,
+    claims_table,
+    effect_table,
+    finished_stress_runs,
+)
+
+__all__ = [
+    "COLUMNS",
+    "band_rule_markdown",
+    "effects_markdown",
+    "markdown_table",
+    "stress_markdown",
+    "write_report",
+]
+
+#: (summary key, column title) of the report tables.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("variant", "variant"),
+    ("runs", "runs done"),
+    ("score_start", "first score (mean)"),
+    ("iqm_ci", "final score IQM [95% CI]"),
+    ("per_seed", "per seed"),
+    ("score_mean", "mean score over training"),
+    ("entropy_final", "final entropy"),
+    ("entropy_trend", "entropy trend / update"),
+    ("entropy_jitter", "entropy jitter"),
+    ("entropy_volatility", "entropy volatility"),
+    ("grad_norm_spikes", "grad-norm spikes / run"),
+    ("erc_clip_fraction", "ERC clip fraction"),
+    ("clip_fraction", "PPO clip fraction"),
+    ("tv_unsampled", "TV un-sampled"),
+    ("h_old", "H_old clipped / kept"),
+)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    out = []
+    for key, _ in COLUMNS:
+        if key == "iqm_ci":
+            out.append(f"{_fmt(row['iqm'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]")
+        elif key == "h_old":
+            out.append(f"{_fmt(row['entropy_old_clipped'])} / {_fmt(row['entropy_old_kept'])}")
+        elif key == "per_seed":
+            text = ", ".join(_fmt(v) for v in row["per_seed"]) or "–"
+            if row.get("unfinished"):
+                text += " (unfinished: seed " + ", ".join(map(str, row["unfinished"])) + ")"
+            out.append(text)
+        else:
+            out.append(_fmt(row[key]))
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`erc_gym.lab.analysis.summarize` rows."""
+    lines = [
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write ``report.md`` and ``report.html`` for an experiment folder; returns the .md path."""
+    experiment_dir = Path(experiment_dir)
+    runs = load_runs(experiment_dir)
+    if not runs:
+        raise FileNotFoundError(f"no runs (config.json) below {experiment_dir}")
+    spec_path = experiment_dir / "experiment.json"
+    try:
+        spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    except ValueError as err:  # the runner writes it atomically: this is a hand edit
+        raise ValueError(
+            f"{spec_path}: not valid JSON ({err}); running the experiment again rewrites it"
+        ) from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_path}: expected a JSON object, got {spec!r:.60}")
+    # a stress grid has dozens of variants per env: its figure is the stress map, not the curves
+    figures = plot_experiment(experiment_dir) if plots and not spec.get("axes") else []
+    rows = summarize(runs)  # load_runs keeps the config's grid order (env, algorithm, band)
+    grid = grid_order(experiment_dir) or []
+    for row in rows:  # n finished / n the config declares (runs not started have no folder)
+        declared = sum(variant == row["variant"] for variant, _ in grid)
+        done = int(row["runs"].split("/")[0])
+        row["runs"] = f"{done}/{max(declared, int(row['runs'].split('/')[1]))}"
+    envs: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        envs.setdefault(row["env"], []).append(row)
+    name = spec.get("name", experiment_dir.name)
+    md = [f"# Experiment `{name}`", ""]
+    if spec.get("description"):
+        md += [spec["description"], ""]
+    md += [
+        f"Reproduce: `erc-gym experiment {name}` then `erc-gym report {experiment_dir}`.",
+        "",
+        "Final score: the last logged score of each run; IQM = interquartile mean over seeds, "
+        "95% percentile-bootstrap CI over seeds (descriptive: with few seeds it is too narrow; "
+        "differences are tested in the paired table below). Mean score over training: "
+        "the average of all logged scores (an area under the "
+        "learning curve; higher = learnt sooner). Entropy trend: least-squares slope of log mean "
+        "entropy per update (-0.01 = falls about 1% per update); entropy jitter: its noise "
+        "around the trend (std of second differences / sqrt 6); entropy volatility: std of the "
+        "per-update change of log mean entropy, which mixes the two (a slower fall also lowers "
+        "it). Grad-norm spikes: updates above 3x the running median. "
+        "Clip fractions, TV on un-sampled actions and the mean old entropy of ERC-clipped / kept "
+        "states (tokens): means over training. "
+        "`–`: not logged for this run type.",
+        "",
+    ]
+    page = [f"<h1>Experiment <code>{html.escape(name)}</code></h1>"]
+    if spec.get("description"):
+        page.append(f"<p>{html.escape(spec['description'])}</p>")
+    notes = []
+    unfinished = sum(not r.done for r in runs)
+    if unfinished:
+        notes.append(
+            f"{unfinished} of {len(runs)} runs are unfinished and left out of every column "
+            "(see 'runs done'); `erc-gym experiment` resumes them."
+        )
+    stale = stale_runs(experiment_dir)
+    if stale:
+        shown = ", ".join(p.relative_to(experiment_dir).as_posix() for p in stale[:6])
+        notes.append(
+            f"{len(stale)} run folders are not in the current config and are not reported: "
+            f"{shown}{', ...' if len(stale) > 6 else ''}."
+        )
+    for note in notes:
+        md += [f"**Note:** {note}", ""]
+        page.append(f"<p><b>Note:</b> {html.escape(note)}</p>")
+    cells = [] if spec.get("axes") else cell_table([r for r in runs if r.done])
+    for env, env_rows in envs.items():
+        kind = env_rows[0]["kind"]
+        md += [f"## {env}", "", f"Score: {SCORE_LABELS.get(kind, 'score')}.", ""]
+        md += [markdown_table(env_rows), ""]
+        md += _paired_effects(cells, env, _primary(experiment_dir))
+        page.append(f"<h2>{html.escape(env)}</h2><table border='1' cellpadding='4'>")
+        page.append("<tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr>")
+        for r in env_rows:
+            page.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>")
+        page.append("</table>")
+        for fig in figures:
+            if fig.suffix == ".png" and fig.name.startswith(f"{env}_"):
+                rel = fig.relative_to(experiment_dir)
+                md += [f"![{fig.stem}]({rel.as_posix()})", ""]
+                page.append(f"<p><img src='{rel.as_posix()}' style='max-width:100%'></p>")
+    if spec.get("axes"):
+        baseline = spec.get("baseline")
+        md += stress_markdown(
+            experiment_dir,
+            plots=plots,
+            baseline=None if baseline is None else experiment_dir.parent / baseline,
+        )
+    # written atomically: two processes reporting at once never leave a mixed file
+    out = experiment_dir / "report.md"
+    atomic_write(out, "\n".join(md), fsync=False)
+    atomic_write(
+        experiment_dir / "report.html",
+        "<!doctype html><html><head><meta charset='utf-8'><title>"
+        + html.escape(name)
+        + "</title></head><body>"
+        + "\n".join(page)
+        + "</body></html>\n",
+        fsync=False,
+    )
+    return out
+
+
+# ---------------------------------------------------------------- report section
+
+
+def _f(value: float, digits: int = 3) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def stress_markdown(
+    experiment_dir: str | Path, *, plots: bool = True, baseline: str | Path | None = None
+) -> list[str]:
+    """The report section of a stress experiment: per env the figure, effects and claims.
+
+    Only finished runs (with a ``done`` marker) count.
+
+    Args:
+        experiment_dir: the experiment's runs folder.
+        plots: also draw the stress-map figures.
+        baseline: another experiment folder (the config's ``baseline``) whose finished runs join
+            the cells, e.g. the fixed band and ERC off for an adaptive-band experiment; then a
+            section compares each adaptive cell with its fixed band (:func:`band_rule_table`).
+    """
+    experiment_dir = Path(experiment_dir)
+    runs = finished_stress_runs(experiment_dir)
+    if not runs:
+        return []
+    notes: list[str] = []
+    if baseline is not None:
+        base_dir = Path(baseline)
+        base_runs = finished_stress_runs(base_dir) if base_dir.is_dir() else []
+        if not base_runs:
+            notes += [
+                f"**Note:** the baseline experiment has no finished runs in {base_dir}: run "
+                f"`erc-gym experiment {base_dir.name}` to compare with it.",
+                "",
+            ]
+        runs += base_runs
+    cells = cell_table(runs)
+    primary = _primary(experiment_dir)
+    md = [
+        "## Off-policy stress map",
+        "",
+        f"Unstable run: final entropy < {COLLAPSE_FACTOR:g} x its first value (collapse), any "
+        f"entropy > {EXPLOSION_FACTOR:g} x its first value (blow-up), or a final score that lost "
+        f"more than {SCORE_DROP_SHARE:.0%} of the run's best gain over its first score. "
+        + _EFFECTS_TEXT.format(
+            method="ERC", base="the same algorithm without ERC at the same point"
+        )
+        + (
+            " This experiment declares primary cells (`primary` in its config): they form one "
+            "family for the adjustment, the other cells are exploratory."
+            if primary
+            else ""
+        ),
+        "",
+        *notes,
+    ]
+    for env in dict.fromkeys(c["env"] for c in cells):
+        md += [f"### {env}", ""]
+        if plots:
+            fig_dir = experiment_dir / "figures"
+            fig_dir.mkdir(exist_ok=True)
+            png = plot_stress_map(cells, env, fig_dir / f"{env}_stress_map", primary)[0]
+            md += [f"![{env} stress map]({png.relative_to(experiment_dir).as_posix()})", ""]
+        md += ["The paper's claims at this scale:", ""]
+        md += ["| claim (paper) | measured as | values | verdict |", "|---|---|---|---|"]
+        md += [
+            f"| {r['paper']} | {r['measured']} | {r['values']} | {r['verdict']} |"
+            for r in claims_table(cells, env, primary)
+        ]
+        md += ["", *effects_markdown(cells, env, primary)]
+    if any(c["target"] is not None for c in cells):
+        md += band_rule_markdown(cells)
+    return md
+
+
+_EFFECTS_TEXT = (
+    "Differences are {method} minus {base}, paired by seed (each seed's two runs share the "
+    "environment's seeds and the initial weights): the mean of the per-seed differences with its "
+    "95% Student-t interval; p: the same t-test; p exact: the sign-flip test, which assumes no "
+    "distribution but cannot go below 2 / 2^n with n seeds (0.25 at 3, 0.0625 at 5); q: p after "
+    "Holm's adjustment over the map's cells. `*`: q < 0.05. PoI (probability that a run of "
+    "{method} beats a baseline run) and the IQMs describe, they decide nothing. Jitter: noise "
+    "of log mean entropy around its trend; trend: its slope per update (docs/statistics.md)."
+)
+
+
+def _primary(experiment_dir: Path) -> list[dict[str, Any]] | None:
+    """The ``primary`` cells its ``experiment.json`` declares, if any."""
+    try:
+        spec = json.loads((experiment_dir / "experiment.json").read_text())
+    except (OSError, ValueError):
+        return None
+    primary = spec.get("primary") if isinstance(spec, dict) else None
+    return primary if isinstance(primary, list) and primary else None
+
+
+def _ci(row: dict[str, Any], name: str) -> str:
+    star = "*" if name in row["significant"] else ""
+    return f"{_f(row[f'd_{name}'])} [{_f(row[f'd_{name}_lo'])}, {_f(row[f'd_{name}_hi'])}]{star}"
+
+
+def _p(row: dict[str, Any], name: str) -> str:
+    p, p_exact, q = row[f"p_{name}"], row[f"p_exact_{name}"], row[f"q_{name}"]
+    return f"{_f(p, 2)} / {_f(p_exact, 2)} / {_f(q, 2)}"
+
+
+def effects_markdown(
+    cells: Sequence[dict[str, Any]], env: str, primary: Sequence[dict[str, Any]] | None = None
+) -> list[str]:
+    """The cell table of one environment of a map: per cell its statistics, and ERC's paired
+    effect where the cell has an ERC-off partner (:func:`erc_gym.lab.stress.effect_table` over
+    all ``cells``, so that declared ``primary`` cells form one family across environments)."""
+    effects = {
+        (e["algorithm"], e["band"], e["steps"], e["lr"]): e
+        for e in effect_table(cells, primary)
+        if e["env"] == env
+    }
+    cells = [c for c in cells if c["env"] == env]
+    md = [
+        "| algorithm | band | steps | lr | n | final IQM [95% CI] | jitter | trend | spikes "
+        "| unstable | ERC clip | PPO clip | Δ score [CI] | p / p exact / q | PoI "
+        "| Δ jitter [CI] | Δ trend [CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        e = effects.get((c["algorithm"], c["band"], c["steps"], c["lr"]))
+        extra = ["", "", "", "", ""]
+        if e is not None:
+            extra = [
+                _ci(e, "score") + ("" if e["paired"] else " (unpaired)"),
+                _p(e, "score"),
+                _f(e["poi"], 2),
+                _ci(e, "jitter"),
+                _ci(e, "trend"),
+            ]
+        md.append(
+            f"| {c['algorithm']} | {c['band']} | {c['steps']} | {c['lr']:g} | {c['n']} | "
+            f"{_f(c['iqm'])} [{_f(c['ci_low'])}, {_f(c['ci_high'])}] | "
+            f"{_f(c['jitter'])} | {_f(c['trend'])} | {_f(c['spikes'])} | "
+            f"{_f(c['unstable'], 2)} | "
+            f"{_f(c['erc_clip_fraction'])} | {_f(c['clip_fraction'])} | " + " | ".join(extra) + " |"
+        )
+    md.append("")
+    return md
+
+
+def _paired_effects(
+    cells: Sequence[dict[str, Any]], env: str, primary: Sequence[dict[str, Any]] | None
+) -> list[str]:
+    """ERC against ERC off for one environment of an experiment without stress axes."""
+    rows = [e for e in effect_table(cells, primary) if e["env"] == env]
+    if not rows:
+        return []
+    md = [
+        "ERC against the same algorithm without ERC. "
+        + _EFFECTS_TEXT.format(method="ERC", base="off").replace("the map's cells", "the table"),
+        "",
+        "| algorithm | band | seeds paired | Δ final score [CI] | p / p exact / q | PoI "
+        "| Δ entropy jitter [CI] | Δ entropy trend [CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        paired = str(e["n_pairs"]) if e["paired"] else f"none ({e['n_erc']} vs {e['n_off']})"
+        md.append(
+            f"| {e['algorithm']} | {e['band']} | {paired} | {_ci(e, 'score')} | "
+            f"{_p(e, 'score')} | {_f(e['poi'], 2)} | {_ci(e, 'jitter')} | {_ci(e, 'trend')} |"
+        )
+    return [*md, ""]
+
+
+def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Report section: the adaptive band against its fixed starting band, per cell
+    (:func:`band_rule_table`)."""
+    rows = band_rule_table(cells)
+    md = [
+        "## Adaptive band vs fixed band",
+        "",
+        "This project's adaptive band (`erc_target_clip_fraction`, `erc_gym.adaptive_band`; not "
+        "the paper's) against each fixed band at the same point. "
+        + _EFFECTS_TEXT.format(method="adaptive", base="fixed")
+        + " ERC clip: mean share of samples ERC clipped, on the off-policy steps (what the target "
+        "is about) / on all steps. Final band: the mean over seeds of the band in force at the "
+        "last update.",
+        "",
+    ]
+    if not rows:
+        md += [
+            "No adaptive cell has a fixed-band cell at the same point (add the fixed band to "
+            "the grid or name its experiment as `baseline`).",
+            "",
+        ]
+        return md
+    for rule in dict.fromkeys((r["target"], r["start"], r["fixed_band"]) for r in rows):
+        group = [r for r in rows if (r["target"], r["start"], r["fixed_band"]) == rule]
+        up = sum("score" in r["significant"] and r["d_score"] > 0 for r in group)
+        down = sum("score" in r["significant"] and r["d_score"] < 0 for r in group)
+        smooth = sum("jitter" in r["significant"] and r["d_jitter"] < 0 for r in group)
+        rough = sum("jitter" in r["significant"] and r["d_jitter"] > 0 for r in group)
+        md.append(
+            f"* target {rule[0]:g} from {rule[1]} vs fixed {rule[2]}, {len(group)} cells: final "
+            f"score higher in {up}, lower in {down} (q < 0.05); entropy jitter lower in "
+            f"{smooth}, higher in {rough}."
+        )
+    md += [
+        "",
+        "| env | algorithm | target | from | vs fixed | steps | lr | n "
+        "| ERC clip off-policy / all, fixed -> adaptive "
+        "| final band | final IQM fixed -> adaptive | Δ score [CI] | p / p exact / q | PoI "
+        "| volatility fixed -> adaptive | Δ jitter [CI] | Δ trend [CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['env']} | {r['algorithm']} | {r['target']:g} | {r['start']} | "
+            f"{r['fixed_band']} | "
+            f"{r['steps']} | {r['lr']:g} | {r['n_erc']} vs {r['n_off']} | "
+            f"{_f(r['erc_clip_off_policy_fixed'], 2)} / {_f(r['erc_clip_fixed'], 2)} -> "
+            f"{_f(r['erc_clip_off_policy_adaptive'], 2)} / {_f(r['erc_clip_adaptive'], 2)} | "
+            f"({_f(r['erc_low_final'])}, {_f(r['erc_high_final'])}) | "
+            f"{_f(r['iqm_fixed'])} -> {_f(r['iqm_adaptive'])} | "
+            f"{_ci(r, 'score')} | {_p(r, 'score')} | {_f(r['poi'], 2)} | "
+            f"{_f(r['volatility_fixed'])} -> {_f(r['volatility_adaptive'])} | "
+            f"{_ci(r, 'jitter')} | {_ci(r, 'trend')} |"
+        )
+    md.append("")
+    return md
