@@ -31,16 +31,23 @@ What cannot be done exactly is refused with a ``ValueError`` naming the setting:
 importance sampling, loss types whose token loss is not token-local (``luspo``, ``vespo``), a KL
 term (``beta != 0``: the stop-gradient would also stop the KL gradient of clipped tokens), and
 settings where every sample is used on-policy (then TRL skips the old pass and ERC cannot act).
+The trainer checks these after ``GRPOTrainer``'s own argument checks
+(:meth:`ERCGRPOConfig.check_erc_compatible`). Under DeepSpeed ZeRO-3 and FSDP2 the exact entropy
+gathers the sharded LM head, and it refuses (naming the engine) to read an empty or sharded one
+(``docs/scale_out.md``, "Sharded training").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from erc_gym.entropy import linear_logprob_and_entropy
 from erc_gym.losses import ERCConfig, clipped_objective, entropy_ratio, erc_keep_mask, random_mask
@@ -48,6 +55,7 @@ from erc_gym.losses import ERCConfig, clipped_objective, entropy_ratio, erc_keep
 try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 except ImportError as exc:  # tests/integrations/test_package.py
     raise ImportError('erc_gym.integrations.trl needs TRL: pip install "erc-gym[trl]"') from exc
 
@@ -138,6 +146,9 @@ class ERCGRPOConfig(GRPOConfig):
     delta=10, beta=0, erc_low=0.95, erc_high=1.05``; GPPO+ERC the same with ``epsilon_high=0.2``
     and ``erc_clip="gppo"``. ERC needs off-policy mini-batches: ``num_iterations >= 2`` or
     ``steps_per_generation > gradient_accumulation_steps``.
+
+    The ERC fields themselves are validated here; whether they fit TRL's other settings is
+    checked by :meth:`check_erc_compatible`, which the trainer runs after TRL's own checks.
     """
 
     erc_low: float | None = field(
@@ -212,8 +223,6 @@ class ERCGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"erc_entropy must be one of {get_args(ERCEntropy)}, got {self.erc_entropy!r}"
             )
-        if self.erc_band is not None or self.erc_clip == "gppo":
-            self._check_erc_compatible()
 
     @property
     def erc_band(self) -> ERCConfig | None:
@@ -222,7 +231,19 @@ class ERCGRPOConfig(GRPOConfig):
             return None
         return ERCConfig(float(self.erc_low), float(self.erc_high))
 
-    def _check_erc_compatible(self) -> None:
+    def check_erc_compatible(self) -> None:
+        """Raise unless ERC (or ``erc_clip="gppo"``) can act exactly with TRL's settings.
+
+        :class:`ERCGRPOTrainer` calls this after ``GRPOTrainer``'s own argument checks, so that a
+        setting TRL rejects is reported by TRL first; call it earlier to fail before the model
+        is loaded. A no-op when ERC is off and ``erc_clip="ppo"``.
+
+        Raises:
+            ValueError: naming the setting (``importance_sampling_level``, ``loss_type``,
+                ``beta``, or the on-policy schedule).
+        """
+        if self.erc_band is None and self.erc_clip != "gppo":
+            return
         what = "ERC" if self.erc_band is not None else "erc_clip='gppo'"
         if self.importance_sampling_level != "token":
             raise ValueError(
@@ -327,6 +348,56 @@ def _head_transform(text_config: Any) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
 
 
+def _sharding_engine(accelerator: Any, weight: Tensor) -> str:
+    """The engine that holds ``weight``, in the words of its documentation (for error messages)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if hasattr(weight, "ds_id") or kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+        return "DeepSpeed ZeRO" + ("" if stage is None else f"-{stage}")
+    if isinstance(weight, DTensor) or getattr(accelerator, "is_fsdp2", False):
+        return "FSDP2 (fully_shard)"
+    if kind == DistributedType.FSDP or getattr(weight, "_fsdp_flattened", False):
+        return "FSDP (v1)"
+    if accelerator.num_processes > 1:
+        return f"DDP ({kind.value})"
+    return "a single process"
+
+
+def _check_head(
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    vocab: int | None,
+    hidden_size: int,
+    engine: str,
+) -> None:
+    """Refuse to compute entropies from an empty or sharded LM head (raises naming ``engine``)."""
+    rows = weight.shape[0] if weight.dim() == 2 else None
+    whole = (
+        not isinstance(weight, DTensor)
+        and weight.dim() == 2
+        and weight.numel() > 0
+        and weight.shape[1] == hidden_size
+        and (vocab is None or rows == vocab)
+        and (bias is None or (not isinstance(bias, DTensor) and tuple(bias.shape) == (rows,)))
+    )
+    if not whole:
+        want = f"({vocab if vocab is not None else 'vocab'}, {hidden_size})"
+        got = f"weight {tuple(weight.shape)}" + (
+            "" if bias is None else f", bias {tuple(bias.shape)}"
+        )
+        raise RuntimeError(
+            f"erc_entropy='exact' found the LM head sharded or empty under {engine}: {got}, "
+            f"expected weight {want}. The exact entropy needs the whole head in the backbone's "
+            "forward pass (gathered for DeepSpeed ZeRO-3 and FSDP2; for FSDP v1 keep the head "
+            "in the root FSDP unit, as the transformer auto-wrap policy does); otherwise set "
+            "erc_entropy='trl'"
+        )
+
+
 def _masked_sum(x: Tensor, weight: Tensor) -> Tensor:
     return (x * weight).sum()
 
@@ -334,29 +405,43 @@ def _masked_sum(x: Tensor, weight: Tensor) -> Tensor:
 class ERCGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with Entropy Ratio Clipping; takes the same arguments.
 
-    ``args`` must be an :class:`ERCGRPOConfig`. With ERC off (``erc_low=erc_high=None``,
-    ``erc_clip="ppo"``) it trains exactly like ``GRPOTrainer`` and still logs the ERC metrics
-    (``erc_clip_fraction`` is then 0).
+    ``args`` must be an :class:`ERCGRPOConfig`; ``args=None`` builds one with ERC off and TRL's
+    defaults (output folder ``<model name>-GRPO``), as ``GRPOTrainer`` does. With ERC off
+    (``erc_low=erc_high=None``, ``erc_clip="ppo"``) it trains exactly like ``GRPOTrainer`` and
+    still logs the ERC metrics (``erc_clip_fraction`` is then 0).
 
     Raises:
-        ValueError: if ``args`` is not an :class:`ERCGRPOConfig`.
-        RuntimeError: if the TRL version is outside :data:`TESTED_TRL`, or (at the first
-            generation) TRL's old-log-prob pass did not run although ERC is on.
+        ValueError: if ``args`` is not an :class:`ERCGRPOConfig`, or (after ``GRPOTrainer``'s own
+            argument checks) :meth:`ERCGRPOConfig.check_erc_compatible` refuses a setting.
+        RuntimeError: if the TRL version is outside :data:`TESTED_TRL`; at the first generation,
+            if TRL's old-log-prob pass did not run although ERC is on; with
+            ``erc_entropy="exact"``, if the LM head is still sharded or empty in the forward pass
+            (the message names the engine).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: ERCGRPOConfig | None = None,
+        *rest: Any,
+        **kwargs: Any,
+    ) -> None:
         check_trl_version()
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        if not isinstance(config, ERCGRPOConfig):
+        if args is None:  # as GRPOTrainer does, with ERC off
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = ERCGRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        if not isinstance(args, ERCGRPOConfig):
             raise ValueError(
-                f"ERCGRPOTrainer needs args=ERCGRPOConfig(...), got {type(config).__name__}"
+                f"ERCGRPOTrainer needs args=ERCGRPOConfig(...), got {type(args).__name__}"
             )
-        super().__init__(*args, **kwargs)
-        self._erc_args = config
-        self._erc: ERCConfig | None = config.erc_band
-        self._erc_gppo = config.erc_clip == "gppo"
-        self._erc_exact = config.erc_entropy == "exact"
-        self._erc_random = config.erc_random_matched
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        args.check_erc_compatible()  # after TRL's own checks: TRL reports its settings first
+        self._erc_args = args
+        self._erc: ERCConfig | None = args.erc_band
+        self._erc_gppo = args.erc_clip == "gppo"
+        self._erc_exact = args.erc_entropy == "exact"
+        self._erc_random = args.erc_random_matched
         self._erc_scoring = False
         self._erc_old: tuple[Tensor, Tensor] | None = None
         self._erc_batch: dict[str, Any] | None = None
@@ -390,21 +475,50 @@ class ERCGRPOTrainer(GRPOTrainer):
             if attention is None
             else attention[:, -keep:].bool().to(states.device)
         )
+        entropy = torch.zeros(states.shape[:2], dtype=torch.float32, device=states.device)
+        with self._erc_head(states.shape[-1]) as (weight, bias):
+            entropy[valid] = _exact_entropy(
+                states[valid].to(weight.device),
+                weight,
+                bias,
+                temperature=self.temperature,
+                logit_scale=self._erc_logit_scale,
+                softcap=self._erc_softcap,
+            ).to(states.device)
+        self._erc_chunks.append(entropy)
+
+    @contextmanager
+    def _erc_head(self, hidden_size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """The full LM head ``(weight, bias)`` inside the backbone's forward pass.
+
+        Plain and DDP models hold it whole. FSDP2 keeps parameters outside the running unit as
+        ``DTensor`` shards: ``full_tensor()`` all-gathers them (every rank runs the same forward,
+        so the collective is matched). DeepSpeed ZeRO-3 leaves a parameter partitioned (numel 0)
+        unless its own module runs, and the fused head never calls the head module: TRL's
+        ``maybe_gather_lm_head_ctx`` (``deepspeed.zero.GatheredParameters``, a no-op without
+        ZeRO-3) gathers it for the duration, as TRL does for its own projection. FSDP (v1) holds
+        the head whole during the forward when it is in the root unit (the transformer auto-wrap
+        policy's layout); a head sharded in its own unit is refused by the shape check.
+
+        Raises:
+            RuntimeError: the weight is not ``(vocab, hidden_size)`` (empty or a shard), naming
+                the sharding engine.
+        """
         head = self._erc_causal_lm().get_output_embeddings()
         weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+        if isinstance(weight, DTensor):
             weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        entropy = torch.zeros(states.shape[:2], dtype=torch.float32, device=states.device)
-        entropy[valid] = _exact_entropy(
-            states[valid].to(weight.device),
-            weight,
-            bias,
-            temperature=self.temperature,
-            logit_scale=self._erc_logit_scale,
-            softcap=self._erc_softcap,
-        ).to(states.device)
-        self._erc_chunks.append(entropy)
+        if isinstance(bias, DTensor):
+            bias = bias.full_tensor()
+        with maybe_gather_lm_head_ctx(weight, bias):
+            _check_head(
+                weight,
+                bias,
+                vocab=getattr(head, "out_features", None),
+                hidden_size=hidden_size,
+                engine=_sharding_engine(self.accelerator, head.weight),
+            )
+            yield weight, bias
 
     # -- the two passes -----------------------------------------------------------------------
 

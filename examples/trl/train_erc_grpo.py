@@ -141,13 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     tokenizer.padding_side = "left"
     problems = make_arithmetic_problems(a.num_problems, seed=a.seed)
-    trainer = ERCGRPOTrainer(
-        model=model,
-        reward_funcs=digit_reward,
-        args=config,
-        train_dataset=Dataset.from_list(problems),
-        processing_class=tokenizer,
-    )
+    try:  # TRL's argument checks, then ERC's (check_erc_compatible)
+        trainer = ERCGRPOTrainer(
+            model=model,
+            reward_funcs=digit_reward,
+            args=config,
+            train_dataset=Dataset.from_list(problems),
+            processing_class=tokenizer,
+        )
+    except ValueError as exc:
+        print(f"train_erc_grpo.py: error: {exc}", file=sys.stderr)
+        return 2
     trainer.train()
     if trainer.accelerator.is_main_process:
         out = Path(a.output_dir)

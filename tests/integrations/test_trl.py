@@ -22,6 +22,7 @@ pytest.importorskip("trl")
 
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
+from trl_sharded_worker import compare_to_reference  # this folder (pytest puts it on sys.path)
 
 from erc_gym.entropy import logprob_and_entropy
 from erc_gym.envs.tokenizer import CharTokenizer
@@ -431,6 +432,12 @@ def test_bad_band(tmp_path, low, high):
         make_args(ERCGRPOConfig, tmp_path, erc_low=low, erc_high=high)
 
 
+@pytest.mark.parametrize("setting", ["erc_clip", "erc_entropy"])
+def test_bad_erc_field_refused_by_config(tmp_path, setting):
+    with pytest.raises(ValueError, match=setting):
+        make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05, **{setting: "other"})
+
+
 @pytest.mark.parametrize(
     ("overrides", "setting"),
     [
@@ -439,18 +446,74 @@ def test_bad_band(tmp_path, low, high):
         ({"loss_type": "cispo", "erc_clip": "gppo"}, "loss_type"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ({"beta": 0.04}, "beta"),
-        ({"erc_clip": "dual"}, "erc_clip"),
-        ({"erc_entropy": "fast"}, "erc_entropy"),
+        ({"num_iterations": 1}, "num_iterations >= 2 or steps_per_generation"),
     ],
 )
-def test_unsupported_settings_refused(tmp_path, overrides, setting):
+def test_unsupported_settings_refused(tokenizer, tmp_path, overrides, setting):
+    """Refused by check_erc_compatible, which the trainer calls after TRL's own checks."""
+    args = make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05, **overrides)
     with pytest.raises(ValueError, match=setting):
-        make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05, **overrides)
+        args.check_erc_compatible()
+    if "beta" in overrides:
+        return  # with beta != 0 TRL loads a reference model by its hub id first (offline here)
+    with pytest.raises(ValueError, match=setting):
+        ERCGRPOTrainer(
+            model=make_tiny_lm(len(tokenizer)),
+            reward_funcs=digit_share,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+            processing_class=tokenizer,
+        )
 
 
-def test_on_policy_schedule_refused(tmp_path):
-    with pytest.raises(ValueError, match="num_iterations >= 2 or steps_per_generation"):
-        make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05, num_iterations=1)
+def test_trl_checks_come_before_erc_checks(tokenizer, tmp_path):
+    """An on-policy ERC config with a mistake TRL rejects: the user sees TRL's message first."""
+    args = make_args(
+        ERCGRPOConfig,
+        tmp_path,
+        erc_low=0.95,
+        erc_high=1.05,
+        num_iterations=1,
+        reward_weights=[1, 2],
+    )
+    kwargs = {
+        "model": make_tiny_lm(len(tokenizer)),
+        "reward_funcs": digit_share,
+        "train_dataset": Dataset.from_dict({"prompt": PROMPTS}),
+        "processing_class": tokenizer,
+    }
+    with pytest.raises(ValueError, match="reward weights") as stock:
+        GRPOTrainer(args=make_args(GRPOConfig, tmp_path, reward_weights=[1, 2]), **kwargs)
+    with pytest.raises(ValueError, match="reward weights") as erc:
+        ERCGRPOTrainer(args=args, **kwargs)
+    assert str(erc.value) == str(stock.value)
+
+
+def test_args_none_builds_erc_off_config(tokenizer, tmp_path, monkeypatch):
+    """`ERCGRPOTrainer(model, reward_funcs, train_dataset=...)` works like GRPOTrainer's."""
+    import transformers.training_args
+
+    monkeypatch.chdir(tmp_path)  # TRL's default output_dir is relative
+    # TRL's default config asks for bf16, which transformers refuses without a GPU
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    kwargs = {
+        "train_dataset": Dataset.from_dict({"prompt": PROMPTS}),
+        "processing_class": tokenizer,
+    }
+    stock = GRPOTrainer(make_tiny_lm(len(tokenizer)), digit_share, **kwargs)
+    erc = ERCGRPOTrainer(make_tiny_lm(len(tokenizer)), digit_share, **kwargs)
+    assert type(erc.args) is ERCGRPOConfig
+    assert erc.args.erc_band is None and erc.args.erc_clip == "ppo"
+    assert erc.args.erc_entropy == "exact"
+    # every TRL field as GRPOTrainer chose it (the fields that hold the run's start time aside)
+    mine, theirs = erc.args.to_dict(), stock.args.to_dict()
+    assert all(key.startswith("erc_") for key in set(mine) - set(theirs))
+    mine = {k: v for k, v in mine.items() if k in theirs}
+    volatile = {"logging_dir", "run_name"}
+    assert {k: v for k, v in mine.items() if k not in volatile} == {
+        k: v for k, v in theirs.items() if k not in volatile
+    }
+    assert Path(erc.args.output_dir).name == Path(stock.args.output_dir).name
 
 
 def test_missing_old_pass_raises(tokenizer, tmp_path):
@@ -546,6 +609,253 @@ def test_two_process_metrics_reduced(tmp_path):
         assert ranks[0]["logged"]["erc_clip_fraction"][step] == pytest.approx(clipped / n)
         assert ranks[0]["logged"]["entropy_old"][step] == pytest.approx(h_old / n)
     assert max(ranks[0]["logged"]["erc_clip_fraction"]) > 0
+
+
+# -- sharded engines: the exact entropy reads the whole LM head -------------------------------
+
+
+def run_sharded_worker(tmp_path: Path, mode: str, processes: int) -> list[dict[str, Any]]:
+    """Run ``trl_sharded_worker.py`` (torchrun on loopback for several processes)."""
+    out = tmp_path / mode
+    out.mkdir()
+    worker = str(REPO / "tests" / "integrations" / "trl_sharded_worker.py")
+    env = {**os.environ, "ERC_TRL_DUMP": str(out), "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        cmd = [sys.executable, worker, str(out / "trainer"), mode]
+    else:
+        cmd = [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--standalone",  # rendezvous on a free loopback port
+            "--nproc_per_node",
+            str(processes),
+            worker,
+            str(out / "trainer"),
+            mode,
+        ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory) -> dict[str, Any]:
+    return run_sharded_worker(tmp_path_factory.mktemp("single"), "single", 1)[0]
+
+
+@pytest.mark.parametrize("mode", ["fsdp2-root", "fsdp2-head", "fsdp1-root", "zero3"])
+def test_sharded_exact_entropy_equals_one_process(tmp_path, single_process_reference, mode):
+    """Two CPU processes (gloo) with ERC on: H_old and H as one process, metrics reduced.
+
+    ``fsdp2-root``: the head in FSDP2's root unit (whole during the forward, read in place);
+    ``fsdp2-head``: the head in its own unit (a ``DTensor`` shard, gathered); ``fsdp1-root``: FSDP
+    (v1), the head in the root unit (read in place); ``zero3``: DeepSpeed ZeRO-3 (parameters
+    partitioned, the head gathered with ``GatheredParameters`` when not already fetched).
+    """
+    if mode == "zero3":
+        pytest.importorskip("deepspeed")
+    ref = single_process_reference
+    ranks = run_sharded_worker(tmp_path, mode, 2)
+    for rank in ranks:
+        assert rank["sharded_parameters"] == rank["parameters"] == ref["parameters"]
+        assert all(
+            head["gathered_shape"] == ref["heads"][0]["gathered_shape"] for head in rank["heads"]
+        )
+    if mode == "fsdp2-head":  # the hook found a shard and gathered it
+        full = ref["heads"][0]["local_numel"]
+        assert all(
+            h["type"] == "DTensor" and h["local_numel"] == full // 2 for h in ranks[0]["heads"]
+        )
+    if mode == "zero3":
+        assert all(h["zero3_status"].startswith("ZeroParamStatus") for h in ranks[0]["heads"])
+    # each process scored its own rows: together they are the one-process batch
+    assert [rank["rows"] for rank in ranks] == [[0, 4], [4, 8]]
+    diff = compare_to_reference(ranks, ref)
+    assert diff["h_old"] <= 1e-6 and diff["h"] <= 1e-6, diff
+    # ERC metrics: the same on both ranks, equal to the one-process value over the whole batch,
+    # although each rank's local sums differ
+    assert ranks[0]["sums"] != ranks[1]["sums"]
+    assert 0.0 < ref["logged"]["erc_clip_fraction"] < 1.0
+    assert diff["ranks_disagree"] == 0.0 and diff["metrics"] <= 1e-6, diff
+
+
+def test_fsdp1_head_in_its_own_unit_is_refused(tmp_path):
+    """FSDP (v1) cannot gather inside a forward: a sharded head stops the run, engine named."""
+    ranks = run_sharded_worker(tmp_path, "fsdp1-head", 2)
+    for rank in ranks:
+        assert "sharded or empty under FSDP (v1): weight (2624,)" in rank["error"]
+        assert "erc_entropy='trl'" in rank["error"]
+
+
+def fake_zero3(monkeypatch: pytest.MonkeyPatch, head: torch.nn.Module, *, gather: bool) -> dict:
+    """Partition ``head.weight`` like ZeRO-3 (numel 0) behind a stand-in DeepSpeed module.
+
+    ``GatheredParameters`` restores the full data for the duration of the context (and counts
+    its uses); with ``gather=False`` it does nothing, like a caller that forgot to gather.
+    """
+    import importlib.machinery
+    import types
+
+    weight = head.weight
+    full = weight.data.clone()
+    weight.data = torch.empty(0)
+    status = types.SimpleNamespace(AVAILABLE="AVAILABLE", NOT_AVAILABLE="NOT_AVAILABLE")
+    weight.ds_id, weight.ds_status, weight.ds_shape = 0, status.NOT_AVAILABLE, full.shape
+    calls = {"gathered": 0}
+
+    class GatheredParameters:
+        def __init__(self, params: list[torch.nn.Parameter]) -> None:
+            assert all(p is weight for p in params)
+
+        def __enter__(self) -> None:
+            calls["gathered"] += 1
+            if gather:
+                weight.data, weight.ds_status = full, status.AVAILABLE
+
+        def __exit__(self, *exc: Any) -> None:
+            weight.data, weight.ds_status = torch.empty(0), status.NOT_AVAILABLE
+
+    deepspeed = types.ModuleType("deepspeed")
+    deepspeed.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)  # type: ignore[attr-defined]
+    deepspeed.DeepSpeedEngine = type("DeepSpeedEngine", (), {})  # type: ignore[attr-defined]
+    partition = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
+    partition.ZeroParamStatus = status  # type: ignore[attr-defined]
+    for name, module in {
+        "deepspeed": deepspeed,
+        "deepspeed.runtime": types.ModuleType("deepspeed.runtime"),
+        "deepspeed.runtime.zero": types.ModuleType("deepspeed.runtime.zero"),
+        "deepspeed.runtime.zero.partition_parameters": partition,
+    }.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    return calls
+
+
+def old_pass_entropy(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Run the trainer's old-log-prob pass on ``inputs`` and return its exact H_old."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    trainer._erc_scoring, trainer._erc_old = True, None
+    try:
+        with torch.no_grad():
+            trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, attention, inputs["completion_ids"].shape[1]
+            )
+    finally:
+        trainer._erc_scoring = False
+    assert trainer._erc_old is not None
+    return trainer._erc_old[1]
+
+
+def untied_trainer(tokenizer: Any, tmp_path: Path) -> Any:
+    args = make_args(ERCGRPOConfig, tmp_path, erc_low=0.95, erc_high=1.05)
+    return ERCGRPOTrainer(
+        model=make_tiny_lm(len(tokenizer), tie_word_embeddings=False),
+        reward_funcs=digit_share,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=tokenizer,
+    )
+
+
+def test_exact_entropy_gathers_a_zero3_partitioned_head(tokenizer, tmp_path, monkeypatch):
+    """A ZeRO-3-partitioned head (numel 0) is gathered and gives the unsharded H_old exactly."""
+    trainer = untied_trainer(tokenizer, tmp_path)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    head = trainer.model.get_output_embeddings()
+    calls = fake_zero3(monkeypatch, head, gather=True)
+    h_old = old_pass_entropy(trainer, inputs)
+    # ours and TRL's own fused projection each gathered once
+    assert calls["gathered"] == 2
+    assert head.weight.numel() == 0  # partitioned again afterwards
+    assert torch.equal(h_old, inputs[OLD_ENTROPY_KEY])
+
+
+def test_exact_entropy_refuses_an_empty_head(tokenizer, tmp_path, monkeypatch):
+    """Nothing gathers the head: a RuntimeError naming the engine, not entropies of nothing."""
+    trainer = untied_trainer(tokenizer, tmp_path)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    fake_zero3(monkeypatch, trainer.model.get_output_embeddings(), gather=False)
+    with pytest.raises(RuntimeError, match=r"sharded or empty under DeepSpeed ZeRO.*\(0,\)"):
+        old_pass_entropy(trainer, inputs)
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias", "problem"),
+    [
+        (torch.zeros(0), None, "empty"),
+        (torch.zeros(41, 64), None, "a row shard"),
+        (torch.zeros(82, 32), None, "a column shard"),
+        (torch.zeros(82 * 64), None, "flattened (FSDP v1's flat parameter)"),
+        (torch.zeros(82, 64), torch.zeros(41), "a bias shard"),
+    ],
+)
+def test_head_shape_check(weight, bias, problem):
+    with pytest.raises(RuntimeError, match="FSDP \\(v1\\)"):
+        erc_trl._check_head(weight, bias, vocab=82, hidden_size=64, engine="FSDP (v1)")
+    erc_trl._check_head(torch.zeros(82, 64), torch.zeros(82), vocab=82, hidden_size=64, engine="x")
+
+
+# -- tools/trl_own_tests.py: the pieces that decide what counts ---------------------------------
+
+
+def load_own_tests() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "trl_own_tests", REPO / "tools" / "trl_own_tests.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_own_tests_classifies_differences():
+    own = load_own_tests()
+    base = {
+        "a": ("passed", ""),
+        "b": ("passed", ""),
+        "c": ("failed", "old copy"),
+        "d": ("passed", ""),
+    }
+    mode = {
+        "a": ("failed", "ValueError: ERC needs beta=0.0, got beta=0.04: ..."),
+        "b": ("failed", "AssertionError: Parameter x has not changed."),
+        "c": ("failed", "old copy"),  # fails in the baseline too: not a difference
+        "d": ("passed", ""),
+    }
+    diff = own.compare(base, mode)
+    assert set(diff["refused"]) == {"a"} and set(diff["other"]) == {"b"}
+
+
+def test_own_tests_standins():
+    own = load_own_tests()
+    assert own._standin_spec("trl-internal-testing/tiny-Qwen2ForCausalLM-2.5") == (
+        "qwen2",
+        "ForCausalLM",
+    )
+    assert own._standin_spec("trl-internal-testing/tiny-Qwen3MoeForCausalLM") == (
+        "qwen3_moe",
+        "ForCausalLM",
+    )
+    assert own._standin_spec("trl-internal-testing/tiny-LlavaForConditionalGeneration") is None
+    splits = own.zen("conversational_prompt_only")
+    assert (len(splits["train"]), len(splits["test"])) == (17, 2)  # the Zen's 19 lines
+    assert splits["train"][0]["prompt"][0]["role"] == "user"
+    with pytest.raises(ValueError, match="no offline stand-in"):
+        own.zen("standard_preference")
+
+
+def test_own_tests_without_a_copy_exits_3(tmp_path, monkeypatch, capsys):
+    """No --source, an empty cache, no tests in the sdist, no clone: one line, exit 3."""
+    own = load_own_tests()
+    monkeypatch.setattr(own, "find_tests", lambda version, cache, source: (None, ["cache: empty"]))
+    assert own.main(["--cache", str(tmp_path), "--dest", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available here (cache: empty)" in err[0]
 
 
 # -- the rival methods against TRL 1.16's own code --------------------------------------------
