@@ -2,7 +2,8 @@
 
 Two small controllers that trainers update between optimiser steps and pass to
 :func:`erc_gym.losses.policy_loss` as ``entropy_coef=`` / ``kl_coef=``. The loss itself stays
-stateless; the trainers checkpoint :meth:`state_dict` so a resumed run continues exactly.
+stateless; the trainers checkpoint each controller's ``state_dict()`` so a resumed run
+continues exactly.
 
 * :class:`AdaptiveEntropyCoef` -- the rule of Skywork-OR1 (He et al. 2025, arXiv 2505.22312) as
   TRL 1.16 implements it (``GRPOConfig.use_adaptive_entropy``): after each optimiser step the

@@ -120,7 +120,7 @@ class MethodSettings:
     """Clip-Cov: upper covariance bound of the candidates."""
     kl_cov_ratio: float | None = None
     """KL-Cov (arXiv 2505.22617): share of the valid tokens with the largest centred covariance
-    that get kl_cov_coef * |logp - logp_old| added. None: off."""
+    that get ``kl_cov_coef * abs(logp - logp_old)`` added. None: off."""
     kl_cov_coef: float = 0.1
     """KL-Cov: weight of the penalty (verl's ppo_kl_coef)."""
     top_entropy_quantile: float = 1.0
@@ -387,7 +387,7 @@ class MethodRuntime:
     def scaled_lr(self, optimizer: torch.optim.Optimizer, out: LossOutput) -> Iterator[None]:
         """Around ``optimizer.step()``: the equal-step control's learning rate for this step.
 
-        Multiplies every parameter group's learning rate by :attr:`LossOutput.step_scale` (one
+        Multiplies every parameter group's learning rate by :attr:`erc_gym.losses.LossOutput.step_scale` (one
         host sync) and restores it afterwards, before any scheduler step.
         """
         if out.step_scale is None:
