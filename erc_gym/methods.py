@@ -387,7 +387,8 @@ class MethodRuntime:
     def scaled_lr(self, optimizer: torch.optim.Optimizer, out: LossOutput) -> Iterator[None]:
         """Around ``optimizer.step()``: the equal-step control's learning rate for this step.
 
-        Multiplies every parameter group's learning rate by :attr:`erc_gym.losses.LossOutput.step_scale` (one
+        Multiplies every parameter group's learning rate by
+        :attr:`erc_gym.losses.LossOutput.step_scale` (one
         host sync) and restores it afterwards, before any scheduler step.
         """
         if out.step_scale is None:
