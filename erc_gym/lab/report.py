@@ -439,6 +439,18 @@ def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------- methods compared
 
 
+_METHODS_TEXT = (
+    "Differences are the method minus the one compared with, paired by seed (each seed's runs "
+    "share the environment's seeds, the initial weights and the first batch): the mean of the "
+    "per-seed differences with its 95% Student-t interval; p: the same t-test; p exact: the "
+    "sign-flip test (no distributional assumption; it cannot go below 2 / 2^n with n seeds, "
+    "0.002 at 10); q: p after Holm's adjustment over the family -- per environment, the "
+    "comparisons with `{reference}` are one family and ERC's with the other methods another. "
+    "`*`: q < 0.05. Entropy trend: slope of log mean entropy per update; jitter: its noise "
+    "around the trend (docs/statistics.md)."
+)
+
+
 def _method_order(spec: dict[str, Any]) -> list[str]:
     try:
         return [m.label for m in method_entries(spec.get("methods") or [])]
@@ -485,11 +497,7 @@ def methods_markdown(
         "per rollout, learning rate), and ERC against every other method there: does ERC beat "
         "the reference, and does it beat the controls that could explain that (a random mask of "
         "ERC's share, the same step size) and the standard tools for the problem? "
-        + _EFFECTS_TEXT.format(method="the method", base=f"`{reference}`").replace(
-            "over the map's cells",
-            "over the family (per environment: the comparisons with "
-            f"`{reference}`, and ERC's with the other methods, are two families)",
-        )
+        + _METHODS_TEXT.format(reference=reference)
         + (
             " This experiment declares primary comparisons (`primary` in its config, marked "
             "(P)): they form one family of their own; the others are exploratory."
