@@ -478,11 +478,15 @@ def plot_leaderboard(
     blue above, grey where the interval spans 0.
     """
     plt = pyplot()
-    height = max(2.5, 0.3 * max((len(rows) for _, rows in panels), default=1) + 1.4)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    height = max(2.5, 0.3 * max((len(rows) for _, rows in panels), default=1) + 1.2)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.6 * len(panels), height), squeeze=False, sharey=False
+        nrows, ncols, figsize=(4.6 * ncols, height * nrows + 0.6), squeeze=False
     )
-    for ax, (name, rows) in zip(axes[0], panels, strict=True):
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (name, rows) in zip(axes.flat, panels, strict=False):
         rows = list(rows)
         ys = np.arange(len(rows))[::-1]
         for y, row in zip(ys, rows, strict=True):
@@ -495,6 +499,7 @@ def plot_leaderboard(
             elif np.isfinite(hi) and hi < 0:
                 color = "tab:red"
             ax.barh(y, d, color=color, height=0.6)
+            ax.plot([d], [y], marker="|", color="black", ms=8)  # visible where d is 0
             if np.isfinite(lo) and np.isfinite(hi):
                 ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="none", ecolor="black", lw=1)
         labels = [
@@ -513,7 +518,7 @@ def plot_leaderboard(
         "after Holm (q < 0.05); (P) = declared primary.",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / height))
+    fig.tight_layout()  # makes room for the title too
     paths = save_figure(fig, Path(path))
     plt.close(fig)
     return paths
