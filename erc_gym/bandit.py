@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,9 @@ class BanditConfig(MethodSettings):
     """Seed of the task (prior, rewarded sets) and of the sampling."""
     save_every: int = 10
     """Iterations between checkpoints (0: only at the end)."""
+    log_time: bool = False
+    """Also log ``time_update``: the wall time of each batch's optimiser steps, in seconds (off
+    by default, so that two runs of one seed write the same log)."""
 
     def loss_config(self) -> LossConfig:
         """The :class:`~erc_gym.losses.LossConfig` of this run."""
@@ -346,6 +350,7 @@ def _iteration(
         adv = group_advantages(rewards, c.group, scale="group")
         old_lp, old_h = logprob_and_entropy(old_logits[ctx], actions)
     perm = torch.randperm(len(actions), generator=gen)
+    started = time.perf_counter()
     stats: list[LossStats] = []
     grad_norms = []
     batch = _Batch(old_logits, actions, adv)
@@ -377,6 +382,7 @@ def _iteration(
         if on_step is not None:
             on_step(k, batch)
     methods.after_update(stats)
+    seconds = time.perf_counter() - started
     m = loss_metrics(stats)
     # the entropy ratio of every sample the loss saw (the same formula when ERC is off)
     rho = torch.cat([entropy_ratio(s.entropy, s.old_entropy).reshape(-1) for s in stats])  # type: ignore[arg-type]
@@ -415,6 +421,7 @@ def _iteration(
         "entropy_ratio_hist": ratio_histogram(rho),
         "update_steps": len(grad_norms),
         **method_metrics(m),
+        **({"time_update": seconds} if c.log_time else {}),
     }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from erc_gym.adaptive_coef import AdaptiveEntropyCoef, AdaptiveKLCoef
 from erc_gym.losses import (
     DPPO_VARIANTS,
+    GATE_METRICS,
     METHOD_METRIC_KEYS,
     ClipCov,
     ClipVariant,
@@ -43,6 +44,7 @@ __all__ = [
     "CLIP_VARIANTS",
     "MethodRuntime",
     "MethodSettings",
+    "acted_on_metric",
     "approx_kl",
     "check_target_kl",
     "early_stop",
@@ -320,9 +322,44 @@ class MethodSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(MethodSettings)}
 
 
+def acted_on_metric(settings: Mapping[str, Any], erc_on: bool) -> str:
+    """The metric that says how much a run's method acted (``docs/rivals.md``'s registry table).
+
+    A share of tokens for the token gates and ERC (``erc_clip_fraction``,
+    ``random_mask_fraction``, ``clip_cov_fraction``, ``kl_cov_fraction``,
+    ``entropy_gate_fraction``), the kept share for the equal-step control
+    (``equal_step_scale``), the optimiser steps taken for ``target_kl`` (``update_steps``), the
+    coefficient or the KL for the regularisers (``entropy_coef``, ``kl_coef`` when adaptive, else
+    ``kl_mean``), and PPO's / DPPO's ``clip_fraction`` otherwise.
+
+    Args:
+        settings: the run's flat trainer settings (keys other than :class:`MethodSettings`
+            fields are ignored; a missing field has its default).
+        erc_on: whether the run's ERC band is set.
+    """
+    m = MethodSettings(**{k: v for k, v in settings.items() if k in _FIELDS})
+    gate = m.token_gate()
+    if erc_on:
+        return "erc_clip_fraction"
+    if m.equal_step:
+        return "equal_step_scale"
+    if gate is not None:
+        return GATE_METRICS[type(gate)]
+    if m.target_kl is not None:
+        return "update_steps"
+    if m.entropy_target is not None or m.ent_coef != 0:
+        return "entropy_coef"
+    if m.kl_coef != 0:
+        return "kl_coef" if m.kl_target is not None else "kl_mean"
+    return "clip_fraction"
+
+
 def method_defaults() -> dict[str, Any]:
     """Every :class:`MethodSettings` field with its default (all methods off)."""
     return MethodSettings().method_fields()
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(MethodSettings))
 
 
 def approx_kl(stats: LossStats) -> float:

@@ -124,6 +124,14 @@ class Run:
                 hs.append(value)
         return np.asarray(xs), np.asarray(hs, dtype=np.float64)
 
+    def train_seconds(self) -> float:
+        """The training time its ``done`` marker records (the runner's clock around the
+        trainer, the last session only when the run was resumed); NaN when unfinished."""
+        try:
+            return float((self.path / "done").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return math.nan
+
     def final_score(self) -> float:
         """The last logged score (NaN when none)."""
         _, ys = self.series("score")

@@ -5,6 +5,13 @@ nesting order). A run is a :class:`RunSpec`; its folder is ``<runs>/<experiment>
 where the variant joins the env label, the algorithm, the band and the stress point, e.g.
 ``V4096-ppo-erc0.95-1.05-s8-lr0.05``.
 
+A config with ``"methods"`` (the rival methods, baselines and controls of
+:data:`erc_gym.losses.METHODS`, :func:`method_entries`) has a method axis in place of the band
+axis: env x stress point x algorithm x method x seed. Each method sets its own ERC band (``erc``
+sets (0.95, 1.05), every other method none) and its trainer settings, which join the run's
+``settings``; the variant names the method's label in place of the band
+(``CartPole-gppo-random-matched-s16-lr0.001``) and the run's ``axes`` record it as ``"method"``.
+
 The optional stress grid (``"axes"`` of a config, e.g.
 ``{"steps_per_rollout": [2, 8, 16], "lr": [0.02, 0.1, 0.5]}``) repeats the grid on every point of
 the product of the axes (:func:`axis_points`), with the settings each trainer kind derives from the
@@ -20,16 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from erc_gym.lab.kinds import get_kind
+from erc_gym.losses import method_settings
 
 __all__ = [
     "AXES",
+    "BAND_KEYS",
+    "MethodEntry",
     "RunSpec",
     "axis_label",
     "axis_points",
     "band_label",
     "check_axes",
     "expand",
+    "method_entries",
     "seed_list",
+    "selects",
 ]
 
 #: The stress axes an experiment config may list under ``"axes"``.
@@ -55,8 +67,16 @@ class RunSpec:
         """``root/<experiment>/<variant>/<seed>``."""
         return Path(root) / self.experiment / self.variant / str(self.seed)
 
+    @property
+    def method(self) -> str | None:
+        """The label of the run's method (a config with ``methods``), else None."""
+        label = self.axes.get("method")
+        return None if label is None else str(label)
+
     def meta(self) -> dict[str, Any]:
-        """What ``config.json`` records about the run besides the trainer's own settings."""
+        """What ``config.json`` records about the run besides the trainer's own settings
+        (``method``: only in a config with ``methods``)."""
+        method = {} if self.method is None else {"method": self.method}
         return {
             "experiment": self.experiment,
             "variant": self.variant,
@@ -68,6 +88,7 @@ class RunSpec:
             "env_label": self.env_label,
             "settings": self.settings,
             "axes": self.axes,
+            **method,
         }
 
 
@@ -116,6 +137,47 @@ def band_label(band: tuple[float, float] | None) -> str:
     return "" if band is None else f"-erc{band[0]:g}-{band[1]:g}"
 
 
+#: The settings of a method that form its ERC band (they become the run's ``erc``).
+BAND_KEYS = ("erc_low", "erc_high")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One entry of a config's ``methods``, resolved.
+
+    Attributes:
+        label: names its runs (the variant part; the method's name unless the entry gives one).
+        name: the registry name (:data:`erc_gym.losses.METHODS`).
+        band: the ERC band it sets, or None (ERC off).
+        settings: its other trainer settings (the registry's, then the entry's overrides).
+    """
+
+    label: str
+    name: str
+    band: tuple[float, float] | None
+    settings: dict[str, Any]
+
+
+def method_entries(methods: list[Any]) -> list[MethodEntry]:
+    """A config's ``methods`` resolved: each entry a registry name or ``{"name": ..., "label":
+    ..., <setting>: <value>, ...}`` (overrides on top of the registry's settings).
+
+    Raises:
+        ValueError: an unknown method name (the entries are checked by
+            :mod:`erc_gym.lab.config` first, with a one-line message).
+    """
+    out = []
+    for entry in methods:
+        item = {"name": entry} if isinstance(entry, str) else dict(entry)
+        name = str(item.pop("name"))
+        label = str(item.pop("label", None) or name)
+        settings = method_settings(name, **item)
+        low, high = (settings.pop(k, None) for k in BAND_KEYS)
+        band = None if low is None or high is None else (float(low), float(high))
+        out.append(MethodEntry(label=label, name=name, band=band, settings=settings))
+    return out
+
+
 def seed_list(seeds: int | list[int]) -> list[int]:
     """The seeds of a config's ``seeds``: a count n (``0 .. n-1``) or a list."""
     return list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -132,32 +194,65 @@ def _stress_points(spec: dict[str, Any], env: dict[str, Any]) -> list[tuple[str,
     ]
 
 
+def _bands(
+    spec: dict[str, Any], settings: dict[str, Any], env: dict[str, Any]
+) -> list[tuple[str, tuple[float, float] | None, dict[str, Any], dict[str, Any]]]:
+    """``(variant part, ERC band, settings, axes entries)`` of each band -- or, in a config with
+    ``methods``, of each method -- at one stress point."""
+    if spec.get("methods"):
+        return [
+            (f"-{m.label}", m.band, {**settings, **m.settings}, {"method": m.label})
+            for m in method_entries(spec["methods"])
+        ]
+    out: list[tuple[str, tuple[float, float] | None, dict[str, Any], dict[str, Any]]] = []
+    for band in spec.get("erc", [None]):
+        erc = None if band is None else (float(band[0]), float(band[1]))
+        target = {**settings, **env}.get("erc_target_clip_fraction")
+        rule = "" if erc is None or target is None else f"-target{float(target):g}"
+        out.append((f"{band_label(erc)}{rule}", erc, dict(settings), {}))
+    return out
+
+
+def selects(selector: dict[str, Any], env: str, algorithm: str, point: dict[str, Any]) -> bool:
+    """Whether a cell selector (an entry of a config's ``cells``) selects the cell of ``env``,
+    ``algorithm`` and the stress point ``point``: every key it gives matches."""
+    have = {"env": env, "algorithm": algorithm, **point}
+    for key, want in selector.items():
+        value = have.get(key)
+        if key == "lr" and value is not None:
+            if float(value) != float(want):
+                return False
+        elif value != want:
+            return False
+    return True
+
+
 def expand(spec: dict[str, Any]) -> list[RunSpec]:
-    """The experiment's grid: env x stress point x algorithm x ERC band x seed (nesting order)."""
+    """The experiment's grid: env x stress point x algorithm x ERC band (or method) x seed, in
+    that nesting order; with ``cells``, only the cells they select (:func:`selects`)."""
     seeds = seed_list(spec.get("seeds", 3))
+    cells = spec.get("cells")
     runs: list[RunSpec] = []
     for env in spec["envs"]:
         env = dict(env)
         label = env.pop("label", None) or env.get("id") or "env"
         for suffix, point, settings in _stress_points(spec, env):
             for algo in spec["algorithms"]:
-                for band in spec.get("erc", [None]):
-                    erc = None if band is None else (float(band[0]), float(band[1]))
-                    target = {**settings, **env}.get("erc_target_clip_fraction")
-                    rule = "" if erc is None or target is None else f"-target{float(target):g}"
-                    variant = f"{label}-{algo}{band_label(erc)}{rule}{suffix}"
+                if cells and not any(selects(c, str(label), algo, point) for c in cells):
+                    continue
+                for part, erc, run_settings, method in _bands(spec, settings, env):
                     runs.extend(
                         RunSpec(
                             experiment=spec["name"],
-                            variant=variant,
+                            variant=f"{label}-{algo}{part}{suffix}",
                             seed=seed,
                             kind=spec["kind"],
                             algorithm=algo,
                             erc=erc,
                             env=env,
-                            settings=dict(settings),
+                            settings=dict(run_settings),
                             env_label=str(label),
-                            axes=dict(point),
+                            axes={**point, **method},
                         )
                         for seed in seeds
                     )

@@ -10,7 +10,8 @@ For each environment of an experiment (variants sharing an env label):
   seeds. Ratios outside [0.8, 1.2] are counted in the edge bins;
 
 and for a stress experiment (:mod:`erc_gym.lab.stress`) ``<env>_stress_map.png`` / ``.svg``
-(:func:`plot_stress_map`).
+(:func:`plot_stress_map`); for a comparison of methods, ``<env>_leaderboard.png`` / ``.svg``
+(:func:`plot_leaderboard`).
 
 A new figure is a function here that draws with :func:`pyplot` and writes with
 :func:`save_figure`. Uses matplotlib's non-interactive Agg backend.
@@ -42,6 +43,7 @@ __all__ = [
     "PANELS",
     "plot_curves",
     "plot_experiment",
+    "plot_leaderboard",
     "plot_ratio_heatmaps",
     "plot_stress_map",
     "pyplot",
@@ -443,6 +445,80 @@ def plot_stress_map(
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))  # leave the three title lines free
+    paths = save_figure(fig, Path(path))
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------- methods compared
+
+
+def plot_leaderboard(
+    panels: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    reference: str,
+    score_label: str,
+    title: str,
+    path: str | Path,
+) -> list[Path]:
+    """Bar chart of the methods' paired differences to ``reference`` in final score, one panel
+    per point; returns the PNG and SVG paths.
+
+    Args:
+        panels: ``(panel title, rows)`` per point; each row a comparison of
+            :func:`erc_gym.lab.stress.method_table` with ``reference`` (``method``, ``d_score``,
+            its 95% t-interval ``d_score_lo`` / ``_hi``, ``significant``, ``primary``), in the
+            order to draw (top to bottom).
+        reference: the method compared with (the zero line).
+        score_label: the score's unit.
+        title: the figure's title.
+        path: output path without suffix.
+
+    Each bar is the mean per-seed difference with its 95% interval; a ``*`` after the method's
+    name: significant after the family's Holm adjustment; red bars are below the reference,
+    blue above, grey where the interval spans 0.
+    """
+    plt = pyplot()
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    height = max(2.5, 0.3 * max((len(rows) for _, rows in panels), default=1) + 1.2)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.6 * ncols, height * nrows + 0.6), squeeze=False
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (name, rows) in zip(axes.flat, panels, strict=False):
+        rows = list(rows)
+        ys = np.arange(len(rows))[::-1]
+        for y, row in zip(ys, rows, strict=True):
+            d, lo, hi = row["d_score"], row["d_score_lo"], row["d_score_hi"]
+            if not np.isfinite(d):
+                continue
+            color = "0.6"
+            if np.isfinite(lo) and lo > 0:
+                color = "tab:blue"
+            elif np.isfinite(hi) and hi < 0:
+                color = "tab:red"
+            ax.barh(y, d, color=color, height=0.6)
+            ax.plot([d], [y], marker="|", color="black", ms=8)  # visible where d is 0
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="none", ecolor="black", lw=1)
+        labels = [
+            r["method"]
+            + (" *" if "score" in r["significant"] else "")
+            + (" (P)" if r["primary"] else "")
+            for r in rows
+        ]
+        ax.set_yticks(ys, labels, fontsize=8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"Δ final score vs {reference}\n({score_label})", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(
+        f"{title}\nBars: mean paired difference by seed with its 95% t-interval; * = significant "
+        "after Holm (q < 0.05); (P) = declared primary.",
+        fontsize=9,
+    )
+    fig.tight_layout()  # makes room for the title too
     paths = save_figure(fig, Path(path))
     plt.close(fig)
     return paths

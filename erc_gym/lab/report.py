@@ -6,7 +6,9 @@ scores, and the entropy diagnostics of :mod:`erc_gym.diagnostics` -- followed by
 :mod:`erc_gym.lab.plots` (generated if missing). A stress experiment adds the stress-map section
 (:func:`stress_markdown`): per environment the figure, the paper's claims at this scale and ERC's
 effect per cell, and for an adaptive band its comparison with the fixed bands
-(:func:`band_rule_markdown`).
+(:func:`band_rule_markdown`). A comparison of methods (a config with ``methods``) adds the
+leaderboard section (:func:`methods_markdown`): per environment and point the methods against the
+reference (``base``) and ERC against each other method, paired by seed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 from erc_gym.atomic import atomic_write
 from erc_gym.lab.analysis import SCORE_LABELS, grid_order, load_runs, stale_runs, summarize
-from erc_gym.lab.plots import plot_experiment, plot_stress_map
+from erc_gym.lab.grid import method_entries
+from erc_gym.lab.plots import plot_experiment, plot_leaderboard, plot_stress_map
+from erc_gym.lab.stats import finite_mean
 from erc_gym.lab.stress import (
     COLLAPSE_FACTOR,
     EXPLOSION_FACTOR,
@@ -30,6 +34,8 @@ from erc_gym.lab.stress import (
     claims_table,
     effect_table,
     finished_stress_runs,
+    method_table,
+    reference_method,
 )
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "band_rule_markdown",
     "effects_markdown",
     "markdown_table",
+    "methods_markdown",
     "stress_markdown",
     "write_report",
 ]
@@ -177,7 +184,9 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
                 rel = fig.relative_to(experiment_dir)
                 md += [f"![{fig.stem}]({rel.as_posix()})", ""]
                 page.append(f"<p><img src='{rel.as_posix()}' style='max-width:100%'></p>")
-    if spec.get("axes"):
+    if spec.get("methods"):
+        md += methods_markdown(experiment_dir, spec, plots=plots)
+    elif spec.get("axes"):
         baseline = spec.get("baseline")
         md += stress_markdown(
             experiment_dir,
@@ -425,3 +434,177 @@ def band_rule_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
         )
     md.append("")
     return md
+
+
+# ---------------------------------------------------------------- methods compared
+
+
+_METHODS_TEXT = (
+    "Differences are the method minus the one compared with, paired by seed (each seed's runs "
+    "share the environment's seeds, the initial weights and the first batch): the mean of the "
+    "per-seed differences with its 95% Student-t interval; p: the same t-test; p exact: the "
+    "sign-flip test (no distributional assumption; it cannot go below 2 / 2^n with n seeds, "
+    "0.002 at 10); q: p after Holm's adjustment over the family -- per environment, the "
+    "comparisons with `{reference}` are one family and ERC's with the other methods another. "
+    "`*`: q < 0.05. Entropy trend: slope of log mean entropy per update; jitter: its noise "
+    "around the trend (docs/statistics.md)."
+)
+
+
+def _method_order(spec: dict[str, Any]) -> list[str]:
+    try:
+        return [m.label for m in method_entries(spec.get("methods") or [])]
+    except (KeyError, TypeError, ValueError):  # a hand-edited experiment.json
+        return []
+
+
+def _share(values: Sequence[float]) -> str:
+    n = len([v for v in values if math.isfinite(v)])
+    return "–" if not n else f"{sum(v > 0 for v in values if math.isfinite(v))}/{n}"
+
+
+def _cost(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.2f}x"
+
+
+def methods_markdown(
+    experiment_dir: str | Path, spec: dict[str, Any], *, plots: bool = True
+) -> list[str]:
+    """The report section of a comparison of methods (a config with ``methods``).
+
+    Per environment and point (algorithm, steps per rollout, lr): a figure of every method's
+    paired difference to the reference in final score (:func:`erc_gym.lab.plots.plot_leaderboard`),
+    the leaderboard -- final score, paired difference to the reference with its 95% t-interval,
+    p / exact p / Holm-adjusted q, the share of unstable runs, entropy trend and jitter, how much
+    the method acted (:func:`erc_gym.lab.stress.acted_on`) and its wall time per update relative
+    to the reference -- and ERC against each other method (:func:`erc_gym.lab.stress.method_table`).
+    Only finished runs count.
+    """
+    experiment_dir = Path(experiment_dir)
+    runs = [r for r in load_runs(experiment_dir) if r.done]
+    if not runs:
+        return []
+    order = _method_order(spec)
+    reference = reference_method(order) or "base"
+    primary = _primary(experiment_dir)
+    cells = [c for c in cell_table(runs) if c["method"] is not None]
+    rows = method_table(cells, primary, reference=reference)
+    rank = {m: i for i, m in enumerate(order)}
+    md = [
+        "## Methods compared",
+        "",
+        f"Every method against `{reference}` at the same point (environment, algorithm, steps "
+        "per rollout, learning rate), and ERC against every other method there: does ERC beat "
+        "the reference, and does it beat the controls that could explain that (a random mask of "
+        "ERC's share, the same step size) and the standard tools for the problem? "
+        + _METHODS_TEXT.format(reference=reference)
+        + (
+            " This experiment declares primary comparisons (`primary` in its config, marked "
+            "(P)): they form one family of their own; the others are exploratory."
+            if primary
+            else ""
+        )
+        + f" Unstable: runs with an entropy collapse (final < {COLLAPSE_FACTOR:g}x the first), "
+        f"a blow-up (> {EXPLOSION_FACTOR:g}x) or a score that lost more than "
+        f"{SCORE_DROP_SHARE:.0%} of its best gain. Acted on: the method's own metric, mean over "
+        "training (a share of tokens / samples for ERC and the token gates, the kept share of "
+        "the step for `equal-step`, optimiser steps taken per update for `target-kl`, the "
+        "coefficient or the KL for the regularisers, PPO's clip fraction otherwise). Cost: wall "
+        f"time per update over `{reference}`'s (means over seeds; the trainer's own timing where "
+        "it logs one, else the run's training time over its updates; on a shared machine a "
+        "rough number).",
+        "",
+    ]
+    for env in dict.fromkeys(c["env"] for c in cells):
+        env_cells = [c for c in cells if c["env"] == env]
+        kind = str(env_cells[0]["kind"])
+        md += [f"### {env}", "", f"Score: {SCORE_LABELS.get(kind, 'score')}.", ""]
+        points = list(dict.fromkeys((c["algorithm"], c["steps"], c["lr"]) for c in env_cells))
+        panels = []
+        sections: list[str] = []
+        for algo, steps, lr in points:
+            point = (algo, steps, lr)
+            here = sorted(
+                (c for c in env_cells if (c["algorithm"], c["steps"], c["lr"]) == point),
+                key=lambda c: rank.get(c["method"], len(rank)),
+            )
+            at = [
+                r
+                for r in rows
+                if r["env"] == env and (r["algorithm"], r["steps"], r["lr"]) == point
+            ]
+            name = f"{algo.upper()}, {steps} steps per rollout x lr {lr:g}"
+            vs_ref = {r["method"]: r for r in at if r["table"] == "reference"}
+            panels.append((name, [vs_ref[c["method"]] for c in here if c["method"] in vs_ref]))
+            sections += _leaderboard(name, here, vs_ref, reference)
+            sections += _erc_against(here, [r for r in at if r["table"] == "erc"], rank)
+        if plots:
+            fig_dir = experiment_dir / "figures"
+            fig_dir.mkdir(exist_ok=True)
+            png = plot_leaderboard(
+                panels,
+                reference,
+                SCORE_LABELS.get(kind, "score"),
+                f"{spec.get('name', experiment_dir.name)} / {env}: the methods against {reference}",
+                fig_dir / f"{env}_leaderboard",
+            )[0]
+            md += [f"![{env} leaderboard]({png.relative_to(experiment_dir).as_posix()})", ""]
+        md += sections
+    return md
+
+
+def _leaderboard(
+    name: str, cells: list[dict[str, Any]], vs_ref: dict[str, dict[str, Any]], reference: str
+) -> list[str]:
+    gains = [m for m, r in vs_ref.items() if "score" in r["significant"] and r["d_score"] > 0]
+    losses = [m for m, r in vs_ref.items() if "score" in r["significant"] and r["d_score"] < 0]
+    ref_cell = next((c for c in cells if c["method"] == reference), None)
+    md = [
+        f"#### {name}",
+        "",
+        f"Final score significantly above `{reference}` (q < 0.05): "
+        + (", ".join(f"`{m}`" for m in gains) or "none")
+        + "; below: "
+        + (", ".join(f"`{m}`" for m in losses) or "none")
+        + ".",
+        "",
+        f"| method | n | final score mean (per seed) | Δ vs {reference} [95% CI] | p / p exact / q "
+        "| unstable | entropy trend | entropy jitter | acted on | cost / update |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        r = vs_ref.get(c["method"])
+        scores = ", ".join(_fmt(v) for v in c["scores"])
+        unstable = _share([p["unstable"] for p in c["per_run"]])
+        label = f"`{c['method']}`" + (" (P)" if r is not None and r["primary"] else "")
+        cost = "1x" if c is ref_cell else (_cost(r["cost"]) if r is not None else "–")
+        diff = "" if r is None else _ci(r, "score") + ("" if r["paired"] else " (unpaired)")
+        md.append(
+            f"| {label} | {c['n']} | {_f(finite_mean(c['scores']))} ({scores}) | {diff} | "
+            f"{'' if r is None else _p(r, 'score')} | {unstable} | {_f(c['trend'])} | "
+            f"{_f(c['jitter'])} | {c['acted_on_metric']} {_f(c['acted_on'])} | {cost} |"
+        )
+    return [*md, ""]
+
+
+def _erc_against(
+    cells: list[dict[str, Any]], rows: list[dict[str, Any]], rank: dict[str, int]
+) -> list[str]:
+    if not rows:
+        return []
+    acted = {c["method"]: c["acted_on"] for c in cells}
+    md = [
+        "ERC against each other method (ERC minus the other, paired by seed):",
+        "",
+        "| ERC | against | n pairs | Δ final score [CI] | p / p exact / q | Δ unstable share [CI] "
+        "| Δ jitter [CI] | Δ trend [CI] | acted on: ERC / other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["method"], rank.get(r["against"], len(rank)))):
+        label = f"`{r['against']}`" + (" (P)" if r["primary"] else "")
+        md.append(
+            f"| `{r['method']}` | {label} | {r['n_pairs']} | {_ci(r, 'score')} | {_p(r, 'score')} "
+            f"| {_ci(r, 'unstable')} | {_ci(r, 'jitter')} | {_ci(r, 'trend')} | "
+            f"{_f(acted[r['method']])} / {_f(acted[r['against']])} |"
+        )
+    return [*md, ""]

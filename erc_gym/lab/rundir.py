@@ -49,8 +49,9 @@ __all__ = [
     "write_json",
 ]
 
-#: Keys of ``run.json`` that name the run (the rest is the trainer's resolved settings).
-_IDENTITY = ("experiment", "variant", "seed", "kind", "algorithm", "erc", "env_label")
+#: Keys of ``run.json`` that name the run (the rest is the trainer's resolved settings);
+#: ``method`` only in a config with ``methods``.
+_IDENTITY = ("experiment", "variant", "seed", "kind", "algorithm", "erc", "env_label", "method")
 #: Trainer settings added after run folders were first recorded, with the default that
 #: reproduces the older runs: left out of ``run.json`` at that default, so those folders still
 #: match (and resume) instead of being refused as made with another config.

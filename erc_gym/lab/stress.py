@@ -18,6 +18,10 @@ This module turns such a runs folder into tables:
   IQM difference with a 95% bootstrap CI, probability of improvement with its CI, and the
   differences of volatility, spikes and instability; cells whose CI excludes 0 are marked;
 * :func:`band_rule_table` -- the adaptive band against the fixed bands at the same point;
+* :func:`method_table` -- in a config with ``methods`` (the rival methods, baselines and
+  controls): every method against the reference (``base``) and ERC against every other method
+  at the same point, paired by seed, Holm over each environment's family (or the declared
+  ``primary`` comparisons);
 * :func:`claims_table` -- the paper's claims (``docs/method.md``) with this scale's measurement and
   a verdict (holds / does not hold / depends on an axis).
 
@@ -53,6 +57,7 @@ from erc_gym.lab.stats import (
     iqm,
     probability_of_improvement,
 )
+from erc_gym.methods import acted_on_metric
 
 __all__ = [
     "CLAIMS",
@@ -68,6 +73,8 @@ __all__ = [
     "effect_table",
     "finished_stress_runs",
     "instability",
+    "method_table",
+    "reference_method",
 ]
 
 #: Entropy collapse: the final mean entropy is below this share of the first logged one.
@@ -110,6 +117,26 @@ def _run_mean(run: Run, name: str) -> float:
     return finite_mean(run.series(name)[1])
 
 
+def acted_on(run: Run) -> tuple[str, float]:
+    """``(metric, mean over the run)`` of how much the run's method acted
+    (:func:`erc_gym.methods.acted_on_metric`: a share of tokens, a coefficient, ...)."""
+    settings = {**(run.config.get("settings") or {}), **(run.config.get("env") or {})}
+    name = acted_on_metric(settings, erc_on=run.config.get("erc") is not None)
+    return name, _run_mean(run, name)
+
+
+def seconds_per_update(run: Run) -> float:
+    """Wall time of one update in seconds: the trainer's own timing (``update_time``: ERCPPO's
+    ``time/train_seconds``, the LLM trainer's ``time_train``, the bandit's ``time_update`` with
+    ``log_time``) where it logs one, else the run's training time (its ``done`` marker) over its
+    updates (the logged gradient norms)."""
+    own = _run_mean(run, "update_time")
+    if math.isfinite(own):
+        return own
+    updates = run.series("grad_norm")[1].size
+    return run.train_seconds() / updates if updates else math.nan
+
+
 def _run_stats(run: Run, spike_k: float = 3.0) -> dict[str, float]:
     _, h = run.series("entropy")
     flags = instability(run)
@@ -134,6 +161,8 @@ def _run_stats(run: Run, spike_k: float = 3.0) -> dict[str, float]:
         "entropy_old_kept": _run_mean(run, "entropy_old_kept"),
         "erc_low_final": _run_last(run, "erc_low"),
         "erc_high_final": _run_last(run, "erc_high"),
+        "acted_on": acted_on(run)[1],
+        "seconds_per_update": seconds_per_update(run),
     }
 
 
@@ -154,6 +183,8 @@ class CellKey:
     target: float | None = None
     """``erc_target_clip_fraction`` of an adaptive band (:mod:`erc_gym.adaptive_band`), else
     None (the fixed band)."""
+    method: str | None = None
+    """The label of the run's method (a config with ``methods``), else None."""
 
     @property
     def fixed_band_label(self) -> str:
@@ -181,6 +212,7 @@ def _key(run: Run) -> CellKey:
         steps=int(steps),
         lr=float(lr),
         target=None if target is None or band is None else float(target),
+        method=None if axes.get("method") is None else str(axes["method"]),
     )
 
 
@@ -192,22 +224,31 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     :mod:`erc_gym.diagnostics`), ``spikes``, ``unstable`` (share of runs), ``erc_clip_fraction``,
     ``clip_fraction``, ``grad_norm``, ``entropy_old_clipped``, ``entropy_old_kept``: means over
     the cell's runs. ``per_run`` keeps each run's values (with its ``seed``) for the paired
-    comparisons of :func:`effect_table`.
+    comparisons of :func:`effect_table`. In a config with ``methods``: ``method`` (its label,
+    else None), ``acted_on_metric`` and ``acted_on`` (how much the method acted, mean over
+    runs, :func:`acted_on`), ``control_band`` (the band a control imitates, else None) and
+    ``seconds_per_update`` (:func:`seconds_per_update`).
     """
     cells: dict[CellKey, list[dict[str, float]]] = {}
-    kinds: dict[CellKey, str] = {}
+    first: dict[CellKey, Run] = {}
     for run in runs:
         cells.setdefault(_key(run), []).append(_run_stats(run))
-        kinds[_key(run)] = run.kind
+        first.setdefault(_key(run), run)
     rows = []
     for key, stats in cells.items():
         scores = [s["score"] for s in stats]
         lo, hi = math.nan, math.nan
         if finite(scores).size:
             lo, hi = bootstrap_ci(scores)
+        settings = first[key].config.get("settings") or {}
+        low, high = settings.get("control_low"), settings.get("control_high")
+        control = None if low is None or high is None else (float(low), float(high))
         row: dict[str, Any] = {
             "key": key,
-            "kind": kinds[key],
+            "kind": first[key].kind,
+            "method": key.method,
+            "acted_on_metric": acted_on(first[key])[0],
+            "control_band": control,
             "env": key.env,
             "algorithm": key.algorithm,
             "band": key.band_label,
@@ -227,7 +268,15 @@ def cell_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row["per_run"] = stats
         rows.append(row)
     rows.sort(
-        key=lambda r: (r["env"], r["algorithm"], r["band"] != "off", r["band"], r["steps"], r["lr"])
+        key=lambda r: (
+            r["env"],
+            r["algorithm"],
+            r["band"] != "off",
+            r["band"],
+            r["steps"],
+            r["lr"],
+            r["method"] or "",
+        )
     )
     return rows
 
@@ -259,6 +308,8 @@ def _compare(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     bootstrap interval) describes the score, but decides nothing.
     """
     row: dict[str, Any] = {k: c[k] for k in ("env", "algorithm", "band", "steps", "lr")}
+    if c.get("method") is not None:
+        row["method"], row["against"] = c["method"], base["method"]
     row["n_erc"], row["n_off"] = c["n"], base["n"]
     row["poi"], row["poi_lo"], row["poi_hi"] = probability_of_improvement(
         c["scores"], base["scores"]
@@ -275,8 +326,11 @@ def _compare(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _selected(row: dict[str, Any], selector: dict[str, Any]) -> bool:
-    """Whether an effect row is one of a config's ``primary`` cells (every given key matches)."""
+def _selected(row: dict[str, Any], selector: dict[str, Any], reference: str | None) -> bool:
+    """Whether an effect row is one of a config's ``primary`` cells (every given key matches;
+    ``against`` defaults to the ``reference`` method where the selector names a ``method``)."""
+    if "method" in selector and "against" not in selector:
+        selector = {**selector, "against": reference}
     for key, want in selector.items():
         have = row.get({"steps_per_rollout": "steps", "erc": "band"}.get(key, key))
         if key == "erc":
@@ -293,21 +347,28 @@ def adjust_family(
     rows: list[dict[str, Any]],
     primary: Sequence[dict[str, Any]] | None = None,
     method: str = "holm",
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
     """Adjust the p-values of effect rows for multiple comparisons, per compared value.
 
     Without ``primary``, each environment's rows are one family per compared value (a map's
-    cells); with it (a config's ``primary`` list of cell selectors, e.g. ``{"env": "CartPole",
-    "algorithm": "gppo", "steps_per_rollout": 16, "lr": 0.001, "erc": [0.95, 1.05]}``), the
-    selected rows form one family across environments, declared before the runs, and the other
-    rows are exploratory families per environment. Each row gets ``q_<name>`` (the adjusted p),
-    ``primary`` (bool) and ``significant`` -- the names whose adjusted p is below 0.05.
+    cells; with methods, one family per environment and table: the comparisons with the
+    reference, and ERC's with the other methods); with it (a config's ``primary`` list of cell
+    selectors, e.g. ``{"env": "CartPole", "algorithm": "gppo", "steps_per_rollout": 16, "lr":
+    0.001, "erc": [0.95, 1.05]}`` or ``{"env": "CartPole", "method": "erc", "against":
+    "random-matched"}``), the selected rows form one family across environments, declared before
+    the runs, and the other rows are exploratory families. Each row gets ``q_<name>`` (the
+    adjusted p), ``primary`` (bool) and ``significant`` -- the names whose adjusted p is below
+    0.05. ``reference``: the method a selector's ``against`` defaults to.
     """
     for row in rows:
-        row["primary"] = bool(primary) and any(_selected(row, sel) for sel in primary or ())
+        row["primary"] = bool(primary) and any(
+            _selected(row, sel, reference) for sel in primary or ()
+        )
     families: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        families.setdefault(("primary",) if row["primary"] else ("env", row["env"]), []).append(row)
+        key = ("primary",) if row["primary"] else ("env", row["env"], row.get("table"))
+        families.setdefault(key, []).append(row)
     for members in families.values():
         for name in COMPARED:
             adjusted = adjust([r["tests"][name] for r in members], method)
@@ -331,6 +392,7 @@ def effect_table(
     cells or over the config's ``primary`` cells); ``poi`` with ``poi_lo`` / ``poi_hi``
     (descriptive); ``significant`` -- the names whose adjusted p is below 0.05.
     """
+    cells = [c for c in cells if c.get("method") is None]  # methods: method_table
     off = {(c["env"], c["algorithm"], c["steps"], c["lr"]): c for c in cells if c["band"] == "off"}
     out = []
     for c in cells:
@@ -340,6 +402,61 @@ def effect_table(
         if base is not None:
             out.append(_compare(c, base))
     return adjust_family(out, primary)
+
+
+def reference_method(methods: Sequence[str]) -> str | None:
+    """The method every other is compared with: ``base`` when listed, else the first."""
+    if not methods:
+        return None
+    return "base" if "base" in methods else methods[0]
+
+
+def method_table(
+    cells: Sequence[dict[str, Any]],
+    primary: Sequence[dict[str, Any]] | None = None,
+    reference: str = "base",
+) -> list[dict[str, Any]]:
+    """The methods compared at each point (env, algorithm, steps, lr) of a config with
+    ``methods``, paired by seed.
+
+    Two tables (``table``): ``"reference"`` -- every method against ``reference``; and
+    ``"erc"`` -- each ERC method (a method with a band) against every other method but the
+    reference, so that "ERC beats base" is checked against what could explain it: a random mask
+    of the same share, the same step size, ``target_kl`` and the rivals. A control that imitates
+    a band (``control_band``) is compared only with the ERC method of that band.
+
+    Keys as in :func:`effect_table` (differences are ``method`` minus ``against``) plus
+    ``method``, ``against``, ``table``, and the descriptive ``cost`` (the method's wall time per
+    update over the compared method's, means over seeds). Adjusted by :func:`adjust_family`: one
+    family per environment and table, or the declared ``primary`` comparisons.
+    """
+    points: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for c in cells:
+        if c.get("method") is not None:
+            points.setdefault((c["env"], c["algorithm"], c["steps"], c["lr"]), {})[c["method"]] = c
+    out = []
+    for methods in points.values():
+        ref = methods.get(reference)
+        pairs = [
+            (c, ref, "reference") for c in methods.values() if ref is not None and c is not ref
+        ]
+        for c in methods.values():
+            if c["key"].band is None:
+                continue
+            pairs += [
+                (c, o, "erc")
+                for o in methods.values()
+                if o is not c
+                and o["method"] != reference
+                and o["control_band"] in (None, c["key"].band)
+            ]
+        for c, other, table in pairs:
+            row = _compare(c, other)
+            row["table"] = table
+            mine, theirs = c["seconds_per_update"], other["seconds_per_update"]
+            row["cost"] = mine / theirs if theirs > 0 else math.nan
+            out.append(row)
+    return adjust_family(out, primary, reference=reference)
 
 
 def band_rule_table(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

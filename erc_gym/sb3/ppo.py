@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, ClassVar, Literal, TypeVar
 
 import gymnasium as gym
@@ -498,6 +499,7 @@ class ERCPPO(PPO):
     # ------------------------------------------------------------------------------------------
     def train(self) -> None:
         """Update policy using the currently gathered rollout buffer."""
+        started = time.perf_counter()  # ERC: the update's wall time (time/train_seconds)
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
@@ -659,6 +661,9 @@ class ERCPPO(PPO):
         if methods.entropy is not None or self.ent_coef != 0:
             # the coefficient of SB3's entropy term in force at the end of the update
             self.logger.record("train/entropy_coef", float(ent_coef))
+        # ERC: optimiser steps taken (fewer after a target_kl stop) and the update's wall time
+        self.logger.record("train/update_steps", len(log.grad_norms))
+        self.logger.record("time/train_seconds", time.perf_counter() - started)
 
     def learn(
         self: SelfERCPPO,

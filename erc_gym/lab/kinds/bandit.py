@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from erc_gym.lab.kinds.base import TRAINER_SERIES, DataclassKind, check_stopped, grid_settings
 
@@ -18,7 +18,12 @@ __all__ = ["KIND", "SERIES_KEYS", "BanditKind"]
 
 #: Common series name -> key in this kind's ``metrics.jsonl`` (see
 #: :meth:`erc_gym.lab.analysis.Run.series`).
-SERIES_KEYS = {**TRAINER_SERIES, "score": "expected_reward", "tv_unsampled": "tv_unsampled"}
+SERIES_KEYS = {
+    **TRAINER_SERIES,
+    "score": "expected_reward",
+    "tv_unsampled": "tv_unsampled",
+    "update_time": "time_update",
+}
 
 
 class BanditKind(DataclassKind):
@@ -28,6 +33,9 @@ class BanditKind(DataclassKind):
     score_label = "expected reward (exact)"
     step_label = "samples"
     series_keys: Mapping[str, str] = SERIES_KEYS
+    #: Settings added after run folders were first recorded (left out of ``run.json`` at these
+    #: defaults): the rival methods and ``log_time``.
+    added_settings: ClassVar[dict[str, Any]] = {**DataclassKind.added_settings, "log_time": False}
 
     def config_class(self) -> type:
         from erc_gym.bandit import BanditConfig

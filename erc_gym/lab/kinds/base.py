@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from erc_gym.losses import METHOD_METRIC_KEYS
 from erc_gym.methods import method_defaults
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ TRAINER_SERIES = {
     "entropy_old_kept": "erc_kept_entropy_old_mean",
     "erc_low": "erc_low",
     "erc_high": "erc_high",
+    "update_steps": "update_steps",
+    # the rival methods' keys (the share of tokens each acted on, coefficients, the KL)
+    **{key: key for key in METHOD_METRIC_KEYS},
 }
 
 

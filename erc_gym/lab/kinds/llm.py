@@ -18,7 +18,7 @@ __all__ = ["KIND", "SERIES_KEYS", "LLMKind"]
 
 #: Common series name -> key in this kind's ``metrics.jsonl`` (see
 #: :meth:`erc_gym.lab.analysis.Run.series`).
-SERIES_KEYS = {**TRAINER_SERIES, "score": "eval_accuracy"}
+SERIES_KEYS = {**TRAINER_SERIES, "score": "eval_accuracy", "update_time": "time_train"}
 
 
 class LLMKind(DataclassKind):

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 from erc_gym.atomic import atomic_write
 from erc_gym.jsonl import truncate_metrics
 from erc_gym.lab.kinds.base import StopRun
-from erc_gym.losses import sb3_recipe_kwargs
+from erc_gym.losses import DPPO_VARIANTS, METHOD_METRIC_KEYS, sb3_recipe_kwargs
 
 if TYPE_CHECKING:
     from erc_gym.lab.grid import RunSpec
@@ -69,6 +69,9 @@ SERIES_KEYS = {
     "entropy_old_kept": "diagnostics/erc_kept_entropy_old",
     "erc_low": "train/erc_low",
     "erc_high": "train/erc_high",
+    "update_steps": "train/update_steps",
+    "update_time": "time/train_seconds",
+    **{key: f"train/{key}" for key in METHOD_METRIC_KEYS},
 }
 
 
@@ -88,18 +91,21 @@ class SB3Kind:
     def check(
         self, settings: dict[str, Any], algorithms: Sequence[str], bands: Sequence[Any]
     ) -> None:
-        """A preset exists for the id; ``erc_target_clip_fraction`` fits every band (ERCPPO
-        checks it only when a run starts)."""
+        """A preset exists for the id; ``erc_target_clip_fraction`` and the rival methods'
+        settings fit every band (ERCPPO checks them only when a run starts)."""
         from erc_gym.adaptive_band import check_target_clip_fraction
+        from erc_gym.methods import MethodSettings
         from erc_gym.sb3.presets import PRESETS
 
         if settings["id"] not in PRESETS:
             raise ValueError(
                 f"id = {settings['id']!r}: no preset for it; choose from {sorted(PRESETS)}"
             )
+        fields = {f: settings[f] for f in MethodSettings.__dataclass_fields__ if f in settings}
         for band in bands:
             low, high = band if band is not None else (None, None)
             check_target_clip_fraction(settings.get("erc_target_clip_fraction"), low, high)
+            MethodSettings(**fields).check_methods(erc_on=band is not None)
 
     def axis_settings(
         self, env: dict[str, Any], settings: dict[str, Any], point: dict[str, Any]
@@ -129,13 +135,24 @@ class SB3Kind:
         out = {**preset, **own, "id": env_id, "steps": steps}
         out.setdefault("eval_every", max(steps // 10, 1))
         out.setdefault("eval_episodes", 10)
-        return {**out, **sb3_recipe_kwargs(run.algorithm), "seed": run.seed}
+        return {**out, **_recipe_kwargs(run.algorithm, own), "seed": run.seed}
 
     def budget(self, trainer: dict[str, Any]) -> tuple[str, float]:
         return "time/total_timesteps", float(trainer["steps"])
 
     def train(self, run: RunSpec, folder: Path, resume: bool, stop_after: int | None) -> None:
         _train(self.trainer_config(run), run, folder, resume, stop_after)
+
+
+def _recipe_kwargs(algorithm: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ERCPPO arguments (:func:`erc_gym.losses.sb3_recipe_kwargs`) but those the
+    run's settings give: a method's ``clip_variant`` (KL-Cov's ``none``, DPPO's) replaces the
+    recipe's clip, and its dual-clip with it where the variant takes none, as in every trainer
+    (:meth:`erc_gym.methods.MethodSettings.apply_to`)."""
+    drop = set(settings)
+    if settings.get("clip_variant") in ("none", *DPPO_VARIANTS):
+        drop.add("dual_clip")
+    return {k: v for k, v in sb3_recipe_kwargs(algorithm).items() if k not in drop}
 
 
 def _train(
@@ -179,7 +196,7 @@ def _train(
 
     band = run.erc
     algo_kwargs = {
-        **sb3_recipe_kwargs(run.algorithm),
+        **_recipe_kwargs(run.algorithm, settings),
         "erc_low": None if band is None else band[0],
         "erc_high": None if band is None else band[1],
     }
