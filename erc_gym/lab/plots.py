@@ -44,6 +44,7 @@ __all__ = [
     "plot_curves",
     "plot_experiment",
     "plot_ratio_heatmaps",
+    "plot_rollout_drift",
     "plot_stress_map",
     "plot_who_gets_clipped",
     "pyplot",
@@ -445,14 +446,13 @@ def plot_who_gets_clipped(
         f"(f) entropy ratio vs KL; band {band[0]:g}-{band[1]:g} dashed, x = arg-max changed",
         fontsize=10,
     )
-    ax = axes[1, 2]
-    for label, p in profiles:
-        share = p.step_outside()
-        if share.size:
-            ax.plot(np.arange(share.size), share, marker="o", ms=3, **style[label])
-    ax.set_xlabel("optimiser step within the rollout (0 = on-policy)")
-    ax.set_ylabel("share of the step's tokens outside the band")
-    ax.set_title("(g) within-rollout drift", fontsize=10)
+    _drift_axes(
+        axes[1, 2],
+        [(p.step_outside(), style[label]) for label, p in profiles],
+        "optimiser step within the rollout (0 = on-policy)",
+        "share of the step's tokens outside the band",
+    )
+    axes[1, 2].set_title("(g) within-rollout drift", fontsize=10)
     ax = axes[1, 3]
     ax.axis("off")
     lines = ["states audited after an update:", ""]
@@ -489,6 +489,61 @@ def plot_who_gets_clipped(
         f"{title}: who gets clipped (off-policy steps; dashed = ERC off, the tokens outside "
         "(0.95, 1.05) that ERC would have clipped)",
         fontsize=11,
+    )
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _drift_axes(
+    ax: Any, curves: Sequence[tuple[np.ndarray, dict[str, Any]]], xlabel: str, ylabel: str
+) -> None:
+    """Draw shares outside the band against the optimiser step of a rollout."""
+    for share, style in curves:
+        if len(share):
+            ax.plot(np.arange(len(share)), share, marker="o", ms=3, **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def plot_rollout_drift(
+    curves: Sequence[tuple[str, Sequence[float], bool]],
+    band: tuple[float, float],
+    title: str,
+    path: Path,
+) -> list[Path]:
+    """The within-rollout drift: the share of a rollout's states whose entropy ratio is outside
+    ``band`` after each optimiser step on it, with and without ERC.
+
+    ``curves``: ``(label, shares, erc)`` -- ``shares[k]`` after the ``k``-th step (``shares[0]``
+    before the first, 0 by construction), ``erc`` whether the steps were taken with ERC (solid)
+    or without (dashed). From :func:`erc_gym.bandit.rollout_drift` (``outside``) or the study
+    ``experiments/studies/erc_epoch_drift.py --figure``.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = list(dict.fromkeys(label.rsplit(",", 1)[0] for label, _, _ in curves))
+    styled = [
+        (
+            np.asarray(shares, dtype=np.float64),
+            {
+                "color": colors[groups.index(label.rsplit(",", 1)[0]) % len(colors)],
+                "ls": "-" if erc else "--",
+                "label": label,
+            },
+        )
+        for label, shares, erc in curves
+    ]
+    _drift_axes(
+        ax,
+        styled,
+        "optimiser steps taken on the rollout",
+        f"share of states with entropy ratio outside ({band[0]:g}, {band[1]:g})",
+    )
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(
+        f"{title}\nsolid: with ERC, dashed: without (same rollout, same start)", fontsize=10
     )
     out = save_figure(fig, path)
     plt.close(fig)
