@@ -40,7 +40,14 @@ from erc_gym.adaptive_band import (
 )
 from erc_gym.advantages import group_advantages
 from erc_gym.atomic import atomic_open, atomic_write
-from erc_gym.diagnostics import ratio_histogram, unsampled_drift
+from erc_gym.diagnostics import (
+    CLIPPING_FILE,
+    audit_seed,
+    clip_audit,
+    ratio_histogram,
+    state_audit,
+    unsampled_drift,
+)
 from erc_gym.entropy import entropy_from_logits, kl_from_logits, logprob_and_entropy
 from erc_gym.jsonl import append_jsonl, truncate_metrics
 from erc_gym.limits import MAX_SEED
@@ -262,12 +269,16 @@ def train_bandit(
                 methods.load_state_dict(state["methods"])
             start = state["iteration"]
             truncate_metrics(metrics_path, "iteration", start)
+            truncate_metrics(path / CLIPPING_FILE, "iteration", start)
         else:
             metrics_path.unlink(missing_ok=True)
+            (path / CLIPPING_FILE).unlink(missing_ok=True)
 
-    def write(line: dict[str, Any]) -> None:
+    def write(line: dict[str, Any], audit: dict[str, Any] | None = None) -> None:
         if path is not None:
             append_jsonl(path / "metrics.jsonl", line)
+            if audit:
+                append_jsonl(path / CLIPPING_FILE, {"iteration": line["iteration"], **audit})
 
     def checkpoint(iteration: int) -> None:
         if path is None:
@@ -305,11 +316,12 @@ def train_bandit(
     for it in range(start, last):
         if adaptive is not None:
             loss_config = dataclasses.replace(loss_config, erc=adaptive.band)
-        line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c, methods)
+        audit: dict[str, Any] | None = {"seed": audit_seed(c.seed, it + 1)} if path else None
+        line = _iteration(policy, opt, loss_config, reward_mask, ctx, gen, c, methods, audit=audit)
         if adaptive is not None:
             adaptive.update(line["erc_clip_fraction_off_policy"])
         line = {"step": (it + 1) * batch, "iteration": it + 1, **line}
-        write(line)
+        write(line, audit)
         out.append(line)
         if bar is not None:
             bar.update(1)
@@ -332,12 +344,15 @@ def _iteration(
     c: BanditConfig,
     methods: MethodRuntime | None = None,
     on_step: Callable[[int, _Batch], None] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One sampled batch and its ``minibatches`` updates; returns the metrics line.
 
     ``on_step(k, batch)`` is called before the first update (``k = 0``) and after the ``k``-th.
     ``methods`` carries the state of the run's methods (:class:`~erc_gym.methods.MethodRuntime`;
-    a fresh one when None).
+    a fresh one when None). ``audit`` (a dict holding the sample's ``seed``) receives the
+    update's :func:`~erc_gym.diagnostics.clip_audit` and
+    :func:`~erc_gym.diagnostics.state_audit` (the contexts are the states).
     """
     if methods is None:
         methods = MethodRuntime(c, c.seed)
@@ -396,6 +411,11 @@ def _iteration(
         ratio = new_probs[ctx, actions] / old_probs[ctx, actions]
     erc = loss_config.erc
     off_policy = off_policy_clip_fraction(stats)
+    if audit is not None:
+        seed = int(audit.pop("seed", c.seed))
+        audit |= clip_audit(stats, seed=seed) or {}
+        band = None if erc is None else (erc.low, erc.high)
+        audit |= state_audit(old_logits, new_logits, band, seed=seed)
     return {
         "reward": float(rewards.mean()),
         "expected_reward": float((new_probs * reward_mask).sum(-1).mean()),

@@ -99,6 +99,23 @@ def test_erc_epoch_drift_branches_start_from_the_same_policy():
     narrow = erc_epoch_drift.drift("gppo", 3e-3, (0.95, 1.05), steps=8, rollouts=1, seed=0)
     assert narrow[0]["masked"] > 0.01
     assert abs(narrow[0]["ratio_off"] - narrow[0]["ratio_erc"]) > 1e-3
+    # the per-step shares the figure draws: 0 before the first step, shared after it, the last
+    # one the record's own "after the last step" value
+    for r in narrow:
+        for key, last in (("steps_off", "out_off"), ("steps_erc", "out_erc")):
+            assert len(r[key]) == 9 and r[key][0] == 0.0 and r[key][1] == r["out_first"]
+            assert r[key][-1] == r[last]
+
+
+def test_rollout_drift_figure_from_the_bandit(tmp_path):
+    from erc_gym.bandit import BanditConfig, rollout_drift
+    from erc_gym.lab.plots import plot_rollout_drift
+
+    d = rollout_drift(BanditConfig(vocab_size=256, minibatches=8, lr=0.2), warmup=2)
+    assert d.outside["off"][0] == d.outside["erc"][0] == 0.0
+    curves = [(f"V256, {name}", d.outside[name].tolist(), name == "erc") for name in d.outside]
+    paths = plot_rollout_drift(curves, d.band, "VocabBandit", tmp_path / "drift")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and paths[0].stat().st_size > 5_000
 
 
 #: One bad value per experiment script: each was a traceback, an argparse usage block, or a

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from erc_gym.lab.analysis import Run, load_runs
+from erc_gym.lab.clipping import run_profile
 from erc_gym.lab.config import CONFIG_DIR, load_experiment
 from erc_gym.lab.grid import check_axes, expand
 from erc_gym.lab.kinds import axis_settings
@@ -90,6 +91,21 @@ def test_two_by_two_map_runs_end_to_end(tmp_path, kind, request):
     report = write_report(folder).read_text()
     assert "## Off-policy stress map" in report and "stress_map.png" in report
     assert (folder / "figures" / f"{cells[0]['env']}_stress_map.png").exists()
+    # who gets clipped: every run wrote its audit, the report draws it and tests the claim on it
+    env = cells[0]["env"]
+    assert "## Who gets clipped" in report and f"{env}_who_gets_clipped.png" in report
+    assert (folder / "figures" / f"{env}_who_gets_clipped.png").stat().st_size > 10_000
+    profiles = [run_profile(r) for r in runs]
+    assert all(p is not None and p.updates > 0 for p in profiles)
+    erc_off_policy = [
+        p
+        for r, p in zip(runs, profiles, strict=True)
+        if r.config["erc"] and p.by_step["n"].size > 1
+    ]
+    assert erc_off_policy and all(p.has_tokens and p.erc for p in erc_off_policy)
+    assert all(("position_bins" in p.bins) == (kind == "llm") for p in erc_off_policy)
+    low_entropy = next(r for r in claims_table(cells, env) if r["claim"] == "low_entropy")
+    assert "A != 0" in low_entropy["measured"] and "not measurable" not in low_entropy["verdict"]
 
 
 def test_bandit_axis_moves_the_policy_further(bandit_map):

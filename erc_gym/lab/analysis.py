@@ -100,11 +100,15 @@ class Run:
 
     def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of a common series name (rows where the value is finite)."""
-        keys = get_kind(self.kind).series_keys
+        kind = get_kind(self.kind)
+        keys = kind.series_keys
         key, step_key = keys.get(name), keys["step"]
-        xs, ys = [], []
         if key is None:
             return np.empty(0), np.empty(0)
+        fallback = getattr(kind, "series_fallbacks", {}).get(name)
+        if fallback is not None and not any(key in row for row in self.rows):
+            key = fallback  # an older log, written before the kind's key existed
+        xs, ys = [], []
         for row in self.rows:
             value = row.get(key)
             if isinstance(value, int | float) and math.isfinite(value) and step_key in row:
@@ -133,7 +137,8 @@ class Run:
             return math.nan
 
     def final_score(self) -> float:
-        """The last logged score (NaN when none)."""
+        """The last logged score (NaN when none). For an LLM run that is the mean accuracy of its
+        last ``score_evals`` evaluations (``eval_score``)."""
         _, ys = self.series("score")
         return float(ys[-1]) if ys.size else math.nan
 

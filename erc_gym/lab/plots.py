@@ -29,6 +29,7 @@ import numpy as np
 from erc_gym.atomic import atomic_write
 from erc_gym.diagnostics import RATIO_EDGES
 from erc_gym.lab.analysis import SCORE_LABELS, STEP_LABELS, Run, load_runs
+from erc_gym.lab.clipping import ClipProfile
 from erc_gym.lab.stats import finite, mean_curve
 from erc_gym.lab.stress import (
     COLLAPSE_FACTOR,
@@ -45,7 +46,9 @@ __all__ = [
     "plot_experiment",
     "plot_leaderboard",
     "plot_ratio_heatmaps",
+    "plot_rollout_drift",
     "plot_stress_map",
+    "plot_who_gets_clipped",
     "pyplot",
     "save_figure",
     "smooth",
@@ -309,6 +312,250 @@ def plot_experiment(experiment_dir: str | Path, out_dir: str | Path | None = Non
         paths += plot_curves(variants, title, out / f"{env}_curves")
         paths += plot_ratio_heatmaps(variants, title, out / f"{env}_entropy_ratio")
     return paths
+
+
+# ---------------------------------------------------------------- who gets clipped
+
+
+def plot_who_gets_clipped(
+    profiles: Sequence[tuple[str, ClipProfile]], title: str, path: Path
+) -> list[Path]:
+    """Who ERC clips, from the runs' ``clipping.jsonl`` (:mod:`erc_gym.lab.clipping`).
+
+    ``profiles``: ``(label, profile)`` per line (a variant, its seeds added up). A variant with
+    ERC off is drawn dashed: its "outside" is what ERC(0.95, 1.05) would have clipped. Eight
+    panels: (a) the clip probability per old-entropy decile of the tokens with ``A != 0``; (b)
+    the same for all tokens (dotted) and the share of ``A == 0`` tokens per decile (solid), the
+    confound of a comparison of means; (c) per ``|A|`` decile; (d) per response position
+    (language models); (e) the cumulative distribution of the old entropy of clipped and kept
+    tokens with ``A != 0`` (the random token samples); (f) the per-state entropy ratio against
+    ``KL(old || new)`` after each update with the band, arg-max changes marked; (g) the share
+    outside the band at each optimiser step of a rollout (the within-rollout drift); (h) counts.
+    Returns ``[]`` when no profile has data.
+    """
+    profiles = [(label, p) for label, p in profiles if p is not None and p.updates]
+    if not profiles:
+        return []
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.4), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {
+        label: {"color": colors[i % len(colors)], "ls": "-" if p.erc else "--"}
+        for i, (label, p) in enumerate(profiles)
+    }
+    ax = axes[0, 0]
+    for label, p in profiles:
+        if p.has_tokens:
+            rate = p.rate("h_old_adv_bins")
+            ax.plot(
+                np.arange(1, rate.size + 1),
+                rate,
+                marker="o",
+                ms=3,
+                label=label,
+                **style[label],
+            )
+    ax.set_xlabel("old-entropy decile of the update's A != 0 tokens (1 = lowest)")
+    ax.set_ylabel("P(clipped | A != 0)")
+    ax.set_title("(a) clip probability by old-entropy decile of the A != 0 tokens", fontsize=10)
+    ax = axes[0, 1]
+    for label, p in profiles:
+        if p.has_tokens:
+            b = p.bins["h_old_bins"]
+            x = np.arange(1, b["n"].size + 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                zero = np.where(b["n"] > 0, 1 - b["n_adv"] / np.maximum(b["n"], 1), np.nan)
+            ax.plot(x, zero, marker=".", color=style[label]["color"], ls="-")
+            ax.plot(x, p.rate("h_old_bins"), color=style[label]["color"], ls=":")
+    ax.set_xlabel("old-entropy decile of the update (1 = lowest)")
+    ax.set_ylabel("share")
+    ax.set_title("(b) share with A = 0 (solid), P(clipped) all tokens (dotted)", fontsize=10)
+    ax = axes[0, 2]
+    for label, p in profiles:
+        if p.has_tokens:
+            rate = p.rate("abs_adv_bins")
+            ax.plot(
+                np.arange(1, rate.size + 1),
+                rate,
+                marker="o",
+                ms=3,
+                **style[label],
+            )
+    ax.set_xlabel("|A| decile of the update's tokens with A != 0 (1 = smallest)")
+    ax.set_ylabel("P(clipped | A != 0)")
+    ax.set_title("(c) clip probability by |A| decile", fontsize=10)
+    ax = axes[0, 3]
+    drawn = False
+    for label, p in profiles:
+        rate = p.rate("position_bins")
+        if rate.size:
+            n = p.bins["position_bins"]["n"]
+            last = int(np.nonzero(n)[0].max()) + 1 if n.any() else 0
+            ax.plot(np.arange(last), rate[:last], marker="o", ms=3, **style[label])
+            drawn = True
+    ax.set_xlabel("response position (token)")
+    ax.set_ylabel("P(clipped | A != 0)")
+    ax.set_title("(d) clip probability by response position", fontsize=10)
+    if not drawn:
+        ax.text(
+            0.5,
+            0.5,
+            "single-step actions:\nno response positions",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
+    ax = axes[1, 0]
+    for label, p in profiles:
+        s = p.sample
+        if "h_old" not in s:
+            continue
+        nonzero = s["adv"] != 0
+        for mask, ls, what in (
+            (s["outside"] > 0.5, "-", "clipped"),
+            (s["outside"] < 0.5, ":", "kept"),
+        ):
+            h = np.sort(s["h_old"][mask & nonzero])
+            if h.size:
+                ax.step(
+                    h,
+                    np.arange(1, h.size + 1) / h.size,
+                    where="post",
+                    color=style[label]["color"],
+                    ls=ls,
+                    label=f"{label}: {what}",
+                )
+    ax.set_xlabel("old entropy (nats)")
+    ax.set_ylabel("cumulative share")
+    ax.set_title("(e) old entropy, clipped (solid) vs kept (dotted), A != 0", fontsize=10)
+    ax = axes[1, 1]
+    band = profiles[0][1].band
+    for label, p in profiles:
+        s = p.state_sample
+        if "kl" not in s:
+            continue
+        kl = np.maximum(s["kl"], 1e-12)
+        changed = s["argmax_changed"] > 0.5
+        ax.scatter(kl[~changed], s["rho"][~changed], s=5, alpha=0.4, color=style[label]["color"])
+        ax.scatter(kl[changed], s["rho"][changed], s=18, marker="x", color="black")
+    for edge in band:
+        ax.axhline(edge, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(old || new) per state after the update")
+    ax.set_ylabel("entropy ratio H_new / H_old")
+    ax.set_title(
+        f"(f) entropy ratio vs KL; band {band[0]:g}-{band[1]:g} dashed, x = arg-max changed",
+        fontsize=10,
+    )
+    _drift_axes(
+        axes[1, 2],
+        [(p.step_outside(), style[label]) for label, p in profiles],
+        "optimiser step within the rollout (0 = on-policy)",
+        "share of the step's tokens outside the band",
+    )
+    axes[1, 2].set_title("(g) within-rollout drift", fontsize=10)
+    ax = axes[1, 3]
+    ax.axis("off")
+    lines = ["states audited after an update:", ""]
+    for label, p in profiles:
+        st = p.states
+        if st.get("states"):
+            lines.append(
+                f"{label}: arg-max changed in {st.get('argmax_changed', 0):,} of "
+                f"{st['states']:,} states; {st.get('argmax_changed_in_band', 0):,} of those "
+                "kept a ratio in the band"
+            )
+    ax.text(
+        0,
+        1,
+        "\n".join(_wrap(line, 60) for line in lines),
+        va="top",
+        fontsize=8,
+        transform=ax.transAxes,
+        family="monospace",
+    )
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if not handles:
+        handles = [plt.Line2D([], [], **style[label]) for label, _ in profiles]
+        labels = [label for label, _ in profiles]
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncol=min(len(labels), 4),
+        frameon=False,
+        fontsize=9,
+    )
+    fig.suptitle(
+        f"{title}: who gets clipped (off-policy steps; dashed = ERC off, the tokens outside "
+        "(0.95, 1.05) that ERC would have clipped)",
+        fontsize=11,
+    )
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _drift_axes(
+    ax: Any, curves: Sequence[tuple[np.ndarray, dict[str, Any]]], xlabel: str, ylabel: str
+) -> None:
+    """Draw shares outside the band against the optimiser step of a rollout."""
+    for share, style in curves:
+        if len(share):
+            ax.plot(np.arange(len(share)), share, marker="o", ms=3, **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def plot_rollout_drift(
+    curves: Sequence[tuple[str, Sequence[float], bool]],
+    band: tuple[float, float],
+    title: str,
+    path: Path,
+) -> list[Path]:
+    """The within-rollout drift: the share of a rollout's states whose entropy ratio is outside
+    ``band`` after each optimiser step on it, with and without ERC.
+
+    ``curves``: ``(label, shares, erc)`` -- ``shares[k]`` after the ``k``-th step (``shares[0]``
+    before the first, 0 by construction), ``erc`` whether the steps were taken with ERC (solid)
+    or without (dashed). From :func:`erc_gym.bandit.rollout_drift` (``outside``) or the study
+    ``experiments/studies/erc_epoch_drift.py --figure``.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = list(dict.fromkeys(label.rsplit(",", 1)[0] for label, _, _ in curves))
+    styled = [
+        (
+            np.asarray(shares, dtype=np.float64),
+            {
+                "color": colors[groups.index(label.rsplit(",", 1)[0]) % len(colors)],
+                "ls": "-" if erc else "--",
+                "label": label,
+            },
+        )
+        for label, shares, erc in curves
+    ]
+    _drift_axes(
+        ax,
+        styled,
+        "optimiser steps taken on the rollout",
+        f"share of states with entropy ratio outside ({band[0]:g}, {band[1]:g})",
+    )
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(
+        f"{title}\nsolid: with ERC, dashed: without (same rollout, same start)", fontsize=10
+    )
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 # ---------------------------------------------------------------- stress map

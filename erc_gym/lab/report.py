@@ -20,11 +20,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from erc_gym.atomic import atomic_write
-from erc_gym.lab.analysis import SCORE_LABELS, grid_order, load_runs, stale_runs, summarize
+from erc_gym.lab.analysis import (
+    SCORE_LABELS,
+    Run,
+    grid_order,
+    load_runs,
+    stale_runs,
+    summarize,
+)
+from erc_gym.lab.clipping import ClipProfile, low_entropy_excess, merge, run_profile
 from erc_gym.lab.grid import method_entries
-from erc_gym.lab.plots import plot_experiment, plot_leaderboard, plot_stress_map
-from erc_gym.lab.stats import finite_mean
+from erc_gym.lab.plots import (
+    plot_experiment,
+    plot_leaderboard,
+    plot_stress_map,
+    plot_who_gets_clipped,
+)
+from erc_gym.lab.stats import Comparison, compare, finite_mean
 from erc_gym.lab.stress import (
     COLLAPSE_FACTOR,
     EXPLOSION_FACTOR,
@@ -41,6 +56,7 @@ from erc_gym.lab.stress import (
 __all__ = [
     "COLUMNS",
     "band_rule_markdown",
+    "clipping_markdown",
     "effects_markdown",
     "markdown_table",
     "methods_markdown",
@@ -184,6 +200,14 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
                 rel = fig.relative_to(experiment_dir)
                 md += [f"![{fig.stem}]({rel.as_posix()})", ""]
                 page.append(f"<p><img src='{rel.as_posix()}' style='max-width:100%'></p>")
+    clipped = clipping_markdown(runs, experiment_dir, plots=plots)
+    if clipped:
+        md += clipped
+        page += [
+            f"<p><img src='{html.escape(line.split('](')[1][:-1])}' style='max-width:100%'></p>"
+            for line in clipped
+            if line.startswith("![")
+        ]
     if spec.get("methods"):
         md += methods_markdown(experiment_dir, spec, plots=plots)
     elif spec.get("axes"):
@@ -206,6 +230,110 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
         fsync=False,
     )
     return out
+
+
+# ---------------------------------------------------------------- who gets clipped
+
+#: Variants drawn in a "who gets clipped" figure (ERC-on variants first; the table has all).
+CLIPPING_FIGURE_VARIANTS = 6
+
+
+def clipping_markdown(
+    runs: Sequence[Run], experiment_dir: str | Path, *, plots: bool = True
+) -> list[str]:
+    """The report section "Who gets clipped" from the runs' ``clipping.jsonl``
+    (:mod:`erc_gym.lab.clipping`): per environment the figure
+    (:func:`~erc_gym.lab.plots.plot_who_gets_clipped`, ``figures/<env>_who_gets_clipped``) and
+    a table per variant. Finished runs only; ``[]`` when no run has the file."""
+    experiment_dir = Path(experiment_dir)
+    done = [r for r in runs if r.done]
+    audits = {r.path: run_profile(r) for r in done}
+    if not any(audits.values()):
+        return []
+    md = [
+        "## Who gets clipped",
+        "",
+        "From each run's `clipping.jsonl` (one line per update, written by the trainer): the "
+        "tokens (states) whose entropy ratio left the ERC band on the off-policy optimiser steps "
+        "of a rollout -- those ERC stopped, or with ERC off those ERC(0.95, 1.05) would have "
+        "stopped. Old-entropy deciles are the update's own, of its tokens with A != 0. "
+        "P(clip | A != 0): among tokens with a "
+        "non-zero advantage (a token with A = 0 has no gradient to stop; GRPO's zero-advantage "
+        "groups are the near-deterministic, low-entropy contexts, which is why a comparison of "
+        "the mean old entropy of clipped and kept tokens is confounded). Low - high: that "
+        "probability in the lower half of the deciles minus the upper half, per run, mean over "
+        "seeds with its 95% t-interval (> 0: low-entropy tokens are clipped more often). "
+        "Arg-max swaps: audited states whose most likely action changed in an update while "
+        "their entropy ratio stayed in the band (the ratio cannot see them).",
+        "",
+    ]
+    by_env: dict[str, dict[str, list[Run]]] = {}
+    for run in done:
+        by_env.setdefault(run.env_label, {}).setdefault(run.variant, []).append(run)
+    for env, variants in by_env.items():
+        rows = []
+        for variant, group in variants.items():
+            found = [a for r in group if (a := audits[r.path]) is not None]
+            if not found:
+                continue
+            excess = {r.seed: low_entropy_excess(audits[r.path]) for r in group}
+            rows.append((variant, merge(found), compare(excess, dict.fromkeys(excess, 0.0))))
+        if not rows:
+            continue
+        md += [f"### {env}", ""]
+        if plots:
+            chosen = sorted(rows, key=lambda r: not r[1].erc)[:CLIPPING_FIGURE_VARIANTS]
+            fig_dir = experiment_dir / "figures"
+            fig_dir.mkdir(exist_ok=True)
+            paths = plot_who_gets_clipped(
+                [(v, p) for v, p, _ in chosen],
+                f"{experiment_dir.name} / {env}",
+                fig_dir / f"{env}_who_gets_clipped",
+            )
+            if paths:
+                rel = paths[0].relative_to(experiment_dir).as_posix()
+                md += [f"![{env} who gets clipped]({rel})", ""]
+                if len(rows) > len(chosen):
+                    md += [
+                        f"The figure draws {len(chosen)} of the {len(rows)} variants (ERC-on "
+                        "ones first); the table has all.",
+                        "",
+                    ]
+        md += [
+            "| variant | ERC | updates | outside the band (off-policy) | P(clip \\| A != 0), "
+            "lowest / highest decile | low - high [95% CI] | outside with A = 0 "
+            "| arg-max swaps in band |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, p, test in rows:
+            md.append(_clipping_row(variant, p, test))
+        md.append("")
+    return md
+
+
+def _clipping_row(variant: str, p: ClipProfile, test: Comparison) -> str:
+    if p.has_tokens:
+        b = p.bins["h_old_bins"]
+        total, outside = b["n"].sum(), b["outside"].sum()
+        rate = p.rate("h_old_adv_bins")
+        finite_rate = rate[np.isfinite(rate)]
+        ends = f"{_f(finite_rate[0], 2)} / {_f(finite_rate[-1], 2)}" if finite_rate.size else "–"
+        zero = (outside - b["outside_adv"].sum()) / outside if outside else math.nan
+        share = f"{_f(outside / total if total else math.nan, 3)}"
+        excess = f"{_f(test.diff, 2)} [{_f(test.ci_low, 2)}, {_f(test.ci_high, 2)}]"
+    else:
+        ends = share = excess = "–"
+        zero = math.nan
+    st = p.states
+    swaps = (
+        f"{st.get('argmax_changed_in_band', 0)} of {st['states']} states"
+        if st.get("states")
+        else "–"
+    )
+    return (
+        f"| {variant} | {'on' if p.erc else 'off (would-be)'} | {p.updates} | {share} | {ends} "
+        f"| {excess} | {_f(zero, 2)} | {swaps} |"
+    )
 
 
 # ---------------------------------------------------------------- report section

@@ -47,6 +47,7 @@ from erc_gym.diagnostics import (
     grad_norm_spikes,
 )
 from erc_gym.lab.analysis import Run, load_runs
+from erc_gym.lab.clipping import argmax_swap_share, low_entropy_excess, run_profile
 from erc_gym.lab.stats import (
     Comparison,
     adjust,
@@ -139,6 +140,7 @@ def seconds_per_update(run: Run) -> float:
 
 def _run_stats(run: Run, spike_k: float = 3.0) -> dict[str, float]:
     _, h = run.series("entropy")
+    audit = run_profile(run)
     flags = instability(run)
     positive = bool(np.all(h > 0))
     return {
@@ -159,6 +161,9 @@ def _run_stats(run: Run, spike_k: float = 3.0) -> dict[str, float]:
         "grad_norm": _run_mean(run, "grad_norm"),
         "entropy_old_clipped": _run_mean(run, "entropy_old_clipped"),
         "entropy_old_kept": _run_mean(run, "entropy_old_kept"),
+        "audited": float(audit is not None and audit.has_tokens),
+        "clip_low_minus_high": low_entropy_excess(audit),
+        "argmax_swap": argmax_swap_share(audit),
         "erc_low_final": _run_last(run, "erc_low"),
         "erc_high_final": _run_last(run, "erc_high"),
         "acted_on": acted_on(run)[1],
@@ -508,8 +513,10 @@ def _with_rule(c: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the paper's claims
 
 #: (claim id, the paper's statement (``docs/method.md``; the paper's numbers come from secondary
-#: summaries), what is measured here). The comparative claims (all but the first two) count a cell
-#: only where the paired difference is significant after Holm's adjustment over the map's cells.
+#: summaries), what is measured here). Every claim but the first counts a cell only where its
+#: test is significant after Holm's adjustment over the map's cells: the comparative claims a
+#: paired difference, the low-entropy claim the conditional clip probability
+#: (:func:`erc_gym.lab.clipping.low_entropy_excess`) against 0.
 CLAIMS: tuple[tuple[str, str, str], ...] = (
     (
         "clip_share",
@@ -519,7 +526,9 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     (
         "low_entropy",
         "the clipped tokens are mostly low-entropy ones",
-        "mean old entropy of ERC-clipped < of kept states (a comparison of two means)",
+        "among tokens with A != 0 on off-policy steps: ERC's clip probability in the lower half "
+        "of the old-entropy deciles minus the upper half, > 0 (per run from clipping.jsonl; "
+        "t-test of the seeds against 0, Holm over the cells)",
     ),
     (
         "smoother_entropy",
@@ -565,8 +574,10 @@ def _claim_outcome(claim: str, cell: dict[str, Any], effect: dict[str, Any]) -> 
         erc, ppo = cell["erc_clip_fraction"], cell["clip_fraction"]
         return None if not (math.isfinite(erc) and math.isfinite(ppo)) else erc >= 10 * ppo
     if claim == "low_entropy":
-        a, b = cell["entropy_old_clipped"], cell["entropy_old_kept"]
-        return None if not (math.isfinite(a) and math.isfinite(b)) else a < b
+        test = effect.get("low_entropy_test")
+        if test is None or not math.isfinite(test.p):
+            return None
+        return bool(test.diff > 0) if test.significant() else None
     if claim not in _CLAIM_TESTS:
         raise ValueError(f"unknown claim {claim!r}")
     name, sign = _CLAIM_TESTS[claim]
@@ -575,15 +586,43 @@ def _claim_outcome(claim: str, cell: dict[str, Any], effect: dict[str, Any]) -> 
     return bool(sign * effect[f"d_{name}"] > 0)
 
 
-def _verdict(outcomes: list[tuple[CellKey, bool | None]], claim: str) -> str:
-    """``outcomes``: every cell with a baseline, True / False / None (:func:`_claim_outcome`)."""
-    if claim in _CLAIM_TESTS:
+def _low_entropy_tests(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Each effect row gets ``low_entropy_test``: the ERC cell's per-run
+    :func:`~erc_gym.lab.clipping.low_entropy_excess` against 0 (a one-sample t-test over its
+    seeds), Holm-adjusted over the cells that have it; None where no run has the measurement."""
+    measured = []
+    for cell, effect in pairs:
+        values = {int(r["seed"]): float(r["clip_low_minus_high"]) for r in cell["per_run"]}
+        effect["low_entropy_test"] = None
+        if sum(math.isfinite(v) for v in values.values()) >= 2:
+            measured.append((effect, compare(values, dict.fromkeys(values, 0.0))))
+    for (effect, _), test in zip(
+        measured, adjust([t for _, t in measured], "holm") if measured else [], strict=True
+    ):
+        effect["low_entropy_test"] = test
+
+
+def _verdict(
+    outcomes: list[tuple[CellKey, bool | None]],
+    claim: str,
+    tested: int | None = None,
+    audited: bool = False,
+) -> str:
+    """``outcomes``: every cell with a baseline, True / False / None (:func:`_claim_outcome`);
+    for the low-entropy claim, ``tested``: the cells where it could be measured, ``audited``:
+    whether any run has the audit it is measured from."""
+    if claim == "low_entropy" and not audited:
+        return "not measurable here (no clipping.jsonl: runs from before the audit)"
+    if claim == "low_entropy" and not tested:
+        return "too few clipped tokens with A != 0 to measure (in every cell)"
+    if claim in _CLAIM_TESTS or claim == "low_entropy":
         held = sum(ok is True for _, ok in outcomes)
         against = sum(ok is False for _, ok in outcomes)
+        n = len(outcomes) if tested is None else tested
         if not held and not against:
-            return f"no significant difference in {len(outcomes)} cells"
+            return f"no significant difference in {n} cells"
         where = _depends([(k, ok is True) for k, ok in outcomes]) if held else ""
-        return f"holds in {held}, opposite in {against} of {len(outcomes)} cells{where}"
+        return f"holds in {held}, opposite in {against} of {n} cells{where}"
     measured = [(k, ok) for k, ok in outcomes if ok is not None]
     if not measured:
         return "not measurable here"
@@ -632,6 +671,7 @@ def claims_table(
         for c in env_cells
         if (c["algorithm"], c["band"], c["steps"], c["lr"]) in effects
     ]
+    _low_entropy_tests(pairs)
     rows = []
     for claim, paper, measured in CLAIMS:
         outcomes = [(cell["key"], _claim_outcome(claim, cell, effect)) for cell, effect in pairs]
@@ -641,7 +681,12 @@ def claims_table(
                 "paper": paper,
                 "measured": measured,
                 "values": _claim_values(claim, [p[0] for p in pairs], [p[1] for p in pairs]),
-                "verdict": _verdict(outcomes, claim),
+                "verdict": _verdict(
+                    outcomes,
+                    claim,
+                    sum(e.get("low_entropy_test") is not None for _, e in pairs),
+                    any(r["audited"] for c, _ in pairs for r in c["per_run"]),
+                ),
             }
         )
     return rows
@@ -662,8 +707,10 @@ def _claim_values(claim: str, cells: list[dict[str, Any]], effects: list[dict[st
         )
     if claim == "low_entropy":
         return (
-            f"clipped {_rng([c['entropy_old_clipped'] for c in cells])}, "
-            f"kept {_rng([c['entropy_old_kept'] for c in cells])} nats"
+            f"P(clip | A != 0), low minus high entropy half "
+            f"{_rng([c['clip_low_minus_high'] for c in cells])}; (means: clipped "
+            f"{_rng([c['entropy_old_clipped'] for c in cells])}, kept "
+            f"{_rng([c['entropy_old_kept'] for c in cells])} nats)"
         )
     name = _CLAIM_TESTS[claim][0]
     label = {"unstable": "unstable share", "spikes": "spikes/run"}.get(name, name)

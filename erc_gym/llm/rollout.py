@@ -17,7 +17,14 @@ from erc_gym.entropy import linear_logprob_and_entropy, logprob_and_entropy
 from erc_gym.envs.rewards import Verifier, score_completions
 from erc_gym.envs.tasks import Problem
 
-__all__ = ["RolloutBatch", "check_fused_head", "generate", "head_parameters", "response_logprobs"]
+__all__ = [
+    "RolloutBatch",
+    "check_fused_head",
+    "generate",
+    "head_parameters",
+    "response_logits",
+    "response_logprobs",
+]
 
 
 @dataclass
@@ -257,6 +264,23 @@ def response_logprobs(
     return logprob_and_entropy(
         logits, batch.response_ids, temperature=temperature, entropy_grad=entropy_grad
     )
+
+
+@torch.no_grad()
+def response_logits(model: Any, batch: RolloutBatch) -> Tensor:
+    """The model's logits at the response tokens of ``batch``, ``(tokens, V)`` fp32, no grad.
+
+    Rows in order, each row's tokens under ``response_mask`` in order. For the few sequences
+    whose full distributions a trainer inspects (:func:`erc_gym.diagnostics.state_audit`).
+    """
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+    r = batch.response_ids.shape[1]
+    logits = model(
+        input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=r + 1
+    ).logits[:, :-1]
+    return logits[batch.response_mask.to(logits.device)].float()
 
 
 def check_fused_head(model: Any, batch: RolloutBatch, *, temperature: float = 1.0) -> None:

@@ -13,6 +13,7 @@ Users who outgrow one device move to TRL or verl with the ERC adapters, not to t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,12 +36,18 @@ from erc_gym.adaptive_band import (
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
 from erc_gym.atomic import atomic_open, atomic_write
-from erc_gym.diagnostics import ratio_histogram
+from erc_gym.diagnostics import (
+    CLIPPING_FILE,
+    audit_seed,
+    clip_audit,
+    ratio_histogram,
+    state_audit,
+)
 from erc_gym.entropy import linear_kl_divergence
 from erc_gym.envs.rewards import numeric_match
 from erc_gym.envs.tasks import Problem, check_arithmetic, load_jsonl, make_arithmetic_problems
 from erc_gym.envs.vocab_bandit import MAX_VOCAB
-from erc_gym.jsonl import append_jsonl, truncate_metrics
+from erc_gym.jsonl import append_jsonl, read_jsonl, truncate_metrics
 from erc_gym.limits import MAX_SEED
 from erc_gym.llm.model import TINY_PRESETS, load_model_and_tokenizer, make_tiny_lm
 from erc_gym.llm.rollout import (
@@ -48,6 +55,7 @@ from erc_gym.llm.rollout import (
     check_fused_head,
     generate,
     head_parameters,
+    response_logits,
     response_logprobs,
 )
 from erc_gym.losses import LossConfig, LossStats, loss_metrics, policy_loss
@@ -183,10 +191,25 @@ class TrainerConfig(MethodSettings):
     """Evaluate on the held-out set every this many steps (and at the start and end)."""
     eval_greedy: bool = True
     """Evaluate with greedy decoding (else sample at ``temperature``)."""
+    score_evals: int = 1
+    """The run's score (``eval_score``, logged at every evaluation) is the mean held-out accuracy
+    of its last this-many evaluations: one evaluation of a few hundred problems moves by a few
+    points between neighbouring steps, a mean of 3 less. 1: the last evaluation alone."""
+    eval_pass_k: int = 0
+    """Also sample this many responses per held-out problem at each evaluation (at
+    ``temperature``, from a generator of its own, so training is unchanged) and log
+    ``eval_pass_at_k`` (share of problems with a correct one among them) and
+    ``eval_sampled_accuracy`` (share of correct samples, pass@1). Costs ``eval_pass_k x
+    num_eval`` sampled responses per evaluation. 0: off."""
     sft_steps: int = 300
     """Presets only: supervised warm-start steps before RL (0: start from random init)."""
     sft_lr: float = 3e-3
     """Presets only: warm-start learning rate."""
+    warm_start_cache: str | None = None
+    """Presets only: a folder that keeps SFT warm starts, one file per everything a warm start
+    depends on (preset, vocabulary, data, SFT steps and lr, seed, device, dtype), so runs that
+    differ only after it (RL settings, methods) train it once; the weights are those the run
+    would have trained. None: no cache."""
     seed: int = 0
     """Seed of the model init, the data order and sampling."""
     device: str = "auto"
@@ -307,15 +330,33 @@ _MIN_VALUES: dict[str, float] = {
     "eval_every": 1,
     "sft_steps": 0,
     "score_micro_batch": 1,
+    "score_evals": 1,
+    "eval_pass_k": 0,
     "save_every": 0,
     "save_minutes": 0,
     "overlong_penalty_factor": 0,
     "positive_nll_coef": 0,
 }
 
+#: Sequences per step whose full distributions before and after the update are compared for
+#: ``clipping.jsonl`` (:func:`~erc_gym.diagnostics.state_audit`): two small no-grad forwards.
+AUDIT_ROWS = 8
+
+#: Bumped when the SFT warm start's computation changes (the cache's files name it).
+WARM_START_VERSION = 1
+
 #: Settings that may change when a run resumes: how long it runs and how it logs and saves.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "progress", "tensorboard", "save_every", "save_minutes", "run_dir", "name"}
+    {
+        "steps",
+        "progress",
+        "tensorboard",
+        "save_every",
+        "save_minutes",
+        "run_dir",
+        "name",
+        "warm_start_cache",
+    }
 )
 
 #: Named settings for ``erc-gym llm --preset NAME`` (a tiny model on the arithmetic task).
@@ -361,7 +402,12 @@ class _StepLog:
 
 #: Settings added after run folders were first written, with the default that reproduces those
 #: runs (an older ``config.json`` without them still resumes).
-_ADDED_SETTINGS: dict[str, Any] = {"erc_target_clip_fraction": None, **method_defaults()}
+_ADDED_SETTINGS: dict[str, Any] = {
+    "erc_target_clip_fraction": None,
+    "score_evals": 1,
+    "eval_pass_k": 0,
+    **method_defaults(),
+}
 
 
 def config_changes(config: TrainerConfig) -> dict[str, tuple[Any, Any]]:
@@ -529,6 +575,10 @@ class ERCTrainer:
         self._fused_head_checked = False
         #: The step of the last checkpoint written or restored (None: none yet).
         self.saved_step: int | None = None
+        #: Held-out accuracy of every evaluation so far (the score averages the last few).
+        self._eval_history: list[float] = []
+        #: The last step's line of ``clipping.jsonl`` (None: nothing to record).
+        self._audit: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -593,6 +643,62 @@ class ERCTrainer:
             return model, tokenizer
         model, tokenizer = load_model_and_tokenizer(c.model, dtype=self.dtype)
         return model.to(self.device), tokenizer
+
+    def _warm_start_key(self) -> str:
+        """A file name for everything the SFT warm start depends on (``warm_start_cache``)."""
+        c = self.config
+        fields = (
+            *("model", "vocab_size", "dataset", "eval_dataset", "digits", "ops"),
+            *("num_train", "num_eval", "sft_steps", "sft_lr", "seed"),
+        )
+        parts = {name: getattr(c, name) for name in fields}
+        parts |= {
+            "version": WARM_START_VERSION,
+            "device": self.device.type,
+            "dtype": str(self.dtype),
+            "tokens": len(self.tokenizer),
+            "train": hashlib.sha256(json.dumps(self.train_problems).encode()).hexdigest(),
+        }
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+        return f"{c.model}-sft{c.sft_steps}-seed{c.seed}-{digest.hexdigest()[:16]}"
+
+    def _warm_start(self) -> None:
+        """Supervised warm start of a preset (from the cache when one is set and holds it)."""
+        from erc_gym.llm.model import sft_warmstart
+
+        c = self.config
+
+        def train() -> None:
+            sft_warmstart(
+                self.model,
+                self.tokenizer,
+                self.train_problems,
+                steps=c.sft_steps,
+                lr=c.sft_lr,
+                seed=c.seed,
+                progress=c.progress,
+            )
+
+        if c.warm_start_cache is None:
+            train()
+            return
+        from filelock import FileLock
+
+        folder = Path(c.warm_start_cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self._warm_start_key()}.pt"
+        # one process trains a given warm start; another one waiting for it then loads it
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                try:
+                    state = torch.load(path, map_location=self.device, weights_only=True)
+                    self.model.load_state_dict(state)
+                    self.model.eval()
+                    return
+                except (OSError, RuntimeError, ValueError, EOFError):
+                    path.unlink(missing_ok=True)  # damaged: trained again below
+            train()
+            atomic_write(path, lambda tmp: torch.save(self.model.state_dict(), tmp))
 
     def _check_context(self) -> None:
         """Fail now, not mid-run, if the longest prompt plus ``max_new_tokens`` exceeds the
@@ -813,12 +919,17 @@ class ERCTrainer:
             return {"step": self.step, **fill, "skipped_steps": self.skipped_steps}
         adv = self._rewards_and_advantages(batch)
         old_lp, old_h = self.score(batch)
+        seed = audit_seed(self.config.seed, self.step + 1)
+        pick = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
+        audited = batch.select(pick[:AUDIT_ROWS])
+        old_logits = response_logits(self.model, audited)
         t2 = time.perf_counter()
         if self.erc_band_control is not None:
             self.loss_config = dataclasses.replace(self.loss_config, erc=self.erc_band_control.band)
         log = self._train_on(batch, old_lp, old_h, adv)
         self.methods.after_update(log.stats)
         self._old_policy = None
+        self._audit = self._clip_audit(log, audited, old_logits, seed)
         t3 = time.perf_counter()
         self.skipped_steps += log.skipped
         self.step += 1
@@ -826,6 +937,22 @@ class ERCTrainer:
         if self.erc_band_control is not None:
             self.erc_band_control.update(line["erc_clip_fraction_off_policy"])
         return line
+
+    def _clip_audit(
+        self, log: _StepLog, audited: RolloutBatch, old_logits: torch.Tensor, seed: int
+    ) -> dict[str, Any] | None:
+        """The update's line of ``clipping.jsonl`` (:func:`~erc_gym.diagnostics.clip_audit` of
+        every token, :func:`~erc_gym.diagnostics.state_audit` of the audited sequences)."""
+        if not log.stats:
+            return None
+        audit = clip_audit(log.stats, positions=True, seed=seed) or {}
+        erc = self.loss_config.erc
+        if old_logits.shape[0]:
+            new_logits = response_logits(self.model, audited)
+            band = None if erc is None else (erc.low, erc.high)
+            temperature = self.config.temperature
+            audit |= state_audit(old_logits, new_logits, band, temperature=temperature, seed=seed)
+        return audit
 
     def _step_metrics(
         self,
@@ -879,25 +1006,56 @@ class ERCTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, problems: list[Problem] | None = None) -> dict[str, float]:
-        """Held-out accuracy (one response per prompt, greedy unless ``eval_greedy=False``)."""
-        problems = self.eval_problems if problems is None else problems
+    def _correct(
+        self, problems: list[Problem], samples: int, greedy: bool, top_p: float = 1.0
+    ) -> torch.Tensor:
+        """``(len(problems), samples)``: whether each response to each problem is correct."""
         c = self.config
+        per_batch = max(1, 128 // samples)
         correct = []
-        for start in range(0, len(problems), 128):
+        for start in range(0, len(problems), per_batch):
             batch = generate(
                 self.model,
                 self.tokenizer,
-                problems[start : start + 128],
-                1,
+                problems[start : start + per_batch],
+                samples,
                 self.verifier,
                 max_new_tokens=c.max_new_tokens,
                 temperature=c.temperature,
-                greedy=c.eval_greedy,
+                top_p=top_p,
+                greedy=greedy,
                 max_prompt_tokens=self.max_prompt_tokens,
             )
-            correct.append((batch.rewards > 0.5).float())
-        return {"eval_accuracy": float(torch.cat(correct).mean())}
+            correct.append((batch.rewards > 0.5).reshape(-1, samples))
+        return torch.cat(correct)
+
+    def evaluate(self, problems: list[Problem] | None = None) -> dict[str, float]:
+        """Held-out accuracy: one response per prompt, greedy unless ``eval_greedy=False``.
+
+        Returns ``eval_accuracy``, and with ``eval_pass_k`` the sampled ``eval_pass_at_k`` and
+        ``eval_sampled_accuracy`` (at ``temperature`` and ``top_p``, as training samples). The
+        pass@k samples come from a generator seeded by the run's seed and step, so they never
+        change the training's random stream.
+        """
+        problems = self.eval_problems if problems is None else problems
+        c = self.config
+        correct = self._correct(problems, 1, c.eval_greedy)
+        out = {"eval_accuracy": float(correct.float().mean())}
+        if c.eval_pass_k > 0:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed((c.seed * 1_000_003 + self.step) % 2**63)
+                sampled = self._correct(problems, c.eval_pass_k, greedy=False, top_p=c.top_p)
+            out["eval_pass_at_k"] = float(sampled.any(1).float().mean())
+            out["eval_sampled_accuracy"] = float(sampled.float().mean())
+        return out
+
+    def _scored(self, evaluation: dict[str, float]) -> dict[str, float]:
+        """``evaluation`` with ``eval_score``: the mean accuracy of the last ``score_evals``
+        evaluations, this one included (fewer at the start of a run)."""
+        self._eval_history.append(evaluation["eval_accuracy"])
+        last = self._eval_history[-self.config.score_evals :]
+        return {**evaluation, "eval_score": float(np.mean(last))}
 
     # ------------------------------------------------------------------ run, save, resume
 
@@ -1019,6 +1177,9 @@ class ERCTrainer:
 
     def _write(self, line: dict[str, float]) -> None:
         append_jsonl(self.run_path / "metrics.jsonl", line)
+        if self._audit is not None and line["step"] > 0:
+            append_jsonl(self.run_path / CLIPPING_FILE, {"step": line["step"], **self._audit})
+            self._audit = None
         if self._tb is not None:
             for k, v in line.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
@@ -1034,7 +1195,7 @@ class ERCTrainer:
 
     def _clear_run(self) -> None:
         """Delete a previous run's checkpoint, metrics, exported model and TensorBoard files."""
-        for name in (*CHECKPOINTS, "checkpoint.tmp", "metrics.jsonl"):
+        for name in (*CHECKPOINTS, "checkpoint.tmp", "metrics.jsonl", CLIPPING_FILE):
             (self.run_path / name).unlink(missing_ok=True)
         for name in ("model", "tb"):
             shutil.rmtree(self.run_path / name, ignore_errors=True)
@@ -1044,13 +1205,13 @@ class ERCTrainer:
 
         A partial last line (a kill mid-write) is dropped first, so it never blocks a resume.
         """
-        path = self.run_path / "metrics.jsonl"
-        if not path.exists():
-            return
-        if self.step == 0:  # nothing restored: every line will be written again
-            path.unlink()
-            return
-        truncate_metrics(path, "step", self.step)
+        for path in (self.run_path / "metrics.jsonl", self.run_path / CLIPPING_FILE):
+            if not path.exists():
+                continue
+            if self.step == 0:  # nothing restored: every line will be written again
+                path.unlink()
+                continue
+            truncate_metrics(path, "step", self.step)
 
     def train(self, resume: bool = True, max_steps: int | None = None) -> list[dict[str, float]]:
         """Run (or continue) training; returns the metrics lines written by this call.
@@ -1101,8 +1262,14 @@ class ERCTrainer:
             self._tb = SummaryWriter(str(self.run_path / "tb"))
         last = min(c.steps, max_steps if max_steps is not None else c.steps)
         lines: list[dict[str, float]] = []
+        # the evaluations the restored run already made (the score averages the last few)
+        self._eval_history = [
+            float(row["eval_accuracy"])
+            for row in read_jsonl(self.run_path / "metrics.jsonl")
+            if isinstance(row.get("eval_accuracy"), float | int)
+        ]
         if self.step == 0:
-            first = {"step": 0, **self.evaluate()}
+            first = {"step": 0, **self._scored(self.evaluate())}
             self._write(first)
             lines.append(first)
         bar: Any = None
@@ -1114,7 +1281,7 @@ class ERCTrainer:
         while self.step < last:
             line = self.train_step()
             if self.step % c.eval_every == 0 or self.step == c.steps:
-                line |= self.evaluate()
+                line |= self._scored(self.evaluate())
             self._write(line)
             lines.append(line)
             if bar is not None:

@@ -7,6 +7,7 @@ in :mod:`erc_gym.diagnostics`.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,13 +17,16 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import Tensor
 
 from erc_gym.diagnostics import (
+    audit_seed,
     clipped_vs_kept_old_entropy,
     entropy_volatility,
     grad_norm_spikes,
     ratio_histogram,
+    state_audit,
     unsampled_drift,
 )
 from erc_gym.entropy import entropy_from_logits
+from erc_gym.jsonl import append_jsonl
 
 __all__ = ["EntropyDynamicsCallback"]
 
@@ -54,12 +58,19 @@ class EntropyDynamicsCallback(BaseCallback):
     * ``diagnostics/entropy_ratio_hist`` (JSON output only):
       :func:`~erc_gym.diagnostics.ratio_histogram` counts.
 
+    With ``clipping_path`` it also appends one line per update to that file (a run folder's
+    ``clipping.jsonl``, keyed by ``time/total_timesteps``): the states' movement
+    (:func:`~erc_gym.diagnostics.state_audit`: entropy ratio, ``KL(old || new)``, arg-max
+    changes, against ``band``) and, for an ERCPPO update that computed ERC's entropies, who ERC
+    clipped (:func:`~erc_gym.diagnostics.clip_audit`, ``ERCPPO.clip_audit``).
+
     Works with plain ``stable_baselines3.PPO`` and A2C as well as ERCPPO. The extra cost is two
     no-grad forward passes over at most ``max_states`` states per update.
 
     :param band: the ``(low, high)`` entropy-ratio band used for the clipped / kept split.
     :param max_states: states kept per rollout (the first ones, in buffer order).
     :param spike_k: a gradient-norm spike is ``> spike_k`` x the running median.
+    :param clipping_path: the file of the per-update audit lines (None: not written).
     """
 
     def __init__(
@@ -68,11 +79,13 @@ class EntropyDynamicsCallback(BaseCallback):
         max_states: int = 4096,
         spike_k: float = 3.0,
         verbose: int = 0,
+        clipping_path: str | Path | None = None,
     ) -> None:
         super().__init__(verbose)
         if not 0 < band[0] < 1 < band[1]:
             raise ValueError(f"band must satisfy 0 < low < 1 < high, got {band}")
         self.band = band
+        self.clipping_path = None if clipping_path is None else Path(clipping_path)
         self.max_states = max_states
         self.spike_k = spike_k
         self._snapshot: tuple[Any, Tensor, Tensor] | None = None
@@ -96,9 +109,10 @@ class EntropyDynamicsCallback(BaseCallback):
         return True
 
     def _distribution(self, obs: Any) -> tuple[Tensor, Tensor]:
+        """``(logits, entropy)`` of the policy in each state (normalised logits)."""
         with torch.no_grad():
             logits = _policy_logits(self.model.policy, obs).float()
-            return torch.softmax(logits, -1), entropy_from_logits(logits)
+            return torch.log_softmax(logits, -1), entropy_from_logits(logits)
 
     def _on_rollout_end(self) -> None:
         buf = self.model.rollout_buffer  # type: ignore[attr-defined]
@@ -109,8 +123,8 @@ class EntropyDynamicsCallback(BaseCallback):
         obs_flat = obs_np.reshape(-1, *obs_np.shape[2:])[:n]
         actions = torch.as_tensor(buf.actions.reshape(-1)[:n], dtype=torch.long)
         obs = obs_as_tensor(obs_flat, self.model.device)
-        probs, entropy = self._distribution(obs)
-        self._snapshot = (obs, actions, torch.cat([probs, entropy[:, None]], dim=1).cpu())
+        logits, entropy = self._distribution(obs)
+        self._snapshot = (obs, actions, torch.cat([logits, entropy[:, None]], dim=1).cpu())
 
     def _on_training_end(self) -> None:
         self._on_rollout_start()  # the last update has no next rollout
@@ -120,9 +134,12 @@ class EntropyDynamicsCallback(BaseCallback):
             return
         obs, actions, old = self._snapshot
         self._snapshot = None
-        old_probs, old_h = old[:, :-1], old[:, -1]
-        new_probs, new_h = self._distribution(obs)
-        new_probs, new_h = new_probs.cpu(), new_h.cpu()
+        old_logits, old_h = old[:, :-1], old[:, -1]
+        new_logits, new_h = self._distribution(obs)
+        new_logits, new_h = new_logits.cpu(), new_h.cpu()
+        old_probs, new_probs = old_logits.exp(), new_logits.exp()
+        if self.clipping_path is not None:
+            self._write_audit(old_logits, new_logits)
         rho = (new_h.double() + 1e-8) / (old_h.double() + 1e-8)
         keep = (rho > self.band[0]) & (rho < self.band[1])
         sampled = torch.zeros_like(old_probs, dtype=torch.bool)
@@ -151,3 +168,17 @@ class EntropyDynamicsCallback(BaseCallback):
             ratio_histogram(rho),
             exclude=("stdout", "log", "csv", "tensorboard"),
         )
+
+    def _write_audit(self, old_logits: Tensor, new_logits: Tensor) -> None:
+        """Append this update's audit line to ``clipping_path``."""
+        assert self.clipping_path is not None
+        steps = int(self.model.num_timesteps)
+        seed = audit_seed(self.model.seed or 0, steps)
+        line: dict[str, Any] = {"time/total_timesteps": steps}
+        loss_audit = getattr(self.model, "clip_audit", None)
+        band = self.band
+        if loss_audit:
+            line |= loss_audit
+            band = (float(loss_audit["band"][0]), float(loss_audit["band"][1]))
+        line |= state_audit(old_logits, new_logits, band, seed=seed)
+        append_jsonl(self.clipping_path, line)

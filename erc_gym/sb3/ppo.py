@@ -26,6 +26,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.adaptive_coef import AdaptiveEntropyCoef, AdaptiveKLCoef
+from erc_gym.diagnostics import audit_seed, clip_audit
 from erc_gym.entropy import SMALL_VOCAB, kl_from_logits, small_action_logprob_and_entropy
 from erc_gym.losses import (
     DPPO_VARIANTS,
@@ -237,7 +238,7 @@ class ERCPPO(PPO):
 
     def _excluded_save_params(self) -> list[str]:
         # the token gates' generator is not picklable; it is re-seeded on load
-        return [*super()._excluded_save_params(), "method_runtime"]
+        return [*super()._excluded_save_params(), "method_runtime", "clip_audit"]
 
     def _setup_methods(self) -> None:
         """The methods' run-time state; a loaded model keeps its saved controllers."""
@@ -252,6 +253,9 @@ class ERCPPO(PPO):
             runtime.kl = self.kl_control
         self.entropy_control, self.kl_control = runtime.entropy, runtime.kl
         self.method_runtime = runtime
+        #: The last update's :func:`erc_gym.diagnostics.clip_audit` (None: ERC's entropies were
+        #: not computed in it, or no update yet); not saved with the model.
+        self.clip_audit: dict[str, Any] | None = None
         needs_entropy = LossConfig(
             gate=settings.token_gate(),
             equal_step=settings.control_band() if settings.equal_step else None,
@@ -619,6 +623,13 @@ class ERCPPO(PPO):
         # adaptive band (if any) steers; it moves for the next update, and the band logged
         # below is the one this update used.
         off_policy = off_policy_clip_fraction(log.stats) if track_entropy else None
+        # who ERC clipped in this update (erc_gym.diagnostics.clip_audit): the
+        # EntropyDynamicsCallback writes it with its own before / after comparison of the states
+        self.clip_audit = (
+            clip_audit(log.stats, seed=audit_seed(self.seed or 0, self._n_updates))
+            if track_entropy
+            else None
+        )
         if off_policy is not None:
             self.logger.record("train/erc_clip_fraction_off_policy", off_policy)
         if self.erc_band_control is not None:

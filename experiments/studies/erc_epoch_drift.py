@@ -12,6 +12,7 @@ Usage::
 
     python experiments/studies/erc_epoch_drift.py                  # GPPO, lr 1e-3 and 3e-3, 3 seeds
     python experiments/studies/erc_epoch_drift.py --lrs 3e-3 --rollouts 20 --seeds 1
+    python experiments/studies/erc_epoch_drift.py --figure docs/figures/erc_epoch_drift
 
 Prints one row per (lr, ERC on/off) with the share of states outside the band after the first
 step (before ERC can act) and after the last, medians over rollouts and seeds.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,7 +79,9 @@ def drift(
     ``out_first`` (share of the rollout's states whose entropy ratio is outside ``band`` after the
     first step), ``out_off`` / ``out_erc`` (after the last step without / with ERC), the same for
     the mean-entropy ratio (``ratio_first``, ``ratio_off``, ``ratio_erc``), ``masked`` (ERC's
-    clip fraction over the off-policy steps) and ``entropy_old`` (the rollout's mean old entropy).
+    clip fraction over the off-policy steps), ``entropy_old`` (the rollout's mean old entropy) and
+    ``steps_off`` / ``steps_erc`` (the share outside ``band`` before the first step, 0, and after
+    each step, without / with ERC).
     """
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -96,16 +100,20 @@ def drift(
         saved = copy.deepcopy((model.policy.state_dict(), model.policy.optimizer.state_dict()))
         erc_band = (model.erc_low, model.erc_high)  # ERCPPO.erc_enabled reads these
         model.erc_low = model.erc_high = None
+        steps_off = [0.0, out_first]
         for _ in range(steps - 1):
             model.train()
+            steps_off.append(_measure(model, band)[0])
         out_off, ratio_off = _measure(model, band)
         model.policy.load_state_dict(saved[0])
         model.policy.optimizer.load_state_dict(saved[1])
         model.erc_low, model.erc_high = erc_band
         masked = []
+        steps_erc = [0.0, out_first]
         for _ in range(steps - 1):
             model.train()
             masked.append(model.logger.name_to_value.get("train/erc_clip_fraction", np.nan))
+            steps_erc.append(_measure(model, band)[0])
         out_erc, ratio_erc = _measure(model, band)
         old_mean = float(model.rollout_buffer.old_entropy.mean())  # type: ignore[attr-defined]
         records.append(
@@ -118,6 +126,8 @@ def drift(
                 "ratio_erc": ratio_erc,
                 "masked": float(np.nanmean(masked)) if masked else 0.0,
                 "entropy_old": old_mean,
+                "steps_off": steps_off,
+                "steps_erc": steps_erc,
             }
         )
     return records
@@ -133,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rollouts", type=positive_int, default=40, help="rollouts per run")
     parser.add_argument("--seeds", type=positive_int, default=3)
     parser.add_argument("--band", type=positive_float, nargs=2, default=[0.95, 1.05])
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        help="also draw the median share outside the band after each step, with and without "
+        "ERC, to FIGURE.png / .svg",
+    )
     args = parser.parse_args(argv)
     if not args.band[0] < 1 < args.band[1]:
         parser.error(f"--band must satisfy low < 1 < high, got {args.band}")
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "lr       rollouts | out: step 1   last, no ERC   last, ERC | H ratio: step 1   "
         "last, no ERC   last, ERC | ERC-masked share"
     )
+    curves: list[tuple[str, list[float], bool]] = []
     for lr in args.lrs:
         recs = [
             r
@@ -170,6 +187,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{med('ratio_erc'):>11.3f} | {med('masked'):>16.1%}",
             flush=True,
         )
+        for key, erc in (("steps_off", False), ("steps_erc", True)):
+            per_step = np.median(np.array([r[key] for r in recs]), axis=0)
+            label = f"lr {lr:g}, {'ERC' if erc else 'no ERC'}"
+            curves.append((label, per_step.tolist(), erc))
+    if args.figure is not None and curves:
+        from erc_gym.lab.plots import plot_rollout_drift
+
+        title = f"{ENV_ID} {args.algo.upper()}, {args.steps} full-batch steps per rollout"
+        paths = plot_rollout_drift(curves, band, title, args.figure)
+        print("figure:", ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -383,3 +383,80 @@ def test_fused_head_check_catches_an_unknown_output_transform():
     model.config.final_logit_softcapping = 0.5  # read by the fused head, ignored by Qwen2
     with pytest.raises(ValueError, match="set fused_head=False"):
         trainer_module.check_fused_head(model, _random_batch(97))
+
+
+def test_score_is_the_mean_of_the_last_evaluations_and_resumes(tmp_path):
+    cfg = small_config(tmp_path / "a", steps=4, score_evals=3)
+    lines = ERCTrainer(cfg, verifier=odd_length).train()
+    acc = [ln["eval_accuracy"] for ln in lines]
+    for i, line in enumerate(lines):
+        assert line["eval_score"] == pytest.approx(
+            sum(acc[max(0, i - 2) : i + 1]) / len(acc[max(0, i - 2) : i + 1])
+        )
+    # stopped after 2 steps and resumed: the score still averages the evaluations before the stop
+    cfg = small_config(tmp_path / "b", steps=4, score_evals=3)
+    ERCTrainer(cfg, verifier=odd_length).train(max_steps=2)
+    ERCTrainer(cfg, verifier=odd_length).train()
+    resumed = read_jsonl(tmp_path / "b" / "llm" / "metrics.jsonl")
+    assert [ln["eval_score"] for ln in resumed] == [ln["eval_score"] for ln in lines]
+
+
+def test_pass_at_k_leaves_training_unchanged(tmp_path):
+    plain = ERCTrainer(small_config(tmp_path / "a", steps=2), verifier=odd_length).train()
+    cfg = small_config(tmp_path / "b", steps=2, eval_pass_k=3)
+    sampled = ERCTrainer(cfg, verifier=odd_length).train()
+    for a, b in zip(plain, sampled, strict=True):
+        assert 0.0 <= b["eval_sampled_accuracy"] <= b["eval_pass_at_k"] <= 1.0
+        for key in set(a) - TIME_KEYS:
+            va, vb = a[key], b[key]
+            assert va == vb or (math.isnan(va) and math.isnan(vb)), (key, va, vb)
+
+
+def test_warm_start_cache_gives_the_same_weights_and_is_used(tmp_path, monkeypatch):
+    import erc_gym.llm.model as model_module
+
+    cache = tmp_path / "cache"
+    fresh = ERCTrainer(small_config(tmp_path / "a", sft_steps=5), verifier=odd_length)
+    first = ERCTrainer(
+        small_config(tmp_path / "b", sft_steps=5, warm_start_cache=str(cache)), verifier=odd_length
+    )
+    assert len(list(cache.glob("*.pt"))) == 1
+    calls = []
+    monkeypatch.setattr(model_module, "sft_warmstart", lambda *a, **k: calls.append(1))
+    # another run with other RL settings (and another lr) shares the warm start: not retrained
+    again = ERCTrainer(
+        small_config(tmp_path / "c", sft_steps=5, lr=3e-4, warm_start_cache=str(cache)),
+        verifier=odd_length,
+    )
+    assert calls == []
+    for trainer in (first, again):
+        for (name, p), q in zip(
+            fresh.model.named_parameters(), trainer.model.parameters(), strict=True
+        ):
+            assert torch.equal(p, q), name
+    # another seed is another warm start
+    ERCTrainer(
+        small_config(tmp_path / "d", sft_steps=5, seed=1, warm_start_cache=str(cache)),
+        verifier=odd_length,
+    )
+    assert calls == [1]
+
+
+def test_clipping_jsonl_one_line_per_step_and_resume_truncates_it(tmp_path):
+    cfg = small_config(tmp_path / "a", steps=3, erc_low=0.999, erc_high=1.001, lr=5e-2)
+    ERCTrainer(cfg, verifier=odd_length).train()
+    straight = read_jsonl(tmp_path / "a" / "llm" / "clipping.jsonl")
+    assert [ln["step"] for ln in straight] == [1, 2, 3]
+    line = straight[-1]
+    assert line["erc"] and line["band"] == [0.999, 1.001]
+    # the step counts: every valid token of each optimiser step, the first (on-policy) never out
+    assert line["by_step"]["outside"][0] == 0 and sum(line["by_step"]["outside"][1:]) > 0
+    assert sum(line["h_old_bins"]["n"]) == line["tokens"] == sum(line["by_step"]["n"][1:])
+    assert sum(line["position_bins"]["n"]) == sum(line["h_old_bins"]["n_adv"])
+    assert line["states"] > 0 and len(line["state_sample"]["kl"]) == min(16, line["states"])
+    cfg = small_config(tmp_path / "b", steps=3, erc_low=0.999, erc_high=1.001, lr=5e-2)
+    ERCTrainer(cfg, verifier=odd_length).train(max_steps=2)
+    with open(tmp_path / "b" / "llm" / "clipping.jsonl", "a") as f:
+        f.write('{"step": 3, "stale": true}\n')  # a line past the checkpoint: dropped on resume
+    ERCTrainer(cfg, verifier=odd_length).train()
+    assert read_jsonl(tmp_path / "b" / "llm" / "clipping.jsonl") == straight

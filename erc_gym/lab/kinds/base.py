@@ -76,6 +76,8 @@ class Kind(Protocol):
         step_label: x-axis label of the training progress.
         series_keys: common series name (``step``, ``score``, ``entropy``, ``erc_clip_fraction``,
             ...; see :func:`erc_gym.lab.analysis.Run.series`) -> key in its ``metrics.jsonl``.
+            A kind may also set ``series_fallbacks`` (same shape, optional): the key read for
+            a series in a log that has none of ``series_keys``' key (an older run folder).
     """
 
     name: str

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 
 from erc_gym.atomic import atomic_write
+from erc_gym.diagnostics import CLIPPING_FILE
 from erc_gym.jsonl import truncate_metrics
 from erc_gym.lab.kinds.base import StopRun
 from erc_gym.losses import DPPO_VARIANTS, METHOD_METRIC_KEYS, sb3_recipe_kwargs
@@ -201,14 +202,17 @@ def _train(
         "erc_high": None if band is None else band[1],
     }
     metrics = folder / "metrics.jsonl"
+    clipping = folder / CLIPPING_FILE
     if resuming:
         model = ERCPPO.load(ckpt, env=env, device="cpu")
         truncate_metrics(metrics, "time/total_timesteps", model.num_timesteps)
+        truncate_metrics(clipping, "time/total_timesteps", model.num_timesteps)
     else:
         kwargs = ppo_kwargs(env_id, seed=run.seed, device="cpu", verbose=0, **settings)
         kwargs.pop("policy", None)
         model = ERCPPO("MlpPolicy", env, **kwargs, **algo_kwargs)
         metrics.unlink(missing_ok=True)
+        clipping.unlink(missing_ok=True)
     model.set_logger(Logger(str(folder), [StrictJSONOutputFormat(metrics)]))
 
     class Checkpoint(BaseCallback):
@@ -234,7 +238,8 @@ def _train(
         verbose=0,
     )
     band_for_diag = band if band is not None else (0.95, 1.05)
-    callbacks = CallbackList([eval_cb, EntropyDynamicsCallback(band=band_for_diag), Checkpoint()])
+    diagnostics = EntropyDynamicsCallback(band=band_for_diag, clipping_path=clipping)
+    callbacks = CallbackList([eval_cb, diagnostics, Checkpoint()])
     try:
         model.learn(
             total - model.num_timesteps,
