@@ -45,6 +45,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,9 @@ def _connected(address: str | None) -> Iterator[Any]:
     in_main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        with warnings.catch_warnings():  # Ray's notes on its own future defaults
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as err:  # ConnectionError, ValueError (a malformed address), RuntimeError
         with contextlib.suppress(Exception):
             ray.shutdown()
