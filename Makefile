@@ -15,7 +15,7 @@ TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' constraints-cpu.t
 
 comma := ,
 
-.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations trl-own-tests ci lint format bench docs clean
+.PHONY: setup demo test test-slow test-gpu test-trl test-verl test-integrations test-ray trl-own-tests ci lint format bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -49,10 +49,10 @@ demo: setup
 	$(PY) -m erc_gym experiment quick
 
 test: setup
-	$(PY) -m pytest -m "not slow and not gpu and not trl and not verl"
+	$(PY) -m pytest -m "not slow and not gpu and not trl and not verl and not ray"
 
 test-slow: setup
-	$(PY) -m pytest -m "slow and not trl and not verl"
+	$(PY) -m pytest -m "slow and not trl and not verl and not ray"
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu
@@ -113,9 +113,21 @@ docs: $(VENV)/.docs-installed
 	$(PY) -m pytest -q tests/test_docs_api.py
 	@echo "built site/index.html (open it with: python -m webbrowser site/index.html)"
 
+# The Ray launcher suite (docs/cluster.md): a real Ray cluster on 127.0.0.1 started by the tests.
+# In its own environment so that `make setup` stays free of Ray; creates $(VENV_RAY) on first use.
+VENV_RAY ?= .venv-ray
+
+$(VENV_RAY)/.installed: pyproject.toml constraints-cpu.txt
+	$(call make_venv,$(VENV_RAY),dev$(comma)ray)
+	$(VENV_RAY)/bin/python -c "import ray, torch; print('ray', ray.__version__, 'torch', torch.__version__)"
+	touch $@
+
+test-ray: $(VENV_RAY)/.installed
+	$(VENV_RAY)/bin/python -m pytest -m ray tests/test_ray*.py
+
 # What CI runs (.ci/run): lint, the documentation site, the default suite, the TRL and verl suites,
-# TRL's own GRPO tests.
-ci: lint docs test test-integrations trl-own-tests
+# TRL's own GRPO tests, the Ray launcher suite.
+ci: lint docs test test-integrations trl-own-tests test-ray
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -131,4 +143,4 @@ bench: setup
 	$(PY) experiments/bench/bench_loss.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis site
+	rm -rf $(VENV) $(VENV_TRL) $(VERL_VENV) $(VENV_RAY) .pytest_cache .ruff_cache .mypy_cache .hypothesis site

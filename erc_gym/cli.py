@@ -116,6 +116,19 @@ def experiment_main(argv: list[str] | None = None) -> None:
         "--workers", type=positive_int, default=None, help="processes (default: cores)"
     )
     parser.add_argument(
+        "--launcher",
+        choices=("local", "ray"),
+        default="local",
+        help="local: processes on this machine (default); ray: one task per run on a Ray "
+        "cluster (pip install 'erc-gym[ray]'; docs/cluster.md)",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="with --launcher ray: the cluster's head HOST:PORT (default: RAY_ADDRESS, else a "
+        "cluster started on this machine, else a new local one)",
+    )
+    parser.add_argument(
         "--seeds", type=positive_int, default=None, help="override the number of seeds"
     )
     parser.add_argument(
@@ -144,8 +157,20 @@ def experiment_main(argv: list[str] | None = None) -> None:
     if not args.name:
         parser.exit(2, "erc-gym experiment: error: give an experiment name (--list shows them)\n")
     from erc_gym.lab.config import ConfigError, load_experiment, override_settings
+    from erc_gym.lab.ray_launcher import ClusterError, RayLauncher
     from erc_gym.lab.rundir import ConfigMismatch
     from erc_gym.lab.runner import ExperimentInterrupted, RunsFailed, run_experiment
+
+    launcher = None
+    if args.launcher == "ray":
+        if args.workers is not None:
+            parser.error("--workers is for the local launcher; a Ray run takes its resources")
+        try:
+            launcher = RayLauncher(address=args.address)
+        except ClusterError as err:
+            parser.exit(2, f"erc-gym experiment: error: {err}\n")
+    elif args.address is not None:
+        parser.error("--address needs --launcher ray")
 
     # Between the runner restoring its signal handlers and this process exiting, a second Ctrl-C
     # or SIGTERM must not turn a clean "stopped by ..." exit into a KeyboardInterrupt traceback
@@ -169,8 +194,9 @@ def experiment_main(argv: list[str] | None = None) -> None:
             seeds=args.seeds,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            launcher=launcher,
         )
-    except (FileNotFoundError, ConfigError, ConfigMismatch) as err:
+    except (FileNotFoundError, ConfigError, ConfigMismatch, ClusterError) as err:
         parser.exit(2, f"erc-gym experiment: error: {err}\n")
     except RunsFailed as err:
         parser.exit(1, f"erc-gym experiment: error: {err}\n")

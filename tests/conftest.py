@@ -1,6 +1,6 @@
 """Shared pytest configuration: `gpu` tests skip without CUDA; the integration suites carry the
-`trl` and `verl` markers, so `make test` leaves them out by marker whether or not the engine
-happens to be installed; a full disk to write to."""
+`trl` and `verl` markers and the Ray launcher suite the `ray` marker, so `make test` leaves them
+out by marker whether or not the engine happens to be installed; a full disk to write to."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-#: Test modules (by name prefix) of each integration suite -> its marker.
-SUITES = {"test_trl": pytest.mark.trl, "test_verl": pytest.mark.verl}
+#: Test modules (by name prefix) of each suite that runs in an environment of its own -> its marker.
+SUITES = {"test_trl": pytest.mark.trl, "test_verl": pytest.mark.verl, "test_ray": pytest.mark.ray}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,6 +11,7 @@ above it in this list:
 * :mod:`~erc_gym.lab.config` -- the experiment config files and their schema;
 * :mod:`~erc_gym.lab.rundir` -- the run-folder protocol (``run.json``, lock, ``done``);
 * :mod:`~erc_gym.lab.runner` -- running a grid: processes, signals, progress;
+* :mod:`~erc_gym.lab.ray_launcher` -- running a grid on a Ray cluster (the ``ray`` extra);
 * :mod:`~erc_gym.lab.stats` -- IQM, bootstrap intervals, probability of improvement;
 * :mod:`~erc_gym.lab.analysis` -- reading a runs folder, per-variant summaries;
 * :mod:`~erc_gym.lab.stress` -- the off-policy stress-map tables and the paper's claims;
@@ -33,6 +34,8 @@ _LAZY: dict[str, str] = {
     "list_experiments": "erc_gym.lab.config",
     "register_kind": "erc_gym.lab.kinds",
     "run_experiment": "erc_gym.lab.runner",
+    "LocalLauncher": "erc_gym.lab.runner",
+    "RayLauncher": "erc_gym.lab.ray_launcher",
     "load_runs": "erc_gym.lab.analysis",
     "summarize": "erc_gym.lab.analysis",
     "plot_experiment": "erc_gym.lab.plots",

@@ -13,7 +13,8 @@ listed by ``erc-gym experiment --list``)::
       "settings": {"iterations": 40},        # shared by every run
       "axes": {"steps_per_rollout": [2, 8], "lr": [0.05, 0.2]},  # optional stress grid
       "baseline": "stress_bandit",           # optional: an experiment the report compares with
-      "primary": [{"env": "V4096", "erc": [0.95, 1.05]}]  # optional: the main comparisons
+      "primary": [{"env": "V4096", "erc": [0.95, 1.05]}],  # optional: the main comparisons
+      "resources": {"CPU": 2}                # optional: what one run takes on a Ray cluster
     }
 
 ``methods`` (optional, in place of ``erc``) makes the grid compare rival methods, baselines and
@@ -52,6 +53,10 @@ whose values match every key it gives, of ``env``, ``algorithm``, ``steps_per_ro
 "ppo", "steps_per_rollout": 4, "lr": 0.003}]``: the collapse cell of one algorithm and a healthy
 cell of another without the rest of their product.
 ``kind`` chooses the trainer (:mod:`erc_gym.lab.kinds`); the settings are the trainer's own.
+``resources`` (optional) overrides, key by key, what the kind asks a Ray cluster for each run
+(``Kind.resources``: one CPU, and a GPU for ``llm`` runs on ``cuda``), in Ray's resource names:
+``CPU``, ``GPU``, ``memory`` (bytes) or a custom resource of the cluster (docs/cluster.md). The
+local launcher ignores it; it is not part of a run's identity (``run.json``).
 
 A config is validated with pydantic in two passes:
 
@@ -279,6 +284,11 @@ class ExperimentConfig(BaseModel):
     """Optional name of another experiment in the same runs folder whose stress-map runs the
     report adds, e.g. the fixed band that an adaptive band (``erc_target_clip_fraction``) is
     compared with (:func:`erc_gym.lab.stress.band_rule_table`)."""
+    resources: (
+        dict[str, Annotated[StrictInt | StrictFloat, Field(ge=0, allow_inf_nan=False)]] | None
+    ) = None
+    """Optional: what one run takes on a Ray cluster, over its kind's request, e.g.
+    ``{"CPU": 2, "GPU": 0.5}`` (the ``ray`` launcher; docs/cluster.md)."""
 
     primary: Annotated[list[PrimaryCell], Field(min_length=1)] | None = None
     """Optional main comparisons, declared up front: cell selectors (:class:`PrimaryCell`)."""
@@ -374,6 +384,13 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"baseline = {self.baseline!r}: an experiment is not its own baseline")
         if self.axes is not None:
             check_axes(self.axes)
+        for name, amount in (self.resources or {}).items():
+            if not name:
+                raise ValueError("resources: a resource name is a non-empty string")
+            if amount > 1 and not float(amount).is_integer():
+                raise ValueError(
+                    f"resources.{name} = {amount}: Ray takes a fraction below 1 or a whole number"
+                )
         for i, band in enumerate(self.erc):
             if band is not None and not 0 < band[0] < 1 < band[1]:
                 raise ValueError(
@@ -561,7 +578,7 @@ def validate_experiment(raw: Any, source: str = "config") -> dict[str, Any]:
         out.pop("description")
     if config.methods:
         out.pop("erc")  # each method sets its band
-    for key in ("methods", "axes", "baseline", "primary", "cells"):
+    for key in ("methods", "axes", "baseline", "primary", "cells", "resources"):
         if out[key] is None:
             out.pop(key)
     return out

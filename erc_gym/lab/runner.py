@@ -68,6 +68,7 @@ __all__ = [
     "Outcome",
     "Progress",
     "RunsFailed",
+    "attempt",
     "run_experiment",
     "run_one",
     "stopped_by",
@@ -238,23 +239,30 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watchdog, daemon=True).start()
 
 
-def _worker(run: RunSpec, root: str, resume: bool, overwrite: bool, conn: Any, parent: int) -> None:
-    """Child process: one run; reports ``("done" | "locked" | "error", text)`` through ``conn``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when workers stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent)
+def attempt(run: RunSpec, root: str | Path, resume: bool, overwrite: bool) -> tuple[str, str]:
+    """:func:`run_one` in a worker (a child process, a cluster task): one torch thread, and the
+    result as ``("done" | "locked" | "error", text)`` (:meth:`Outcome.add` records it); an error's
+    traceback goes to the run's ``error.log``."""
     import torch
 
     torch.set_num_threads(1)
     try:
         run_one(run, root, resume, overwrite)
-        conn.send(("done", ""))
+        return "done", ""
     except RunLocked as err:
-        conn.send(("locked", str(err)))
+        return "locked", str(err)
     except Exception as err:
-        text = traceback.format_exc()
-        write_error(run.folder(root), text)
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        write_error(run.folder(root), traceback.format_exc())
+        return "error", f"{type(err).__name__}: {err}"
+
+
+def _worker(run: RunSpec, root: str, resume: bool, overwrite: bool, conn: Any, parent: int) -> None:
+    """Child process: one run; reports :func:`attempt`'s result through ``conn``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when workers stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent)
+    try:
+        conn.send(attempt(run, root, resume, overwrite))
     finally:
         conn.close()
 
@@ -262,14 +270,30 @@ def _worker(run: RunSpec, root: str, resume: bool, overwrite: bool, conn: Any, p
 @dataclass
 class Outcome:
     """What a launcher reports: the runs that finished, were skipped because another process
-    holds them (with the message), failed (with a one-line reason) or were stopped by a signal
-    (``signum``)."""
+    holds them (with the message), failed (with a one-line reason), were stopped by a signal
+    (``signum``) or were retried after their worker died (with the number of retries)."""
 
     finished: list[RunSpec] = field(default_factory=list)
     locked: list[tuple[RunSpec, str]] = field(default_factory=list)
     failed: list[tuple[RunSpec, str]] = field(default_factory=list)
     stopped: list[RunSpec] = field(default_factory=list)
     signum: int | None = None
+    retried: list[tuple[RunSpec, int]] = field(default_factory=list)
+
+    def add(
+        self, run: RunSpec, status: str, text: str, root: Path, progress: Progress | None
+    ) -> None:
+        """Record one run's :func:`attempt` result, and say a skip or a failure."""
+        if status == "done":
+            self.finished.append(run)
+            if progress is not None:
+                progress.run_finished()
+        elif status == "locked":
+            self.locked.append((run, text))
+            _say(progress, f"skipped: {text}")
+        else:
+            self.failed.append((run, text))
+            _say(progress, f"failed: {run.folder(root)}: {text} (traceback: error.log)")
 
 
 @contextlib.contextmanager
@@ -338,16 +362,8 @@ def _run_in_processes(
             status, text = "error", f"worker ended with exit code {proc.exitcode}"
         if out.signum is not None and status == "error":
             out.stopped.append(run)
-        elif status == "done":
-            out.finished.append(run)
-            if progress is not None:
-                progress.run_finished()
-        elif status == "locked":
-            out.locked.append((run, text))
-            _say(progress, f"skipped: {text}")
         else:
-            out.failed.append((run, text))
-            _say(progress, f"failed: {run.folder(root)}: {text} (traceback: error.log)")
+            out.add(run, status, text, root, progress)
 
     with _handle_signals(on_signal):
         while (pending or active) and out.signum is None:
@@ -549,6 +565,13 @@ def run_experiment(
         finished = sum(is_done(r.folder(root)) for r in runs)
         raise ExperimentInterrupted(
             out.signum, finished, len(runs), [r.folder(root) for r in out.stopped]
+        )
+    if out.retried:
+        shown = ", ".join(f"{r.folder(root)} ({n}x)" for r, n in out.retried[:3])
+        _say(
+            None,
+            f"{len(out.retried)} run(s) retried after their worker died, each resuming from its "
+            f"last checkpoint: {shown}{', ...' if len(out.retried) > 3 else ''}",
         )
     if out.locked:
         _say(

@@ -111,6 +111,12 @@ class Kind(Protocol):
         """``(metrics key, total)`` of the progress counter of a run with these settings."""
         ...
 
+    def resources(self, trainer: dict[str, Any]) -> dict[str, float]:
+        """What one run with these settings (``run.json``'s ``trainer``) takes on a cluster, in
+        Ray's resource names (``{"CPU": 1}``, ``{"CPU": 1, "GPU": 1}``); a config's
+        ``resources`` overrides it (docs/cluster.md)."""
+        ...
+
     def train(self, run: RunSpec, folder: Path, resume: bool, stop_after: int | None) -> None:
         """Train ``run`` in ``folder`` (resuming from its checkpoint when ``resume``); with
         ``stop_after``, stop after that many iterations or steps and raise :class:`StopRun`."""
@@ -161,6 +167,10 @@ class DataclassKind:
     def settings_model(self) -> type[BaseModel]:
         """Every field of the config dataclass but the grid's and the runner's, with its type."""
         return _dataclass_model(self.config_class(), GRID_KEYS | self.runner_keys)
+
+    def resources(self, trainer: dict[str, Any]) -> dict[str, float]:
+        """One CPU (the runner gives a run one torch thread)."""
+        return {"CPU": 1}
 
     def check(
         self, settings: dict[str, Any], algorithms: Sequence[str], bands: Sequence[Any]

@@ -95,6 +95,12 @@ class LLMKind(DataclassKind):
     def budget(self, trainer: dict[str, Any]) -> tuple[str, float]:
         return "step", float(trainer["steps"])
 
+    def resources(self, trainer: dict[str, Any]) -> dict[str, float]:
+        """One CPU, and one GPU for a run on ``cuda`` (a cluster launcher picks the device)."""
+        if str(trainer.get("device", "cpu")).startswith("cuda"):
+            return {"CPU": 1, "GPU": 1}
+        return {"CPU": 1}
+
     def train(self, run: RunSpec, folder: Path, resume: bool, stop_after: int | None) -> None:
         from erc_gym.llm.trainer import ERCTrainer
 

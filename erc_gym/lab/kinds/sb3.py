@@ -141,6 +141,10 @@ class SB3Kind:
     def budget(self, trainer: dict[str, Any]) -> tuple[str, float]:
         return "time/total_timesteps", float(trainer["steps"])
 
+    def resources(self, trainer: dict[str, Any]) -> dict[str, float]:
+        """One CPU (runs train on the CPU, their envs in the same process)."""
+        return {"CPU": 1}
+
     def train(self, run: RunSpec, folder: Path, resume: bool, stop_after: int | None) -> None:
         _train(self.trainer_config(run), run, folder, resume, stop_after)
 
