@@ -70,7 +70,7 @@ def drift(
     steps: int,
     rollouts: int,
     seed: int,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Train with ERC ``band`` for ``rollouts`` rollouts; on each, also branch off without ERC.
 
     On every rollout the first (on-policy) step is shared; from there the same policy and
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{lr:<8g} 0 rollouts above {MIN_ENTROPY} nats")
             continue
 
-        def med(key: str, recs: list[dict[str, float]] = recs) -> float:
+        def med(key: str, recs: list[dict[str, Any]] = recs) -> float:
             return statistics.median(r[key] for r in recs)
 
         print(
