@@ -618,7 +618,7 @@ def _verdict(
     if claim in _CLAIM_TESTS or claim == "low_entropy":
         held = sum(ok is True for _, ok in outcomes)
         against = sum(ok is False for _, ok in outcomes)
-        n = len(outcomes) if tested is None else tested
+        n = tested if claim == "low_entropy" and tested is not None else len(outcomes)
         if not held and not against:
             return f"no significant difference in {n} cells"
         where = _depends([(k, ok is True) for k, ok in outcomes]) if held else ""
