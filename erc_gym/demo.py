@@ -363,9 +363,9 @@ def main(argv: list[str] | None = None) -> None:
         f"[{erc_end['entropy_ratio_min']:.3f}, {erc_end['entropy_ratio_max']:.3f}] with ERC."
     )
     print(
-        "ERC stops the gradient of every state outside its band; once all states with a "
-        "non-zero\nadvantage are outside, the gradient is 0 and what still moves the policy is "
-        "Adam's momentum."
+        "ERC stops the gradient of every state outside its band, PPO-clip that of every sample "
+        "whose\nclip is active; once each sample is stopped by one or the other, the gradient "
+        "is 0 and what\nstill moves the policy is Adam's momentum."
     )
 
 

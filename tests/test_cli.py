@@ -333,6 +333,20 @@ def test_demo_erc_narrows_the_entropy_ratio():
     assert erc["entropy_ratio_min"] > ppo["entropy_ratio_min"]
 
 
+def test_demo_batch_gradient_is_zero_only_when_every_sample_is_stopped():
+    # the demo's closing sentence: with ERC the gradient vanishes once each sample is either
+    # outside the band or PPO-clipped, and Adam's momentum keeps moving the logits after that
+    from erc_gym.losses import ERCConfig, LossConfig
+
+    kw = {"batch": 64, "vocab": 4096, "steps": 8, "lr": 0.05, "seed": 0}
+    erc = demo.run(LossConfig.ppo(erc=ERCConfig(0.95, 1.05)), **kw)
+    stopped = [m for m in erc if m["grad_norm"] == 0.0]
+    assert stopped, "the demo's ERC run should reach a step without gradient"
+    for m in stopped:
+        assert m["erc_clip_fraction"] + m["clip_fraction"] >= 1.0
+    assert stopped[-1]["entropy_ratio_min"] < stopped[0]["entropy_ratio_min"]  # momentum
+
+
 def test_demo_worked_example_sampled_ratio_inside_clip_entropy_ratio_outside_band():
     """The tutorial's five-action example: PPO-clip sees nothing where ERC's band is left."""
     ppo = demo.worked_example(LossConfig.ppo())

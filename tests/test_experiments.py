@@ -105,6 +105,8 @@ def test_erc_epoch_drift_branches_start_from_the_same_policy():
         for key, last in (("steps_off", "out_off"), ("steps_erc", "out_erc")):
             assert len(r[key]) == 9 and r[key][0] == 0.0 and r[key][1] == r["out_first"]
             assert r[key][-1] == r[last]
+        # states leave the band on both sides; the two sides make up the share outside
+        assert r["below_first"] + r["above_first"] == pytest.approx(r["out_first"])
 
 
 def test_rollout_drift_figure_from_the_bandit(tmp_path):

@@ -431,6 +431,8 @@ def test_figures_keep_grid_order_and_tell_coinciding_algorithms_apart(tmp_path, 
     assert ppo.get_color() == dapo.get_color()  # colour = band
     assert (ppo.get_linestyle(), ppo.get_marker()) != (dapo.get_linestyle(), dapo.get_marker())
     assert lines["V64-ppo"].get_color() != ppo.get_color()
+    # the title's line-style key names the algorithms of this grid, and only those
+    assert "(solid PPO, dashed+o DAPO)" in curves._suptitle.get_text()
 
 
 def test_long_noisy_series_are_smoothed_and_spikes_do_not_flatten_panels(tmp_path, monkeypatch):
@@ -461,6 +463,7 @@ def test_long_noisy_series_are_smoothed_and_spikes_do_not_flatten_panels(tmp_pat
     grad_ax = next(ax for ax in figures[0].axes if "gradient" in ax.get_ylabel())
     assert grad_ax.get_ylim()[1] < 50  # the spike (smoothed: ~500/k) is off-scale, not the axis
     assert "moving average" in figures[0]._suptitle.get_text()
+    assert "(dashed+o DAPO)" in figures[0]._suptitle.get_text()  # no PPO or GPPO in the key
 
 
 def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path, monkeypatch):

@@ -124,11 +124,12 @@ ALGORITHM_STYLES: dict[str, dict[str, Any]] = dict(
 _LINE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
 
 
-def _style_legend() -> str:
-    """``solid PPO, dashed+o DAPO, ...``: what each algorithm's line looks like."""
+def _style_legend(algorithms: set[str]) -> str:
+    """``solid PPO, dashed+o DAPO, ...``: what the line of each of ``algorithms`` looks like."""
     return ", ".join(
         _LINE_NAMES[st["ls"]] + (f"+{st['marker']}" if st["marker"] else "") + f" {name.upper()}"
         for name, st in ALGORITHM_STYLES.items()
+        if name in algorithms
     )
 
 
@@ -231,9 +232,11 @@ def plot_curves(variants: dict[str, list[Run]], title: str, path: Path) -> list[
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
     smoothed = max(windows, default=1)
     note = f"; noisy series: moving average over {smoothed} points" if smoothed > 1 else ""
+    algorithms = {str(g[0].config.get("algorithm")) for g in variants.values()}
+    styles = _style_legend(algorithms)
     fig.suptitle(
         f"{title}: mean over seeds, shaded 95% bootstrap band{note}\n"
-        f"colour = ERC band, line style = algorithm ({_style_legend()})",
+        "colour = ERC band" + (f", line style = algorithm ({styles})" if styles else ""),
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.06 + 0.025 * (len(labels) // 4), 1, 0.95))

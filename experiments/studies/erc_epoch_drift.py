@@ -55,12 +55,18 @@ def _entropies(model: ERCPPO) -> tuple[np.ndarray, np.ndarray]:
     return current, np.asarray(buffer.old_entropy, dtype=np.float64).reshape(-1)
 
 
-def _measure(model: ERCPPO, band: tuple[float, float]) -> tuple[float, float]:
-    """(share of the rollout's states with entropy ratio outside ``band``, mean-entropy ratio)."""
+def _sides(model: ERCPPO, band: tuple[float, float]) -> tuple[float, float, float]:
+    """(share below ``band``, share above it, mean-entropy ratio) over the rollout's states."""
     current, old = _entropies(model)
     ratio = current / np.maximum(old, 1e-12)
-    outside = (ratio < band[0]) | (ratio > band[1])
-    return float(np.mean(outside)), float(current.mean() / old.mean())
+    below, above = float(np.mean(ratio < band[0])), float(np.mean(ratio > band[1]))
+    return below, above, float(current.mean() / old.mean())
+
+
+def _measure(model: ERCPPO, band: tuple[float, float]) -> tuple[float, float]:
+    """(share of the rollout's states with entropy ratio outside ``band``, mean-entropy ratio)."""
+    below, above, mean_ratio = _sides(model, band)
+    return below + above, mean_ratio
 
 
 def drift(
@@ -77,11 +83,12 @@ def drift(
     optimiser state take ``steps - 1`` more full-batch steps once without ERC (a branch that is
     then discarded) and once with ERC (the run continues from this one). One record per rollout:
     ``out_first`` (share of the rollout's states whose entropy ratio is outside ``band`` after the
-    first step), ``out_off`` / ``out_erc`` (after the last step without / with ERC), the same for
-    the mean-entropy ratio (``ratio_first``, ``ratio_off``, ``ratio_erc``), ``masked`` (ERC's
-    clip fraction over the off-policy steps), ``entropy_old`` (the rollout's mean old entropy) and
-    ``steps_off`` / ``steps_erc`` (the share outside ``band`` before the first step, 0, and after
-    each step, without / with ERC).
+    first step; ``below_first`` / ``above_first`` split it by side), ``out_off`` / ``out_erc``
+    (after the last step without / with ERC), the same for the mean-entropy ratio
+    (``ratio_first``, ``ratio_off``, ``ratio_erc``), ``masked`` (ERC's clip fraction over the
+    off-policy steps), ``entropy_old`` (the rollout's mean old entropy) and ``steps_off`` /
+    ``steps_erc`` (the share outside ``band`` before the first step, 0, and after each step,
+    without / with ERC).
     """
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -92,11 +99,12 @@ def drift(
     env = make_vec_env(ENV_ID, n_envs=env_kw["n_envs"], seed=seed)
     model = ERCPPO("MlpPolicy", env, **kwargs, **ALGOS[algo], erc_low=band[0], erc_high=band[1])
     per_rollout = int(kwargs["n_steps"]) * int(env_kw["n_envs"])
-    records = []
+    records: list[dict[str, Any]] = []
     for _ in range(rollouts):
         # one rollout and its first (on-policy) step: learn() collects, then train()s once
         model.learn(per_rollout, reset_num_timesteps=False)
-        out_first, ratio_first = _measure(model, band)
+        below_first, above_first, ratio_first = _sides(model, band)
+        out_first = below_first + above_first
         saved = copy.deepcopy((model.policy.state_dict(), model.policy.optimizer.state_dict()))
         erc_band = (model.erc_low, model.erc_high)  # ERCPPO.erc_enabled reads these
         model.erc_low = model.erc_high = None
@@ -119,6 +127,8 @@ def drift(
         records.append(
             {
                 "out_first": out_first,
+                "below_first": below_first,
+                "above_first": above_first,
                 "out_off": out_off,
                 "out_erc": out_erc,
                 "ratio_first": ratio_first,
@@ -167,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "last, no ERC   last, ERC | ERC-masked share"
     )
     curves: list[tuple[str, list[float], bool]] = []
+    sides: list[str] = []
     for lr in args.lrs:
         recs = [
             r
@@ -187,10 +198,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{med('ratio_erc'):>11.3f} | {med('masked'):>16.1%}",
             flush=True,
         )
+        sides.append(
+            f"lr {lr:g}: {med('below_first'):.1%} below the band, {med('above_first'):.1%} above"
+        )
         for key, erc in (("steps_off", False), ("steps_erc", True)):
             per_step = np.median(np.array([r[key] for r in recs]), axis=0)
             label = f"lr {lr:g}, {'ERC' if erc else 'no ERC'}"
             curves.append((label, per_step.tolist(), erc))
+    if sides:
+        print("After step 1, by side (medians): " + "; ".join(sides))
     if args.figure is not None and curves:
         from erc_gym.lab.plots import plot_rollout_drift
 
