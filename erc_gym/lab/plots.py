@@ -346,18 +346,19 @@ def plot_who_gets_clipped(
         label: {"color": colors[i % len(colors)], "ls": "-" if p.erc else "--"}
         for i, (label, p) in enumerate(profiles)
     }
+
+    def deciles(ax: Any, key: str, labelled: bool) -> None:
+        """One line per profile: P(clipped) over the deciles of ``key``."""
+        for label, p in profiles:
+            if p.has_tokens:
+                rate = p.rate(key)
+                x = np.arange(1, rate.size + 1)
+                ax.plot(
+                    x, rate, marker="o", ms=3, label=label if labelled else None, **style[label]
+                )
+
     ax = axes[0, 0]
-    for label, p in profiles:
-        if p.has_tokens:
-            rate = p.rate("h_old_adv_bins")
-            ax.plot(
-                np.arange(1, rate.size + 1),
-                rate,
-                marker="o",
-                ms=3,
-                label=label,
-                **style[label],
-            )
+    deciles(ax, "h_old_adv_bins", labelled=True)
     ax.set_xlabel("old-entropy decile of the update's A != 0 tokens (1 = lowest)")
     ax.set_ylabel("P(clipped | A != 0)")
     ax.set_title("(a) clip probability by old-entropy decile of the A != 0 tokens", fontsize=10)
@@ -374,16 +375,7 @@ def plot_who_gets_clipped(
     ax.set_ylabel("share")
     ax.set_title("(b) share with A = 0 (solid), P(clipped) all tokens (dotted)", fontsize=10)
     ax = axes[0, 2]
-    for label, p in profiles:
-        if p.has_tokens:
-            rate = p.rate("abs_adv_bins")
-            ax.plot(
-                np.arange(1, rate.size + 1),
-                rate,
-                marker="o",
-                ms=3,
-                **style[label],
-            )
+    deciles(ax, "abs_adv_bins", labelled=False)
     ax.set_xlabel("|A| decile of the update's tokens with A != 0 (1 = smallest)")
     ax.set_ylabel("P(clipped | A != 0)")
     ax.set_title("(c) clip probability by |A| decile", fontsize=10)
