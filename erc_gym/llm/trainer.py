@@ -582,23 +582,6 @@ class ERCTrainer:
 
     # ------------------------------------------------------------------ set-up
 
-    def _warm_start(self) -> None:
-        """The presets' supervised warm start, once (:func:`~erc_gym.llm.model.sft_warmstart`)."""
-        if self._warm:
-            return
-        from erc_gym.llm.model import sft_warmstart
-
-        sft_warmstart(
-            self.model,
-            self.tokenizer,
-            self.train_problems,
-            steps=self.config.sft_steps,
-            lr=self.config.sft_lr,
-            seed=self.config.seed,
-            progress=self.config.progress,
-        )
-        self._warm = True
-
     def _load_data(self) -> tuple[list[Problem], list[Problem]]:
         c = self.config
         if c.dataset == "arithmetic":
@@ -663,7 +646,15 @@ class ERCTrainer:
         return f"{c.model}-sft{c.sft_steps}-seed{c.seed}-{digest.hexdigest()[:16]}"
 
     def _warm_start(self) -> None:
-        """Supervised warm start of a preset (from the cache when one is set and holds it)."""
+        """The presets' supervised warm start, once per trainer: ``__init__`` makes it unless
+        the run folder has a checkpoint, ``train`` then only when it starts from step 0."""
+        if not self._warm:
+            self._sft_or_cached()
+            self._warm = True
+
+    def _sft_or_cached(self) -> None:
+        """Supervised warm start (:func:`~erc_gym.llm.model.sft_warmstart`), from the cache when
+        one is set and holds it."""
         from erc_gym.llm.model import sft_warmstart
 
         c = self.config
