@@ -81,7 +81,7 @@ def test_lm_configs_can_resolve_a_difference(name):
     assert all(c.score_evals >= 3 and c.eval_pass_k >= 2 for c in configs)
     data = ("dataset", "digits", "ops", "num_train", "num_eval", "seed")
     for config in {tuple(getattr(c, k) for k in data): c for c in configs}.values():
-        train, held_out = ERCTrainer._load_data(SimpleNamespace(config=config))  # type: ignore[arg-type]
+        train, held_out = ERCTrainer._load_data(SimpleNamespace(config=config))
         assert len({p["prompt"] for p in held_out}) == len(held_out) >= 200
         assert not {p["prompt"] for p in held_out} & {p["prompt"] for p in train}
 
