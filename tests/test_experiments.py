@@ -61,6 +61,7 @@ def test_llm_erc_drop_names_the_point():
     assert llm_erc_drop._point_of("add1-dapo-randmask0.26-s8") == 8
     assert llm_erc_drop._point_of("add1-dapo-lr1e-4-erc0.95-1.05") == 4
     assert llm_erc_drop._point_of("add1-dapo-randmask0.11") == 4
+    assert llm_erc_drop._label() == "add2"  # stress_llm's env: its runs are the baselines
     _, settings = llm_erc_drop._base(8)
     assert settings["mini_batch_prompts"] == 2 and settings["lr"] == 3e-4
 

@@ -646,11 +646,15 @@ class ERCTrainer:
         return f"{c.model}-sft{c.sft_steps}-seed{c.seed}-{digest.hexdigest()[:16]}"
 
     def _warm_start(self) -> None:
-        """The presets' supervised warm start (:func:`~erc_gym.llm.model.sft_warmstart`), once
-        per trainer; from the cache when ``warm_start_cache`` is set and holds it."""
-        if self._warm:
-            return
-        self._warm = True
+        """The presets' supervised warm start, once per trainer: ``__init__`` makes it unless
+        the run folder has a checkpoint, ``train`` then only when it starts from step 0."""
+        if not self._warm:
+            self._sft_or_cached()
+            self._warm = True
+
+    def _sft_or_cached(self) -> None:
+        """Supervised warm start (:func:`~erc_gym.llm.model.sft_warmstart`), from the cache when
+        one is set and holds it."""
         from erc_gym.llm.model import sft_warmstart
 
         c = self.config
