@@ -35,7 +35,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-from erc_gym.atomic import atomic_open, atomic_write
+from erc_gym.atomic import atomic_open, atomic_write, merge_json
 from erc_gym.diagnostics import (
     CLIPPING_FILE,
     audit_seed,
@@ -583,20 +583,11 @@ class ERCTrainer:
     # ------------------------------------------------------------------ set-up
 
     def _warm_start(self) -> None:
-        """The presets' supervised warm start, once (:func:`~erc_gym.llm.model.sft_warmstart`)."""
+        """The presets' supervised warm start, once (:func:`~erc_gym.llm.model.sft_warmstart`,
+        or its result from ``warm_start_cache``)."""
         if self._warm:
             return
-        from erc_gym.llm.model import sft_warmstart
-
-        sft_warmstart(
-            self.model,
-            self.tokenizer,
-            self.train_problems,
-            steps=self.config.sft_steps,
-            lr=self.config.sft_lr,
-            seed=self.config.seed,
-            progress=self.config.progress,
-        )
+        self._train_or_load_warm_start()
         self._warm = True
 
     def _load_data(self) -> tuple[list[Problem], list[Problem]]:
@@ -662,7 +653,7 @@ class ERCTrainer:
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
         return f"{c.model}-sft{c.sft_steps}-seed{c.seed}-{digest.hexdigest()[:16]}"
 
-    def _warm_start(self) -> None:
+    def _train_or_load_warm_start(self) -> None:
         """Supervised warm start of a preset (from the cache when one is set and holds it)."""
         from erc_gym.llm.model import sft_warmstart
 
@@ -1236,18 +1227,9 @@ class ERCTrainer:
         self.run_path.mkdir(parents=True, exist_ok=True)
         if not resume:
             self._clear_run()
-        config_path = self.run_path / "config.json"
-        settings = dataclasses.asdict(c)
         # keep what others recorded beside the settings (the experiment runner's variant, kind,
         # ...), so that a run stopped before its end is still found and reported as a grid run
-        try:
-            saved = json.loads(config_path.read_text()) if config_path.exists() else {}
-        except ValueError:
-            saved = {}
-        extra = (
-            {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
-        )
-        atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
+        merge_json(self.run_path / "config.json", dataclasses.asdict(c))
         if not (resume and find_checkpoint(self.run_path)):
             self._warm_start()  # deferred by __init__ when the folder had checkpoints
         torch.manual_seed(c.seed)
