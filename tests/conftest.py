@@ -62,3 +62,37 @@ def full_disk(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``make(source=None)``: a folder on a tmpfs holding a copy of ``source``, then remounted
+    read-only: a read-only runs folder, for real (root ignores file modes, a mount does not).
+
+    Skipped where mounting is not allowed, as :func:`full_disk`.
+    """
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+
+    def make(source=None):
+        if source is not None:
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+
+    try:
+        yield make
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
