@@ -16,7 +16,7 @@ from erc_gym.cli import main
 from erc_gym.lab import runner
 from erc_gym.lab.analysis import load_runs
 from erc_gym.lab.report import write_report
-from erc_gym.lab.rundir import done_problem, read_done
+from erc_gym.lab.rundir import done_problem, mark_done, read_done
 from erc_gym.lab.runner import RunsFailed, run_experiment
 
 TINY = {
@@ -303,3 +303,28 @@ def test_a_large_grid_with_finished_runs_estimates_the_rest(tmp_path, monkeypatc
     # a sample of every 4th run: 1 of 51 has finished; ~198 to go at 36 s on 2 workers: 1.0 h
     assert "1 of 51 runs sampled have finished, in a median 36 s: about 1.0 h" in err, err
     assert "for the other ~198 on 2 workers" in err
+
+
+def test_plot_and_report_leave_out_damaged_values(three_done, capsys):
+    """A line whose values are of the wrong type (a step that is an object, a histogram of
+    another length, a negative entropy) ended plot and report in a TypeError or ValueError."""
+    from erc_gym.lab.plots import plot_experiment
+
+    experiment, folders = three_done
+    log = folders[0] / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows[1]["step"] = {"a": 1}
+    rows[2]["entropy_ratio_hist"] = [1, 2, "x"]
+    rows[3]["entropy_ratio_hist"] = [[1], 2]
+    rows[4]["entropy"] = -1.0
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mark_done(folders[0], 1.0)  # as if the trainer had logged these: the run counts
+    (run,) = [r for r in load_runs(experiment) if r.path == folders[0]]
+    assert run.done
+    steps, _ = run.series("score")
+    assert len(steps) == len(rows) - 1  # the line with the damaged step is left out
+    hist_steps, hists = run.histograms()
+    assert hists.ndim == 2 and len(hist_steps) == len(hists)
+    assert plot_experiment(experiment)
+    main(["report", str(experiment)])
+    assert "Traceback" not in capsys.readouterr().err

@@ -120,9 +120,9 @@ class Run:
             key = fallback  # an older log, written before the kind's key existed
         xs, ys = [], []
         for row in self.rows:
-            value = row.get(key)
-            if isinstance(value, int | float) and math.isfinite(value) and step_key in row:
-                xs.append(float(row[step_key]))
+            value, step = row.get(key), row.get(step_key)
+            if _number(value) and _number(step):  # a damaged line's strings or lists: left out
+                xs.append(float(step))
                 ys.append(float(value))
         return np.asarray(xs), np.asarray(ys)
 
@@ -132,10 +132,14 @@ class Run:
         key, step_key = keys.get("ratio_hist"), keys["step"]
         xs, hs = [], []
         for row in self.rows:
-            value = row.get(key) if key else None
-            if isinstance(value, list) and value and step_key in row:
-                xs.append(float(row[step_key]))
+            value, step = (row.get(key), row.get(step_key)) if key else (None, None)
+            if isinstance(value, list) and value and all(map(_number, value)) and _number(step):
+                xs.append(float(step))
                 hs.append(value)
+        if hs:  # the run's bin count; a damaged line with another one is left out
+            bins = max({len(h) for h in hs}, key=[len(h) for h in hs].count)
+            xs = [x for x, h in zip(xs, hs, strict=True) if len(h) == bins]
+            hs = [h for h in hs if len(h) == bins]
         return np.asarray(xs), np.asarray(hs, dtype=np.float64)
 
     def train_seconds(self) -> float:
@@ -152,6 +156,11 @@ class Run:
         last ``score_evals`` evaluations (``eval_score``)."""
         _, ys = self.series("score")
         return float(ys[-1]) if ys.size else math.nan
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a series may hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_grid_run(config: Any) -> bool:
@@ -360,7 +369,9 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 "entropy_final": finite_mean([e[-1] if e.size else math.nan for e in entropies]),
                 "entropy_trend": finite_mean([_positive(entropy_trend, e) for e in entropies]),
                 "entropy_jitter": finite_mean([_positive(entropy_jitter, e) for e in entropies]),
-                "entropy_volatility": finite_mean([entropy_volatility(e) for e in entropies]),
+                "entropy_volatility": finite_mean(
+                    [_positive(entropy_volatility, e) for e in entropies]
+                ),
                 "grad_norm_spikes": finite_mean(
                     [grad_norm_spikes(r.series("grad_norm")[1], spike_k) for r in group]
                 ),
