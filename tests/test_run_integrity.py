@@ -30,16 +30,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _one_error_line(capsys: pytest.CaptureFixture[str], prog: str) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
@@ -134,44 +124,31 @@ def test_a_failed_run_with_workers_1_is_reported_as_with_workers(tmp_path, monke
     assert f"traceback in {logs[0]}" in capsys.readouterr().err
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmpfs, tmp_path, capsys):
     """Acceptance: a 2 MB tmpfs as the runs folder, filled up. Every command ends in one line
     naming a path on it, and the checkpoints already written are intact."""
-    import subprocess
-
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        config = tmp_path / "tiny.json"
-        config.write_text(json.dumps(TINY))
-        main(["experiment", str(config), "--runs", str(folder), "--no-progress", "--no-report"])
-        capsys.readouterr()
-        saved = {p: p.read_bytes() for p in folder.glob("tiny/*/*/checkpoint.pt")}
-        assert len(saved) == 2
-        with open(folder / ".filler", "wb") as f:
-            f.write(b"\0" * (shutil.disk_usage(folder).free - 4096))
-        more = tmp_path / "more.json"  # a second seed: its runs must write checkpoints
-        more.write_text(json.dumps({**TINY, "seeds": 2}))
-        for prog, argv in [
-            ("experiment", ["experiment", str(more), "--runs", str(folder), "--no-progress"]),
-            ("report", ["report", str(folder)]),
-            ("plot", ["plot", str(folder)]),
-        ]:
-            with pytest.raises(SystemExit) as exc:
-                main(argv)
-            assert exc.value.code == 1
-            line = _one_error_line(capsys, f"erc-gym {prog}")
-            assert str(folder) in line and "No space left on device" in line, line
-        assert {p: p.read_bytes() for p in saved} == saved
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    folder = tmpfs("2m")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    main(["experiment", str(config), "--runs", str(folder), "--no-progress", "--no-report"])
+    capsys.readouterr()
+    saved = {p: p.read_bytes() for p in folder.glob("tiny/*/*/checkpoint.pt")}
+    assert len(saved) == 2
+    with open(folder / ".filler", "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(folder).free - 4096))
+    more = tmp_path / "more.json"  # a second seed: its runs must write checkpoints
+    more.write_text(json.dumps({**TINY, "seeds": 2}))
+    for prog, argv in [
+        ("experiment", ["experiment", str(more), "--runs", str(folder), "--no-progress"]),
+        ("report", ["report", str(folder)]),
+        ("plot", ["plot", str(folder)]),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 1
+        line = _one_error_line(capsys, f"erc-gym {prog}")
+        assert str(folder) in line and "No space left on device" in line, line
+    assert {p: p.read_bytes() for p in saved} == saved
 
 
 # ------------------------------------------------------------------ run-folder integrity
@@ -328,3 +305,30 @@ def test_plot_and_report_leave_out_damaged_values(three_done, capsys):
     assert plot_experiment(experiment)
     main(["report", str(experiment)])
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_damaged_audit_lines_and_an_unknown_kind_are_left_out(three_done, capsys):
+    """Values of the wrong type in clipping.jsonl (a band that is a number, an infinite state
+    count, bins of lists) ended the report in TypeError / OverflowError / KeyError, and a
+    config.json with ``"kind": null`` ended plot in a ValueError."""
+    from erc_gym.lab.clipping import profile, run_profile
+
+    experiment, folders = three_done
+    audit = folders[0] / "clipping.jsonl"
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    good = profile(lines)
+    assert good is not None and good.updates == len(lines) == 4
+    lines[0]["band"] = 0.5
+    lines[1]["states"] = float("inf")
+    group = next(k for k, v in lines[2].items() if isinstance(v, dict) and "n" in v)
+    lines[2][group]["n"] = [[1, 2]]
+    audit.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = json.loads((folders[1] / "config.json").read_text())
+    (folders[1] / "config.json").write_text(json.dumps({**config, "kind": None}))
+    (run,) = [r for r in load_runs(experiment) if r.path == folders[0]]
+    damaged = run_profile(run)
+    assert damaged is not None and damaged.updates == 1 and damaged.band == good.band
+    main(["report", str(experiment)])
+    assert "Traceback" not in capsys.readouterr().err
+    text = (experiment / "report.md").read_text()
+    assert "V64-ppo/1: its config.json names no variant and known kind" in text

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -158,14 +158,19 @@ class Run:
         return float(ys[-1]) if ys.size else math.nan
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     """A finite int or float (not a bool): what a series may hold."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_grid_run(config: Any) -> bool:
-    """A run folder written by :mod:`erc_gym.lab.runner` (not a lone ``erc-gym llm`` run)."""
-    return isinstance(config, dict) and "variant" in config and "kind" in config
+    """A run folder written by :mod:`erc_gym.lab.runner` (not a lone ``erc-gym llm`` run): its
+    config names a variant and a known kind."""
+    return (
+        isinstance(config, dict)
+        and isinstance(config.get("variant"), str)
+        and config.get("kind") in kind_names()
+    )
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -251,7 +256,7 @@ def unreadable_runs(experiment_dir: str | Path) -> list[tuple[Path, str]]:
             out.append((folder, f"its config.json cannot be read ({reason})"))
             continue
         if not _is_grid_run(config):
-            out.append((folder, "its config.json names no variant and kind"))
+            out.append((folder, "its config.json names no variant and known kind"))
     return out
 
 
