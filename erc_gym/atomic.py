@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_open", "atomic_write"]
+__all__ = ["atomic_open", "atomic_write", "merge_json"]
 
 
 def _temp_name(path: Path, pid: int) -> Path:
@@ -48,6 +49,13 @@ def _remove_stale(path: Path) -> None:
             pid = other.name.removeprefix(prefix).removesuffix(suffix)
             if other.name.endswith(suffix) and pid.isdigit() and not _alive(int(pid)):
                 other.unlink(missing_ok=True)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file; a folder that cannot be written (read-only) keeps none to remove,
+    and an error here must not hide the write's own."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def _naming(err: OSError, path: Path, tmp: Path) -> OSError:
@@ -107,7 +115,7 @@ def atomic_open(path: str | Path, *, fsync: bool = True) -> Iterator[Any]:
     except OSError as err:
         raise _naming(err, path, tmp) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
 
 
 def atomic_write(
@@ -140,5 +148,22 @@ def atomic_write(
     except OSError as err:
         raise _naming(err, path, tmp) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     return path
+
+
+def merge_json(path: str | Path, values: dict[str, Any]) -> Path:
+    """Replace the JSON object in ``path`` by its keys updated with ``values`` (atomically).
+
+    Keys that others recorded in the file stay: a run folder's ``config.json`` holds the
+    trainer's settings and the experiment runner's record of the run (variant, kind, ...), and
+    whichever writes first, both survive. A missing file, or one that is not a JSON object,
+    counts as empty.
+    """
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    merged = {**old, **values} if isinstance(old, dict) else dict(values)
+    return atomic_write(path, json.dumps(merged, indent=2))

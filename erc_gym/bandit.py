@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import group_advantages
-from erc_gym.atomic import atomic_open, atomic_write
+from erc_gym.atomic import atomic_open, merge_json
 from erc_gym.diagnostics import (
     CLIPPING_FILE,
     audit_seed,
@@ -248,7 +247,9 @@ def train_bandit(
     start = 0
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / "config.json", json.dumps(dataclasses.asdict(c), indent=2))
+        # beside the experiment runner's record of the run (variant, kind), which it writes
+        # first: a run stopped before its end is still reported as a run of its variant
+        merge_json(path / "config.json", dataclasses.asdict(c))
         ckpt = path / "checkpoint.pt"
         metrics_path = path / "metrics.jsonl"
         if resume and ckpt.exists():

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,24 @@ def main(argv: list[str] | None = None) -> None:
         # ``erc-gym experiment --list | head``: the reader left; end quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None  # 128 + SIGPIPE, the shell's status for this case
+
+
+@contextlib.contextmanager
+def file_errors(prog: str) -> Iterator[None]:
+    """An ``OSError`` that escapes the block (a full disk, a read-only runs folder) becomes one
+    line naming the path and the cause, and exit 1: files already written stay as they were,
+    as every writer replaces its file atomically (:mod:`erc_gym.atomic`)."""
+    try:
+        yield
+    except OSError as err:
+        import errno
+
+        where = err.filename if err.filename is not None else "a file"
+        cause = err.strerror or str(err)
+        full = err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+        line = f"cannot write {where} ({cause})" if full else f"{where}: {cause}"
+        sys.stderr.write(f"{prog}: error: {line}\n")
+        raise SystemExit(1) from None
 
 
 def _experiment_dirs(path: Path, prog: str) -> list[Path]:
@@ -186,16 +206,17 @@ def experiment_main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"erc-gym experiment: error: {args.name}: {err.strerror or err}\n")
         if args.set:
             spec = override_settings(spec, dict(args.set))
-        run_experiment(
-            spec,
-            args.runs,
-            workers=args.workers,
-            resume=not args.restart,
-            seeds=args.seeds,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            launcher=launcher,
-        )
+        with file_errors(parser.prog):  # the runs folder itself (a run's own errors are its log)
+            run_experiment(
+                spec,
+                args.runs,
+                workers=args.workers,
+                resume=not args.restart,
+                seeds=args.seeds,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                launcher=launcher,
+            )
     except (FileNotFoundError, ConfigError, ConfigMismatch, ClusterError) as err:
         parser.exit(2, f"erc-gym experiment: error: {err}\n")
     except RunsFailed as err:
@@ -218,7 +239,8 @@ def experiment_main(argv: list[str] | None = None) -> None:
     if not args.no_report:
         from erc_gym.lab.report import write_report
 
-        report = write_report(Path(args.runs) / spec["name"])
+        with file_errors(parser.prog):
+            report = write_report(Path(args.runs) / spec["name"])
         print(f"report: {report}")
 
 
@@ -234,8 +256,9 @@ def plot_main(argv: list[str] | None = None) -> None:
     from erc_gym.lab.plots import plot_experiment
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
-        for path in plot_experiment(folder):
-            print(path)
+        with file_errors(parser.prog):
+            for path in plot_experiment(folder):
+                print(path)
 
 
 def _late_signal(signum: int, frame: Any) -> None:
@@ -269,10 +292,11 @@ def report_main(argv: list[str] | None = None) -> None:
     from erc_gym.lab.report import write_report
 
     for folder in _experiment_dirs(args.runs_dir, parser.prog):
-        try:
-            print(write_report(folder, plots=not args.no_plots))
-        except (FileNotFoundError, ValueError) as err:  # e.g. a hand-edited experiment.json
-            fail(parser.prog, str(err))
+        with file_errors(parser.prog):
+            try:
+                print(write_report(folder, plots=not args.no_plots))
+            except (FileNotFoundError, ValueError) as err:  # e.g. a hand-edited experiment.json
+                fail(parser.prog, str(err))
 
 
 def _erc_band(prog: str, low: float | None, high: float | None) -> tuple[float, float]:

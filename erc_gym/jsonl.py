@@ -153,23 +153,28 @@ def last_value(path: str | Path, key: str) -> float | None:
     return None
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, skipped: list[int] | None = None) -> list[dict[str, Any]]:
     """Every complete JSON object line of ``path`` (``[]`` if missing); ``null`` -> ``nan``.
 
-    Lines that do not parse (a line cut short by an interrupted run) are skipped. Top-level
-    ``null`` values become ``float('nan')`` so numeric series keep their length.
+    Lines that do not parse (a line cut short by an interrupted run, a damaged one) or are not
+    JSON objects are skipped; their numbers (from 1) are appended to ``skipped`` when it is
+    given, so that a reader can say which. Top-level ``null`` values become ``float('nan')`` so
+    numeric series keep their length.
     """
     p = Path(path)
     if not p.exists():
         return []
     rows = []
-    for line in p.read_text().splitlines():
+    text = p.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
         if isinstance(row, dict):
             rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
+        elif skipped is not None:
+            skipped.append(number)
     return rows

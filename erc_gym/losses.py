@@ -121,6 +121,9 @@ _AGGREGATIONS = get_args(AggregationMode)
 LOG_RATIO_CLAMP = 20.0
 #: Added to both entropies before dividing (the reference code's epsilon).
 ENTROPY_EPS = 1e-8
+#: How far below 0 an entropy may be computed (rounding) before :func:`loss_metrics` refuses it
+#: as not an entropy (e.g. SB3's entropy loss, which is ``-H``).
+NEGATIVE_ENTROPY_TOL = 1e-3
 
 
 def _check_number(name: str, value: float) -> None:
@@ -1145,7 +1148,12 @@ def policy_loss(
         entropy: current full-distribution entropy per state, same shape as ``log_prob``. Needed
             for ERC, the matched random control, the equal-step control and the high-entropy
             gate, and (differentiable) for the entropy bonus; also gives the entropy metrics.
-        old_entropy: the same under the old policy.
+            Entropies are ``>= 0``: a valid token below ``-NEGATIVE_ENTROPY_TOL`` (an entropy
+            loss ``-H`` passed by mistake) is refused when the metrics are reduced, here or in
+            :func:`loss_metrics` (no extra host sync).
+        old_entropy: the same under the old policy. A zero old entropy (a deterministic old
+            policy at that state) is allowed: the ratio is then ``(H + 1e-8) / 1e-8``, so ERC
+            stops the token's gradient once its entropy exceeds ``(high - 1) * 1e-8``.
         mask: valid tokens (bool or 0/1), same shape as ``log_prob``; None means all valid.
         config: the :class:`LossConfig`.
         metrics: compute ``LossOutput.metrics`` now (one host sync). Pass False inside a loop of
@@ -1163,7 +1171,8 @@ def policy_loss(
         :class:`LossOutput` with the scalar ``loss``, ``metrics``, ``stats`` and ``token_loss``.
 
     Raises:
-        ValueError: on mismatched shapes, or a method on without the tensors it needs.
+        ValueError: on mismatched shapes, a method on without the tensors it needs, or (with
+            ``metrics``) a negative entropy.
 
     Example:
         >>> cfg = LossConfig.dapo(erc=ERCConfig(0.95, 1.05))
@@ -1383,9 +1392,12 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
         extra: dict[str, Tensor] = {}
         entropy_names: list[str] = []
         entropy_sums: Tensor | None = None
+        lowest: Tensor | None = None
         if with_entropy:
             h = _cat([s.entropy for s in stats if s.entropy is not None], dtype)
             h_old = _cat([s.old_entropy for s in stats if s.old_entropy is not None], dtype)
+            # the lowest valid entropy: a check, not a metric, riding on the same host sync
+            lowest = torch.where(valid, torch.minimum(h, h_old), 0.0).min().reshape(1)
             if all(s.rho is not None for s in stats):
                 rho = _cat([s.rho for s in stats if s.rho is not None], dtype)
             else:
@@ -1447,10 +1459,21 @@ def loss_metrics(stats: Sequence[LossStats]) -> dict[str, float]:
                 fractions,
                 means,
                 torch.stack(list(extra.values())) if extra else fractions[:0],
+                lowest if lowest is not None else fractions[:0],
             ]
         )
         names = ["pg_loss", *indicators, *sums, *entropy_names, *extra]
-        out = dict(zip(names, flat.to(torch.float64).cpu().tolist(), strict=True))
+        if flat.is_meta:  # shape inference: the tensors hold no values to report
+            values = [math.nan] * flat.numel()
+        else:
+            values = flat.to(torch.float64).cpu().tolist()
+        low = values.pop() if lowest is not None else 0.0
+        if low < -NEGATIVE_ENTROPY_TOL:
+            raise ValueError(
+                f"entropy and old_entropy must be entropies (>= 0), got {low:.4g} at a valid "
+                "token: pass H of the full action distribution, not an entropy loss (-H)"
+            )
+        out = dict(zip(names, values, strict=True))
     return out | scalars if scalars else out
 
 

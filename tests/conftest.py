@@ -36,29 +36,61 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A folder on a 2 MB tmpfs whose free space is filled to a few KB: a full disk, for real.
-
-    Mounting needs root (or CAP_SYS_ADMIN); the test is skipped where it is not allowed. Tests that
-    must run everywhere simulate ``ENOSPC`` by patching the write instead.
-    """
+def tmpfs(tmp_path):
+    """``mount(size)``: a new folder with a tmpfs of that size (``"2m"``) mounted on it, unmounted
+    after the test. Mounting needs root (or CAP_SYS_ADMIN); the test is skipped where it is not
+    allowed (tests that must run everywhere patch the write instead)."""
     import shutil
     import subprocess
 
-    folder = tmp_path / "full"
-    folder.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(folder)
+        return folder
+
     try:
-        with open(folder / ".filler", "wb") as f:  # leave 16 KB: small files still fit
-            f.write(b"\0" * (shutil.disk_usage(folder).free - 16 * 1024))
-        yield folder
+        yield mount
     finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        for folder in mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def full_disk(tmpfs):
+    """A folder on a 2 MB tmpfs whose free space is filled to a few KB: a full disk, for real."""
+    import shutil
+
+    folder = tmpfs("2m")
+    with open(folder / ".filler", "wb") as f:  # leave 16 KB: small files still fit
+        f.write(b"\0" * (shutil.disk_usage(folder).free - 16 * 1024))
+    return folder
+
+
+@pytest.fixture
+def read_only(tmpfs):
+    """``make(source=None)``: a folder on a tmpfs holding a copy of ``source``, then remounted
+    read-only: a read-only runs folder, for real (root ignores file modes, a mount does not)."""
+    import shutil
+    import subprocess
+
+    folder = tmpfs("8m")
+
+    def make(source=None):
+        if source is not None:
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+
+    return make

@@ -467,3 +467,51 @@ def test_stop_gradient_forms_agree(numel):
         assert torch.equal(y, outs[0][0])
         assert torch.equal(grad, outs[0][1])
     assert torch.equal(outs[0][1], torch.where(keep, 3.0 * weights, torch.zeros_like(weights)))
+
+
+def test_negative_entropies_are_refused_when_metrics_are_reduced():
+    """Negative entropies (an entropy loss -H passed by mistake) were accepted silently."""
+    from erc_gym.losses import loss_metrics
+
+    config = LossConfig(erc=ERCConfig(0.95, 1.05))
+    lp = torch.randn(4, 3, requires_grad=True)
+    h = torch.rand(4, 3) + 0.1
+    with pytest.raises(ValueError, match=r"must be entropies \(>= 0\), got -0\.5 at a valid"):
+        policy_loss(lp, lp.detach(), torch.randn(4), entropy=-h.clamp(max=0.5), old_entropy=h,
+                    config=config)  # fmt: skip
+    out = policy_loss(lp, lp.detach(), torch.randn(4), entropy=h, old_entropy=-h,
+                      config=config, metrics=False)  # fmt: skip
+    with pytest.raises(ValueError, match="not an entropy loss"):  # the deferred reduction too
+        loss_metrics([out.stats])
+    # a masked-out token may hold anything; rounding just below 0 is an entropy still
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[0, 0] = False
+    odd = h.clone()
+    odd[0, 0], odd[1, 1] = -5.0, -1e-6
+    out = policy_loss(lp, lp.detach(), torch.randn(4), entropy=odd, old_entropy=h, mask=mask,
+                      config=config)  # fmt: skip
+    assert math.isfinite(out.metrics["entropy_mean"])
+
+
+def test_a_zero_old_entropy_is_clipped_unless_the_entropy_stays_zero():
+    """Documented behaviour: rho = (H + 1e-8) / 1e-8 where the old policy was deterministic."""
+    config = LossConfig(erc=ERCConfig(0.95, 1.05))
+    lp = torch.randn(1, 3, requires_grad=True)
+    old = torch.zeros(1, 3)
+    h = torch.tensor([[0.0, 1e-10, 1e-3]])
+    out = policy_loss(lp, lp.detach(), torch.ones(1), entropy=h, old_entropy=old, config=config)
+    assert out.erc_keep.tolist() == [[True, True, False]]
+    assert out.metrics["erc_clip_fraction_high"] == pytest.approx(1 / 3)
+
+
+def test_policy_loss_on_meta_tensors_gives_the_loss_and_nan_metrics():
+    """Shape inference on ``meta`` tensors failed inside the metrics (no data to copy out)."""
+    config = LossConfig.dapo(erc=ERCConfig(0.95, 1.05))
+    lp = torch.empty(2, 5, device="meta", requires_grad=True)
+    h = torch.empty(2, 5, device="meta")
+    out = policy_loss(lp, lp.detach(), torch.empty(2, device="meta"), entropy=h, old_entropy=h,
+                      config=config)  # fmt: skip
+    assert out.loss.is_meta and out.loss.shape == ()
+    assert out.metrics and all(math.isnan(v) for v in out.metrics.values())
+    out.loss.backward()
+    assert lp.grad is not None and lp.grad.shape == lp.shape

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from erc_gym.diagnostics import entropy_jitter, entropy_trend, entropy_volatilit
 from erc_gym.jsonl import read_jsonl
 from erc_gym.lab.grid import expand
 from erc_gym.lab.kinds import get_kind, kind_names
+from erc_gym.lab.rundir import done_problem, read_done
 from erc_gym.lab.stats import bootstrap_ci, finite_mean, iqm
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "load_runs",
     "stale_runs",
     "summarize",
+    "unreadable_runs",
 ]
 
 
@@ -71,12 +73,20 @@ STEP_LABELS: Mapping[str, str] = _ByKind("step_label")
 
 @dataclass
 class Run:
-    """One run folder: its ``config.json`` and ``metrics.jsonl`` lines."""
+    """One run folder: its ``config.json`` and ``metrics.jsonl`` lines.
+
+    ``done``: finished, with the metrics it finished with; ``damaged``: why a run with a
+    ``done`` marker does not count (:func:`erc_gym.lab.rundir.done_problem`: its log was cut
+    short or edited since), None otherwise; ``skipped_lines``: numbers of the log's lines that
+    could not be read (left out of every series).
+    """
 
     path: Path
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     done: bool
+    damaged: str | None = None
+    skipped_lines: list[int] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -110,9 +120,9 @@ class Run:
             key = fallback  # an older log, written before the kind's key existed
         xs, ys = [], []
         for row in self.rows:
-            value = row.get(key)
-            if isinstance(value, int | float) and math.isfinite(value) and step_key in row:
-                xs.append(float(row[step_key]))
+            value, step = row.get(key), row.get(step_key)
+            if _number(value) and _number(step):  # a damaged line's strings or lists: left out
+                xs.append(float(step))
                 ys.append(float(value))
         return np.asarray(xs), np.asarray(ys)
 
@@ -122,19 +132,24 @@ class Run:
         key, step_key = keys.get("ratio_hist"), keys["step"]
         xs, hs = [], []
         for row in self.rows:
-            value = row.get(key) if key else None
-            if isinstance(value, list) and value and step_key in row:
-                xs.append(float(row[step_key]))
+            value, step = (row.get(key), row.get(step_key)) if key else (None, None)
+            if isinstance(value, list) and value and all(map(_number, value)) and _number(step):
+                xs.append(float(step))
                 hs.append(value)
+        if hs:  # the run's bin count; a damaged line with another one is left out
+            bins = max({len(h) for h in hs}, key=[len(h) for h in hs].count)
+            xs = [x for x, h in zip(xs, hs, strict=True) if len(h) == bins]
+            hs = [h for h in hs if len(h) == bins]
         return np.asarray(xs), np.asarray(hs, dtype=np.float64)
 
     def train_seconds(self) -> float:
         """The training time its ``done`` marker records (the runner's clock around the
         trainer, the last session only when the run was resumed); NaN when unfinished."""
         try:
-            return float((self.path / "done").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+            marker = read_done(self.path)
+        except (OSError, ValueError):
             return math.nan
+        return math.nan if marker is None else marker.seconds
 
     def final_score(self) -> float:
         """The last logged score (NaN when none). For an LLM run that is the mean accuracy of its
@@ -143,9 +158,19 @@ class Run:
         return float(ys[-1]) if ys.size else math.nan
 
 
+def _number(value: Any) -> TypeGuard[float]:
+    """A finite int or float (not a bool): what a series may hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_grid_run(config: Any) -> bool:
-    """A run folder written by :mod:`erc_gym.lab.runner` (not a lone ``erc-gym llm`` run)."""
-    return isinstance(config, dict) and "variant" in config and "kind" in config
+    """A run folder written by :mod:`erc_gym.lab.runner` (not a lone ``erc-gym llm`` run): its
+    config names a variant and a known kind."""
+    return (
+        isinstance(config, dict)
+        and isinstance(config.get("variant"), str)
+        and config.get("kind") in kind_names()
+    )
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -186,12 +211,17 @@ def load_runs(experiment_dir: str | Path, *, grid_only: bool = True) -> list[Run
             continue
         assert config is not None
         folder = cfg.parent
+        skipped: list[int] = []
+        rows = read_jsonl(folder / "metrics.jsonl", skipped)
+        damaged = done_problem(folder)
         runs.append(
             Run(
                 path=folder,
                 config=config,
-                rows=read_jsonl(folder / "metrics.jsonl"),
-                done=(folder / "done").exists(),
+                rows=rows,
+                done=(folder / "done").exists() and damaged is None,
+                damaged=damaged,
+                skipped_lines=skipped,
             )
         )
     order = grid_order(root) if grid_only else None
@@ -201,6 +231,33 @@ def load_runs(experiment_dir: str | Path, *, grid_only: bool = True) -> list[Run
     return sorted(
         (r for r in runs if (r.variant, r.seed) in rank), key=lambda r: rank[(r.variant, r.seed)]
     )
+
+
+#: Files of a run folder (:mod:`erc_gym.lab.rundir`): a folder with any of them is a run.
+_RUN_FILES = ("config.json", "run.json", "metrics.jsonl", "done")
+
+
+def unreadable_runs(experiment_dir: str | Path) -> list[tuple[Path, str]]:
+    """``(folder, why)`` for each ``<variant>/<seed>`` folder of run files that
+    :func:`load_runs` cannot read as a run of a grid (it leaves them out): its ``config.json``
+    is missing, not JSON, or does not say which variant and kind the run belongs to."""
+    out = []
+    for folder in sorted(Path(experiment_dir).glob("*/*/")):
+        if not any((folder / name).exists() for name in _RUN_FILES):
+            continue
+        path = folder / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            out.append((folder, "it has no config.json"))
+            continue
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "strerror", None) or " ".join(str(err).split())
+            out.append((folder, f"its config.json cannot be read ({reason})"))
+            continue
+        if not _is_grid_run(config):
+            out.append((folder, "its config.json names no variant and known kind"))
+    return out
 
 
 def stale_runs(experiment_dir: str | Path) -> list[Path]:
@@ -283,9 +340,10 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
     states / tokens ERC clipped and kept; the SB3 callback's split uses its band even with ERC off)
     -- means over the run, then over runs.
 
-    Only finished runs (a ``done`` marker) enter the scores and diagnostics: an unfinished run's
-    last score is a partial one. ``runs`` says how many of the variant's runs that is, and
-    ``unfinished`` lists the seeds left out.
+    Only finished runs (a ``done`` marker, with the metrics they finished with) enter the scores
+    and diagnostics: an unfinished run's last score is a partial one. ``runs`` says how many of
+    the variant's runs that is; ``unfinished`` and ``damaged`` (marked done, but the log changed
+    since: :attr:`Run.damaged`) list the seeds left out.
     """
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
@@ -302,7 +360,8 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 "env": every[0].env_label,
                 "kind": every[0].kind,
                 "runs": f"{len(group)}/{len(every)}",
-                "unfinished": [r.seed for r in every if not r.done],
+                "unfinished": [r.seed for r in every if not r.done and r.damaged is None],
+                "damaged": [r.seed for r in every if r.damaged is not None],
                 "iqm": iqm(finals),
                 "ci_low": lo,
                 "ci_high": hi,
@@ -315,7 +374,9 @@ def summarize(runs: Sequence[Run], spike_k: float = 3.0) -> list[dict[str, Any]]
                 "entropy_final": finite_mean([e[-1] if e.size else math.nan for e in entropies]),
                 "entropy_trend": finite_mean([_positive(entropy_trend, e) for e in entropies]),
                 "entropy_jitter": finite_mean([_positive(entropy_jitter, e) for e in entropies]),
-                "entropy_volatility": finite_mean([entropy_volatility(e) for e in entropies]),
+                "entropy_volatility": finite_mean(
+                    [_positive(entropy_volatility, e) for e in entropies]
+                ),
                 "grad_norm_spikes": finite_mean(
                     [grad_norm_spikes(r.series("grad_norm")[1], spike_k) for r in group]
                 ),

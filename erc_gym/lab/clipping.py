@@ -114,6 +114,8 @@ class ClipProfile:
 def _add(total: np.ndarray | None, values: Sequence[float] | np.ndarray) -> np.ndarray:
     """``total + values``, the shorter one padded with zeros (runs differ in steps per rollout)."""
     v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"expected a list of counts, got an array of shape {v.shape}")
     if total is None:
         return v
     if total.size < v.size:
@@ -127,34 +129,47 @@ def profile(lines: Sequence[dict[str, Any]]) -> ClipProfile | None:
     """Add up audit lines (of one run or several); None when there are none."""
     if not lines:
         return None
+    whole = ClipProfile()
+    for line in lines:
+        try:  # a line of the run's own, added only when it reads and fits the others
+            one = _line_profile(line)
+            band = one.band if "band" in line else whole.band
+            whole = merge([whole, one])
+            whole.band = band
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError):
+            continue  # a damaged line: left out (the metrics' notes name damaged runs)
+    return whole
+
+
+def _line_profile(line: dict[str, Any]) -> ClipProfile:
+    """The profile of one audit line (raises on a line whose values have the wrong type)."""
     p = ClipProfile()
     samples: dict[str, list[float]] = {k: [] for k in _SAMPLE_KEYS}
     state_samples: dict[str, list[float]] = {k: [] for k in _STATE_KEYS}
-    for line in lines:
-        p.updates += 1
-        if "band" in line:
-            p.erc = p.erc or bool(line.get("erc"))
-            p.band = (float(line["band"][0]), float(line["band"][1]))
-        for group, keys in _BIN_KEYS.items():
-            if isinstance(line.get(group), dict):
-                into = p.bins.setdefault(group, {})
-                for key in keys:
-                    into[key] = _add(into.get(key), line[group].get(key, []))
-        if isinstance(line.get("by_step"), dict):
-            for key in ("n", "outside"):
-                p.by_step[key] = _add(p.by_step.get(key), line["by_step"][key])
-        sample = line.get("sample")
-        if isinstance(sample, dict):
-            size = len(sample.get("h_old", []))
-            for key in _SAMPLE_KEYS:
-                samples[key] += list(sample.get(key, [math.nan] * size))
-        for key in _STATE_COUNTS:
-            if isinstance(line.get(key), int | float):
-                p.states[key] = p.states.get(key, 0) + int(line[key])
-        states = line.get("state_sample")
-        if isinstance(states, dict):
-            for key in _STATE_KEYS:
-                state_samples[key] += list(states.get(key, []))
+    p.updates += 1
+    if "band" in line:
+        p.erc = p.erc or bool(line.get("erc"))
+        p.band = (float(line["band"][0]), float(line["band"][1]))
+    for group, keys in _BIN_KEYS.items():
+        if isinstance(line.get(group), dict):
+            into = p.bins.setdefault(group, {})
+            for key in keys:
+                into[key] = _add(into.get(key), line[group].get(key, []))
+    if isinstance(line.get("by_step"), dict):
+        for key in ("n", "outside"):
+            p.by_step[key] = _add(p.by_step.get(key), line["by_step"][key])
+    sample = line.get("sample")
+    if isinstance(sample, dict):
+        size = len(sample.get("h_old", []))
+        for key in _SAMPLE_KEYS:
+            samples[key] += list(sample.get(key, [math.nan] * size))
+    for key in _STATE_COUNTS:
+        if isinstance(line.get(key), int | float):
+            p.states[key] = p.states.get(key, 0) + int(line[key])
+    states = line.get("state_sample")
+    if isinstance(states, dict):
+        for key in _STATE_KEYS:
+            state_samples[key] += list(states.get(key, []))
     p.sample = {k: np.asarray(v, dtype=np.float64) for k, v in samples.items() if v}
     p.state_sample = {k: np.asarray(v, dtype=np.float64) for k, v in state_samples.items() if v}
     return p

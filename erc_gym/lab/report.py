@@ -13,6 +13,7 @@ reference (``base``) and ERC against each other method, paired by seed.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -30,6 +31,7 @@ from erc_gym.lab.analysis import (
     load_runs,
     stale_runs,
     summarize,
+    unreadable_runs,
 )
 from erc_gym.lab.clipping import ClipProfile, low_entropy_excess, merge, run_profile
 from erc_gym.lab.grid import method_entries
@@ -39,6 +41,7 @@ from erc_gym.lab.plots import (
     plot_stress_map,
     plot_who_gets_clipped,
 )
+from erc_gym.lab.rundir import read_done
 from erc_gym.lab.stats import Comparison, compare, finite_mean
 from erc_gym.lab.stress import (
     COLLAPSE_FACTOR,
@@ -101,6 +104,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
             text = ", ".join(_fmt(v) for v in row["per_seed"]) or "–"
             if row.get("unfinished"):
                 text += " (unfinished: seed " + ", ".join(map(str, row["unfinished"])) + ")"
+            if row.get("damaged"):
+                text += " (damaged, not counted: seed " + ", ".join(map(str, row["damaged"])) + ")"
             out.append(text)
         else:
             out.append(_fmt(row[key]))
@@ -121,8 +126,13 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     """Write ``report.md`` and ``report.html`` for an experiment folder; returns the .md path."""
     experiment_dir = Path(experiment_dir)
     runs = load_runs(experiment_dir)
+    unreadable = unreadable_runs(experiment_dir)
     if not runs:
-        raise FileNotFoundError(f"no runs (config.json) below {experiment_dir}")
+        found = "; ".join(f"{p}: {why}" for p, why in unreadable[:3])
+        raise FileNotFoundError(
+            f"no runs (config.json) below {experiment_dir}"
+            + (f"; skipped {len(unreadable)} run folders, e.g. {found}" if unreadable else "")
+        )
     spec_path = experiment_dir / "experiment.json"
     try:
         spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
@@ -168,12 +178,13 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
     if spec.get("description"):
         page.append(f"<p>{html.escape(spec['description'])}</p>")
     notes = []
-    unfinished = sum(not r.done for r in runs)
+    unfinished = sum(not r.done and r.damaged is None for r in runs)
     if unfinished:
         notes.append(
             f"{unfinished} of {len(runs)} runs are unfinished and left out of every column "
             "(see 'runs done'); `erc-gym experiment` resumes them."
         )
+    notes += _integrity_notes(runs, unreadable, experiment_dir)
     stale = stale_runs(experiment_dir)
     if stale:
         shown = ", ".join(p.relative_to(experiment_dir).as_posix() for p in stale[:6])
@@ -230,6 +241,57 @@ def write_report(experiment_dir: str | Path, *, plots: bool = True) -> Path:
         fsync=False,
     )
     return out
+
+
+def _integrity_notes(
+    runs: Sequence[Run], unreadable: Sequence[tuple[Path, str]], experiment_dir: Path
+) -> list[str]:
+    """The report's notes on what it could not use: every run folder skipped, every run marked
+    done whose log changed since, every log line that could not be read, and the finished runs
+    whose older ``done`` marker has no checksum to check their log against."""
+
+    def rel(path: Path) -> str:
+        return path.relative_to(experiment_dir).as_posix()
+
+    notes = []
+    if unreadable:
+        notes.append(
+            f"{len(unreadable)} run folders could not be read and are not reported: "
+            + "; ".join(f"{rel(p)}: {why}" for p, why in unreadable)
+            + "."
+        )
+    damaged = [r for r in runs if r.damaged is not None]
+    if damaged:
+        notes.append(
+            f"{len(damaged)} runs marked done are not counted, as their log is not the one they "
+            "finished with: "
+            + "; ".join(f"{rel(r.path)}: {r.damaged}" for r in damaged)
+            + ". Delete such a run's folder and run the experiment again to redo it."
+        )
+    lines = [r for r in runs if r.skipped_lines]
+    if lines:
+        notes.append(
+            "Lines of metrics.jsonl that could not be read and are left out: "
+            + "; ".join(
+                f"{rel(r.path)}: line{'s' if len(r.skipped_lines) > 1 else ''} "
+                + ", ".join(map(str, r.skipped_lines))
+                for r in lines
+            )
+            + "."
+        )
+    unchecked = []
+    for r in runs:
+        with contextlib.suppress(OSError, ValueError):
+            marker = read_done(r.path)
+            if r.done and marker is not None and marker.metrics_sha256 is None:
+                unchecked.append(r)
+    if unchecked:
+        notes.append(
+            f"{len(unchecked)} finished runs have a done marker written before markers recorded "
+            "a checksum of the log (an older erc-gym): counted, but their metrics.jsonl cannot "
+            "be checked for damage."
+        )
+    return notes
 
 
 # ---------------------------------------------------------------- who gets clipped

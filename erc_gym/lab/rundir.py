@@ -12,7 +12,9 @@
 * ``metrics.jsonl`` (:mod:`erc_gym.jsonl`) and the trainer's checkpoint, both written by the
   trainer: checkpoints are replaced atomically and a resumed run keeps its log up to the
   checkpoint (:func:`erc_gym.jsonl.truncate_metrics`);
-* ``done`` -- the marker of a finished run (:func:`mark_done`), and ``error.log`` -- the
+* ``done`` -- the marker of a finished run (:func:`mark_done`): its training time and the line
+  count and SHA-256 of its ``metrics.jsonl``, so that a log cut short or edited after the run
+  finished is found (:func:`done_problem`) instead of counted; and ``error.log`` -- the
   traceback of a run that raised;
 * ``.lock`` -- held while a process trains the run (:func:`hold`).
 
@@ -22,13 +24,15 @@ Every file here is written with :func:`erc_gym.atomic.atomic_write`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from erc_gym.atomic import atomic_write
+from erc_gym.atomic import atomic_write, merge_json
 from erc_gym.lab.kinds import get_kind
 
 if TYPE_CHECKING:
@@ -36,13 +40,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigMismatch",
+    "DoneMarker",
     "RunLocked",
     "clear",
     "config_diff",
+    "done_problem",
     "hold",
     "is_done",
     "mark_done",
+    "metrics_digest",
     "mismatch_message",
+    "read_done",
     "resolved_config",
     "write_config",
     "write_error",
@@ -121,12 +129,7 @@ def write_json(path: Path, value: Any) -> None:
 
 def write_config(folder: Path, run: RunSpec) -> None:
     """Merge the runner's record of the run into ``config.json`` (beside the trainer's keys)."""
-    path = folder / "config.json"
-    try:
-        own = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        own = {}
-    write_json(path, {**own, **run.meta()})
+    merge_json(folder / "config.json", run.meta())
 
 
 def clear(folder: Path) -> None:
@@ -161,17 +164,101 @@ def hold(folder: Path) -> Iterator[None]:
 
 
 def is_done(folder: Path) -> bool:
-    """Whether the run finished (its ``done`` marker exists)."""
+    """Whether the run finished (its ``done`` marker exists): the runner leaves such a run alone.
+    Whether its metrics are still those it finished with is :func:`done_problem`'s question."""
     return (folder / "done").exists()
 
 
+@dataclass(frozen=True)
+class DoneMarker:
+    """What a ``done`` marker records: the training time and, since markers record them, the
+    line count and SHA-256 (hex) of ``metrics.jsonl`` when the run finished (None in an older
+    marker, which held the time alone)."""
+
+    seconds: float
+    metrics_lines: int | None = None
+    metrics_sha256: str | None = None
+
+
+def metrics_digest(folder: Path) -> tuple[int, str]:
+    """``(lines, sha256 hex)`` of the folder's ``metrics.jsonl`` (``(0, sha256 of b"")`` when
+    there is none)."""
+    try:
+        data = (folder / "metrics.jsonl").read_bytes()
+    except FileNotFoundError:
+        data = b""
+    return data.count(b"\n"), hashlib.sha256(data).hexdigest()
+
+
 def mark_done(folder: Path, seconds: float) -> None:
-    """Write the ``done`` marker (the run's training time) and drop an old ``error.log``."""
-    atomic_write(folder / "done", f"{seconds:.1f}\n")
+    """Write the ``done`` marker (the training time, the line count and SHA-256 of
+    ``metrics.jsonl``) and drop an old ``error.log``."""
+    lines, digest = metrics_digest(folder)
+    marker = {"seconds": round(seconds, 1), "metrics_lines": lines, "metrics_sha256": digest}
+    atomic_write(folder / "done", json.dumps(marker) + "\n")
     (folder / "error.log").unlink(missing_ok=True)
 
 
-def write_error(folder: Path, text: str) -> None:
-    """Record the traceback of a run that raised (``error.log``); never raises."""
-    with contextlib.suppress(OSError):
+def read_done(folder: Path) -> DoneMarker | None:
+    """The folder's ``done`` marker (None: the run has not finished).
+
+    Raises:
+        ValueError: the marker is neither this module's JSON nor an older marker (the training
+            seconds alone).
+    """
+    try:
+        text = (folder / "done").read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, int | float) and not isinstance(value, bool):  # an older marker
+        return DoneMarker(float(value))
+    if isinstance(value, dict) and isinstance(value.get("seconds"), int | float):
+        lines, digest = value.get("metrics_lines"), value.get("metrics_sha256")
+        if isinstance(lines, int) and isinstance(digest, str):
+            return DoneMarker(float(value["seconds"]), lines, digest)
+    raise ValueError(f"{folder / 'done'}: not a done marker ({text.strip()[:60]!r})")
+
+
+def done_problem(folder: Path) -> str | None:
+    """Why a run with a ``done`` marker does not count as finished, or None (it does; also for a
+    folder without a marker, and for an older marker, which records no checksum to compare).
+
+    A run's ``metrics.jsonl`` never changes once it is done: different lines or a different
+    checksum mean that it was cut short (a full disk while copying, a truncation) or edited.
+    """
+    try:
+        marker = read_done(folder)
+    except (OSError, ValueError) as err:
+        return f"its done marker cannot be read ({err})"
+    if marker is None or marker.metrics_sha256 is None:
+        return None
+    try:
+        lines, digest = metrics_digest(folder)
+    except OSError as err:
+        return f"its metrics.jsonl cannot be read ({err.strerror or err})"
+    if lines != marker.metrics_lines:
+        return (
+            f"metrics.jsonl has {lines} lines, {marker.metrics_lines} when the run finished "
+            "(cut short or edited since)"
+        )
+    if digest != marker.metrics_sha256:
+        return "metrics.jsonl differs from the file the run finished with (edited since)"
+    return None
+
+
+def write_error(folder: Path, text: str) -> str | None:
+    """Record the traceback of a run that raised (``error.log``); never raises.
+
+    Returns:
+        None when written, else why not (``No space left on device``): the caller then shows
+        the error itself, as no file holds it.
+    """
+    try:
         atomic_write(folder / "error.log", text)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None

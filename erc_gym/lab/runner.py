@@ -55,6 +55,7 @@ from erc_gym.lab.rundir import (
     is_done,
     mark_done,
     mismatch_message,
+    read_done,
     resolved_config,
     write_config,
     write_error,
@@ -241,8 +242,9 @@ def _die_with_parent(parent: int) -> None:
 
 def attempt(run: RunSpec, root: str | Path, resume: bool, overwrite: bool) -> tuple[str, str]:
     """:func:`run_one` in a worker (a child process, a cluster task): one torch thread, and the
-    result as ``("done" | "locked" | "error", text)`` (:meth:`Outcome.add` records it); an error's
-    traceback goes to the run's ``error.log``."""
+    result as ``("done" | "locked" | "error" | "unlogged", text)`` (:meth:`Outcome.add` records
+    it); an error's traceback goes to the run's ``error.log`` ("unlogged": that file could not be
+    written, a full disk, and ``text`` says where the error was raised instead)."""
     import torch
 
     torch.set_num_threads(1)
@@ -252,8 +254,14 @@ def attempt(run: RunSpec, root: str | Path, resume: bool, overwrite: bool) -> tu
     except RunLocked as err:
         return "locked", str(err)
     except Exception as err:
-        write_error(run.folder(root), traceback.format_exc())
-        return "error", f"{type(err).__name__}: {err}"
+        text = f"{type(err).__name__}: {err}"
+        cause = write_error(run.folder(root), traceback.format_exc())
+        if cause is None:
+            return "error", text
+        # no file holds the traceback: its innermost frame goes with the error
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        where = f"{frame.filename}:{frame.lineno} in {frame.name}"
+        return "unlogged", f"{text} (raised at {where}; error.log could not be written: {cause})"
 
 
 def _worker(run: RunSpec, root: str, resume: bool, overwrite: bool, conn: Any, parent: int) -> None:
@@ -291,9 +299,11 @@ class Outcome:
         elif status == "locked":
             self.locked.append((run, text))
             _say(progress, f"skipped: {text}")
-        else:
+        else:  # "error": the traceback is in error.log; "unlogged": it could not be written
+            if status != "unlogged":
+                text += f" (traceback in {run.folder(root) / 'error.log'})"
             self.failed.append((run, text))
-            _say(progress, f"failed: {run.folder(root)}: {text} (traceback: error.log)")
+            _say(progress, f"failed: {run.folder(root)}: {text}")
 
 
 @contextlib.contextmanager
@@ -360,7 +370,7 @@ def _run_in_processes(
         conn.close()
         if not status:
             status, text = "error", f"worker ended with exit code {proc.exitcode}"
-        if out.signum is not None and status == "error":
+        if out.signum is not None and status in ("error", "unlogged"):
             out.stopped.append(run)
         else:
             out.add(run, status, text, root, progress)
@@ -431,20 +441,14 @@ def _run_here(
     try:
         for run in todo:
             current[:] = [run]
-            try:
-                run_one(run, root, resume, overwrite)
-            except RunLocked as err:
-                out.locked.append((run, str(err)))
-                _say(progress, f"skipped: {err}")
-                continue
+            try:  # a run that raises is recorded as in a worker process (error.log)
+                status, text = attempt(run, root, resume, overwrite)
             except KeyboardInterrupt as err:
                 out.signum = signal.SIGTERM if isinstance(err, _SigTerm) else signal.SIGINT
                 _note_stop(out.signum)
                 out.stopped.append(run)
                 break
-            out.finished.append(run)
-            if progress is not None:
-                progress.run_finished()
+            out.add(run, status, text, root, progress)
     finally:
         stop_polling.set()
         current.clear()
@@ -497,6 +501,64 @@ def _note_stop(signum: int | None) -> None:
     _stopped_by = signum
 
 
+#: A grid of more runs than this gets a warning with its size and what it will cost, before the
+#: run folders are checked (which alone takes about half a minute at 50,000 runs).
+LARGE_GRID = 1000
+#: Run folders checked before a large grid's warning, to time the check.
+_CHECK_SAMPLE = 50
+
+
+def _check_folders(
+    runs: list[RunSpec], root: Path, name: str, workers: int | None
+) -> list[tuple[Path, list[str]]]:
+    """``(folder, differences)`` of the runs whose folder holds another config; a grid of more
+    than :data:`LARGE_GRID` runs is announced (one line) once the first folders are timed."""
+    stale = []
+    start = time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        if diffs := config_diff(run.folder(root), resolved_config(run)):
+            stale.append((run.folder(root), diffs))
+        if len(runs) > LARGE_GRID and i == min(_CHECK_SAMPLE, len(runs)):
+            check_s = (time.perf_counter() - start) / i * len(runs)
+            _say(None, _large_grid_warning(runs, root, name, check_s, workers))
+    return stale
+
+
+def _large_grid_warning(
+    runs: list[RunSpec], root: Path, name: str, check_s: float, workers: int | None
+) -> str:
+    """``warning: <name>: a large grid of N runs (V variants x S seeds); checking ... about
+    T s; ...``, with the time still to train estimated from the finished runs of a sample
+    spread over the grid (their ``done`` markers record their training time)."""
+    import statistics
+
+    sample = runs[:: max(1, len(runs) // _CHECK_SAMPLE)]
+
+    variants = len({r.variant for r in runs})
+    seeds = len({r.seed for r in runs})
+    line = (
+        f"warning: {name}: a large grid of {len(runs):,} runs ({variants} variants x {seeds} "
+        f"seeds); checking their folders takes about {check_s:.0f} s"
+    )
+    took = []
+    for run in sample:  # the training time that finished runs recorded in their done marker
+        with contextlib.suppress(OSError, ValueError):
+            if (marker := read_done(run.folder(root))) is not None:
+                took.append(marker.seconds)
+    n_workers = workers or os.cpu_count() or 1
+    if took:
+        rest = round(len(runs) * (1 - len(took) / len(sample)))
+        median = statistics.median(took)
+        hours = median * rest / n_workers / 3600
+        line += (
+            f"; {len(took)} of {len(sample)} runs sampled have finished, in a median {median:.0f} "
+            f"s: about {hours:.1f} h for the other ~{rest:,} on {n_workers} workers"
+        )
+    else:
+        line += "; the progress bar estimates the time once the first runs finish"
+    return line + "; Ctrl-C stops it, the same command resumes"
+
+
 def run_experiment(
     name: str | dict[str, Any],
     root: str | Path = "runs",
@@ -539,9 +601,7 @@ def run_experiment(
         spec = validate_experiment(raw, str(name.get("name", "config")))
     root = Path(root)
     runs = expand(spec)
-    stale = [
-        (r.folder(root), d) for r in runs if (d := config_diff(r.folder(root), resolved_config(r)))
-    ]
+    stale = _check_folders(runs, root, spec["name"], workers)
     if stale and not overwrite:
         folder, diffs = stale[0]
         raise ConfigMismatch(
@@ -582,7 +642,6 @@ def run_experiment(
     if out.failed:
         run, text = out.failed[0]
         raise RunsFailed(
-            f"{len(out.failed)} of {len(todo)} runs failed, e.g. {run.folder(root)}: {text} "
-            "(traceback in its error.log)"
+            f"{len(out.failed)} of {len(todo)} runs failed, e.g. {run.folder(root)}: {text}"
         )
     return [r.folder(root) for r in runs]

@@ -35,7 +35,7 @@ from erc_gym.adaptive_band import (
     off_policy_clip_fraction,
 )
 from erc_gym.advantages import filter_groups, group_advantages, overlong_penalty
-from erc_gym.atomic import atomic_open, atomic_write
+from erc_gym.atomic import atomic_open, atomic_write, merge_json
 from erc_gym.diagnostics import (
     CLIPPING_FILE,
     audit_seed,
@@ -1227,18 +1227,9 @@ class ERCTrainer:
         self.run_path.mkdir(parents=True, exist_ok=True)
         if not resume:
             self._clear_run()
-        config_path = self.run_path / "config.json"
-        settings = dataclasses.asdict(c)
         # keep what others recorded beside the settings (the experiment runner's variant, kind,
         # ...), so that a run stopped before its end is still found and reported as a grid run
-        try:
-            saved = json.loads(config_path.read_text()) if config_path.exists() else {}
-        except ValueError:
-            saved = {}
-        extra = (
-            {k: v for k, v in saved.items() if k not in settings} if isinstance(saved, dict) else {}
-        )
-        atomic_write(config_path, json.dumps({**extra, **settings}, indent=2))
+        merge_json(self.run_path / "config.json", dataclasses.asdict(c))
         if not (resume and find_checkpoint(self.run_path)):
             self._warm_start()  # deferred by __init__ when the folder had checkpoints
         torch.manual_seed(c.seed)

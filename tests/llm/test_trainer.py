@@ -460,3 +460,22 @@ def test_clipping_jsonl_one_line_per_step_and_resume_truncates_it(tmp_path):
         f.write('{"step": 3, "stale": true}\n')  # a line past the checkpoint: dropped on resume
     ERCTrainer(cfg, verifier=odd_length).train()
     assert read_jsonl(tmp_path / "b" / "llm" / "clipping.jsonl") == straight
+
+
+def test_the_warm_start_runs_once_and_not_at_zero_steps(tmp_path, monkeypatch):
+    """Two definitions of the warm start (one with the run-once guard, one with the cache) left
+    the unguarded one in force: a fresh run trained its SFT warm start twice (when built and
+    again when training began), and ``sft_steps=0`` divided by zero in the schedule."""
+    import erc_gym.llm.model
+
+    calls = []
+    real = erc_gym.llm.model.sft_warmstart
+    monkeypatch.setattr(
+        erc_gym.llm.model,
+        "sft_warmstart",
+        lambda *args, **kwargs: calls.append(kwargs["steps"]) or real(*args, **kwargs),
+    )
+    ERCTrainer(small_config(tmp_path, name="once", sft_steps=2, steps=1)).train()
+    assert calls == [2]
+    ERCTrainer(small_config(tmp_path, name="none", steps=1)).train()
+    assert calls == [2]
