@@ -341,6 +341,9 @@ _MIN_VALUES: dict[str, float] = {
 #: Sequences per step whose full distributions before and after the update are compared for
 #: ``clipping.jsonl`` (:func:`~erc_gym.diagnostics.state_audit`): two small no-grad forwards.
 AUDIT_ROWS = 8
+#: ... and their first this many response tokens: the audit holds two ``(rows x tokens, V)`` fp32
+#: logit tensors, about 0.3 GB each at 8 x 64 tokens and a 150k vocabulary.
+AUDIT_TOKENS = 64
 
 #: Bumped when the SFT warm start's computation changes (the cache's files name it).
 WARM_START_VERSION = 1
@@ -913,6 +916,11 @@ class ERCTrainer:
         seed = audit_seed(self.config.seed, self.step + 1)
         pick = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
         audited = batch.select(pick[:AUDIT_ROWS])
+        audited = dataclasses.replace(
+            audited,
+            response_ids=audited.response_ids[:, :AUDIT_TOKENS],
+            response_mask=audited.response_mask[:, :AUDIT_TOKENS],
+        )
         old_logits = response_logits(self.model, audited)
         t2 = time.perf_counter()
         if self.erc_band_control is not None:

@@ -462,6 +462,18 @@ def test_clipping_jsonl_one_line_per_step_and_resume_truncates_it(tmp_path):
     assert read_jsonl(tmp_path / "b" / "llm" / "clipping.jsonl") == straight
 
 
+def test_the_state_audit_reads_a_bounded_number_of_tokens(tmp_path, monkeypatch):
+    """The audit keeps two full-vocabulary logit tensors of the audited tokens: a long response
+    must not make them grow (8 rows x ``AUDIT_TOKENS`` at most)."""
+    import erc_gym.llm.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "AUDIT_TOKENS", 1)
+    cfg = small_config(tmp_path, steps=2, erc_low=0.999, erc_high=1.001, lr=5e-2)
+    ERCTrainer(cfg, verifier=odd_length).train()
+    lines = read_jsonl(tmp_path / "llm" / "clipping.jsonl")
+    assert lines and all(0 < ln["states"] <= trainer_module.AUDIT_ROWS for ln in lines)
+
+
 def test_the_warm_start_runs_once_and_not_at_zero_steps(tmp_path, monkeypatch):
     """Two definitions of the warm start (one with the run-once guard, one with the cache) left
     the unguarded one in force: a fresh run trained its SFT warm start twice (when built and
