@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_runner_safety import TINY  # the smallest bandit grid: 2 runs of 3 iterations
 
 from erc_gym.atomic import atomic_write, merge_json
 from erc_gym.cli import main
@@ -18,16 +19,6 @@ from erc_gym.lab.analysis import load_runs
 from erc_gym.lab.report import write_report
 from erc_gym.lab.rundir import done_problem, mark_done, read_done
 from erc_gym.lab.runner import RunsFailed, run_experiment
-
-TINY = {
-    "name": "tiny",
-    "kind": "bandit",
-    "seeds": 1,
-    "algorithms": ["ppo"],
-    "erc": [None, [0.95, 1.05]],
-    "envs": [{"label": "V64", "vocab_size": 64, "num_contexts": 4}],
-    "settings": {"iterations": 3, "group": 4, "minibatches": 2},
-}
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str], prog: str) -> str:
