@@ -723,7 +723,8 @@ def methods_markdown(
                 for r in rows
                 if r["env"] == env and (r["algorithm"], r["steps"], r["lr"]) == point
             ]
-            name = f"{algo.upper()}, {steps} steps per rollout x lr {lr:g}"
+            where = f"{steps} steps per rollout x lr {lr:g}" if steps else f"lr {lr:g}"
+            name = f"{algo.upper()}, {where}"  # a grid without the steps axis has steps 0
             vs_ref = {r["method"]: r for r in at if r["table"] == "reference"}
             panels.append((name, [vs_ref[c["method"]] for c in here if c["method"] in vs_ref]))
             sections += _leaderboard(name, here, vs_ref, reference)
