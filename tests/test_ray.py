@@ -177,9 +177,10 @@ GRIDS: dict[str, dict[str, Any]] = {
     "llm": {"envs": [{"label": "add1", "model": "tiny"}], "settings": None},
 }
 
-#: A bandit grid whose runs take about 10 s each on a loaded 2-core machine (a checkpoint after
-#: every iteration), long enough to interrupt in the middle.
-LONG_BANDIT = {"iterations": 40, "save_every": 1}
+#: A bandit grid whose runs take about 2.5 s each on an idle 2-core machine (a checkpoint after
+#: every iteration), long enough to interrupt in the middle: the tests below wait for runs that
+#: have logged a few iterations and have not finished.
+LONG_BANDIT = {"iterations": 200, "save_every": 1}
 
 
 def _spec(name: str, kind: str, seeds: int = 2, **grid: Any) -> dict[str, Any]:
@@ -252,6 +253,13 @@ def _wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def _training(folders: list[Path], lines: int) -> list[Path]:
+    """The folders whose run has logged at least ``lines`` lines and has not finished."""
+    return [
+        f for f in folders if _lines(f / "metrics.jsonl") >= lines and not (f / "done").exists()
+    ]
+
+
 #: A key added to the first line of a run's log: a run that resumes keeps the lines up to its
 #: checkpoint as they are, one that started over would not have it.
 MARK = "test_marker"
@@ -318,7 +326,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint(cluster, tmp_path):
     driver = _experiment(spec, tmp_path / "ray", cluster, wait=False)
     folder = tmp_path / "ray" / "kill" / reference.parent.name / "0"
     metrics = folder / "metrics.jsonl"
-    _wait_for(lambda: _lines(metrics) >= 5, 300, "five iterations")
+    _wait_for(lambda: _training([folder], 5), 300, "five iterations")
     holders = _lock_holders([folder])
     pid = holders[folder]
     assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::erc-gym")
@@ -366,7 +374,7 @@ def test_a_signal_stops_every_task_and_the_same_command_resumes(cluster, signum,
     runs = tmp_path / "ray"
     driver = _experiment(spec, runs, cluster, wait=False)
     folders = [runs / p.relative_to(tmp_path / "local") for p in local]
-    _wait_for(lambda: sum(_lines(f / "metrics.jsonl") >= 3 for f in folders) >= 2, 300, "2 runs")
+    _wait_for(lambda: len(_training(folders, 3)) >= 2, 300, "2 runs in training")
     assert len(_our_tasks()) >= 2
     driver.send_signal(signum)
     start = time.monotonic()
